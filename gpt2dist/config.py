@@ -1,0 +1,167 @@
+"""The typed config schema. Hydra composes `conf/` on top of it, so a misspelt key or a value
+of the wrong type fails at start-up, naming the key.
+
+Derived values (gradient accumulation, tokens per step) are computed here and nowhere else.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from gpt2dist.model import GPTConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value that type-checks but makes no sense (the message names the key)."""
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with dynamic loss scaling
+
+
+class WandbMode(str, Enum):
+    offline = "offline"  # written under the run directory; `wandb sync` uploads later
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # a label, used in the default run directory
+    n_layer: int = MISSING
+    n_head: int = MISSING
+    n_embd: int = MISSING
+    block_size: int = 1024  # context length (learned positions)
+    vocab_size: int = 50257
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # a label for logs
+    path: Optional[str] = None  # a corpus prepared by `python -m data_tools.prepare`; null: the built-in one
+    builtin: str = "stdlib"  # with path null: stdlib (both), pydoc (English prose) or pycode (Python source)
+    cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
+    seq_len: int = 256  # tokens per training sequence
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0  # 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (stage >= 1)
+    offload_param: bool = False  # parameters on the CPU (stage 3)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # cosine decays to this at train.max_steps
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only; biases, LayerNorms and embeddings get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class LoggerConfig:
+    log_interval: int = 10  # optimizer steps between metric lines
+    jsonl: bool = True  # metrics.jsonl in the run directory
+    wandb: WandbMode = WandbMode.offline
+    wandb_project: str = "gpt2dist"
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/${model.name}"  # checkpoints, metrics and config; the same on every rank
+    seed: int = 1337
+    precision: Precision = Precision.fp32
+    micro_batch_size: int = 8  # sequences per rank per forward pass
+    global_batch_size: int = 8  # sequences per optimizer step, all ranks and accumulation steps together
+    max_steps: int = 200  # optimizer steps
+    eval_interval: int = 50  # steps between validation runs (and at the end); 0: only at the end
+    eval_batches: int = 8  # micro-batches per rank per validation run
+    ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
+    resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    sample_tokens: int = 48  # tokens generated at the end as a smoke test; 0 to skip
+    sample_prompt: str = "The"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register() -> None:
+    """Make the schema available to `conf/config.yaml`'s defaults list."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def gpt_config(model: ModelConfig) -> GPTConfig:
+    return GPTConfig(
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        n_embd=model.n_embd,
+        block_size=model.block_size,
+        vocab_size=model.vocab_size,
+        dropout=model.dropout,
+    )
+
+
+def model_presets() -> list[str]:
+    """Names of the model sizes in conf/model."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def load_model_preset(name: str) -> GPTConfig:
+    """The GPTConfig of conf/model/<name>.yaml, checked against the schema."""
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))
+    return gpt_config(model)
+
+
+def grad_accum_steps(cfg, world_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step."""
+    per_pass = cfg.train.micro_batch_size * world_size
+    return cfg.train.global_batch_size // per_pass
+
+
+def check(cfg, world_size: int) -> None:
+    """Relations between values that the types alone cannot express."""
+    t, m, d, z = cfg.train, cfg.model, cfg.data, cfg.zero
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    need(0 < d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} must be in 1..model.block_size={m.block_size}")
+    need(d.builtin in ("stdlib", "pydoc", "pycode"), f"data.builtin={d.builtin!r} must be stdlib, pydoc or pycode")
+    need(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
+    per_pass = t.micro_batch_size * world_size
+    need(
+        t.global_batch_size > 0 and t.global_batch_size % per_pass == 0,
+        f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+        f"train.micro_batch_size={t.micro_batch_size} x world size {world_size} = {per_pass}",
+    )
+    need(t.max_steps > 0, "train.max_steps must be positive")
+    need(t.resume in ("auto", "never"), f"train.resume={t.resume!r} must be auto or never")
+    need(z.stage in (0, 1, 2, 3), f"zero.stage={z.stage} must be 0, 1, 2 or 3")
+    need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
+    need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")

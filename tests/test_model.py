@@ -1,0 +1,92 @@
+"""The model is GPT-2: parameter counts as published and logits equal to Hugging Face's."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2dist.config import load_model_preset, model_presets
+from gpt2dist.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
+from gpt2dist.model import GPT, GPTConfig
+
+PUBLISHED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+def tiny_hf(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    # Random, non-default LayerNorm parameters so a missed mapping cannot hide.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return hf
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_matches_gpt2(name):
+    cfg = load_model_preset(name)
+    with torch.device("meta"):  # shapes only: no memory for 1.5B parameters
+        model = GPT(cfg)
+    assert model.num_params() == PUBLISHED[name]
+
+
+def test_all_presets_listed():
+    assert set(PUBLISHED) | {"gpt2-tiny"} == set(model_presets())
+
+
+def test_hf_to_ours_logits_match():
+    hf = tiny_hf()
+    ours = GPT(config_from_hf(hf.config)).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_ours_to_hf_logits_match():
+    torch.manual_seed(2)
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
+    ours = GPT(cfg).eval()
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64)).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
+    # The head stays tied on both sides after loading.
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+
+
+def test_loss_is_next_token_cross_entropy_like_hf():
+    hf = tiny_hf(seed=4)
+    ours = GPT(config_from_hf(hf.config)).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, loss = ours(idx[:, :-1], idx[:, 1:])
+        hf_loss = hf(idx, labels=idx).loss  # HF shifts labels itself
+    torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(6)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 50257, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=32))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 8) ** 0.5) < 1e-3
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
