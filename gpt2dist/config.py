@@ -66,7 +66,7 @@ class OptimConfig:
     lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # cosine decays to this at train.max_steps
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only; biases, LayerNorms and embeddings get none
+    weight_decay: float = 0.1  # on weight matrices and embeddings; none on biases and LayerNorms
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -79,6 +79,7 @@ class LoggerConfig:
     jsonl: bool = True  # metrics.jsonl in the run directory
     wandb: WandbMode = WandbMode.offline
     wandb_project: str = "gpt2dist"
+    peak_tflops: Optional[float] = None  # per-GPU peak for MFU; null: looked up from the GPU's name
 
 
 @dataclass

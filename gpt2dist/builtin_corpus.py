@@ -1,0 +1,42 @@
+"""A corpus that every machine already has: Python's own documentation and standard library.
+
+- `pydoc`: the English reference documentation that ships in `pydoc_data.topics` (~0.5 MB).
+- `pycode`: the source of the top-level standard-library modules (~4.5 MB of Python).
+- `stdlib`: both.
+
+Prepared once into `<cache_dir>/builtin-<kind>-py<version>` and reused.
+"""
+
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from gpt2dist.prepare import prepare_corpus
+from gpt2dist.shards import MANIFEST
+
+KINDS = ("stdlib", "pydoc", "pycode")
+
+
+def documents(kind: str) -> Iterator[str]:
+    if kind in ("stdlib", "pydoc"):
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            yield topics[name]
+    if kind in ("stdlib", "pycode"):
+        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def builtin_corpus(kind: str, cache_dir: str | Path, progress: bool = True) -> Path:
+    """The prepared built-in corpus of this kind, preparing it on first use."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown built-in corpus {kind!r}; choose one of {', '.join(KINDS)}")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    out = Path(cache_dir).expanduser() / f"builtin-{kind}-py{version}"
+    if not (out / MANIFEST).exists():
+        # Small blocks: the validation split of this small corpus still has several.
+        prepare_corpus(documents(kind), out, source=f"builtin:{kind}", val_fraction=0.05, block_tokens=2048,
+                       progress=progress)
+    return out

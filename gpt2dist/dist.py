@@ -1,0 +1,70 @@
+"""How this process was started, and the process group.
+
+One code path for every launcher: a plain `python train.py` (one process), `torchrun`
+(RANK / LOCAL_RANK / WORLD_SIZE set), or `srun` with one task per device (SLURM_PROCID /
+SLURM_LOCALID / SLURM_NTASKS). DeepSpeed then reads the standard variables we set.
+"""
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # plain, torchrun or srun
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "127.0.0.1"
+
+
+def detect() -> DistEnv:
+    """Read rank and world size from whichever launcher started us."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "srun")
+    return DistEnv(0, 0, 1, "plain")
+
+
+def init() -> DistEnv:
+    """Detect the launcher, export what torch.distributed needs, and join the process group."""
+    import deepspeed  # heavy import, kept out of module import time
+
+    dist_env = detect()
+    os.environ.update(RANK=str(dist_env.rank), LOCAL_RANK=str(dist_env.local_rank),
+                      WORLD_SIZE=str(dist_env.world_size))
+    if dist_env.launcher == "srun":
+        os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+    elif dist_env.launcher == "plain":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist_env

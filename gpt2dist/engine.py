@@ -1,0 +1,67 @@
+"""The one place that talks to DeepSpeed: its config is derived from ours, never kept twice."""
+
+import functools
+
+import deepspeed
+import torch
+
+from gpt2dist.config import Precision, grad_accum_steps
+from gpt2dist.optim import lr_scheduler, param_groups
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON config for this run, from the Hydra config."""
+    z, o, t = cfg.zero, cfg.optim, cfg.train
+    zero = {"stage": z.stage}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    adamw = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if not z.offload_optimizer:
+        # torch's AdamW (fused kernel on GPUs); with offload DeepSpeed uses its CPU Adam.
+        adamw["torch_adam"] = True
+        if torch.cuda.is_available():
+            adamw["fused"] = True
+    precision = Precision(t.precision)
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": adamw},
+        "bf16": {"enabled": precision == Precision.bf16},
+        "fp16": {"enabled": precision == Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**62,  # our metrics print progress
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def build(model: torch.nn.Module, cfg, world_size: int):
+    """Wrap the model in a DeepSpeed engine with AdamW and our schedule."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        lr_scheduler=functools.partial(lr_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps),
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine
+
+
+def step(engine) -> float | None:
+    """`engine.step()`; at an optimizer step, returns the global gradient norm before clipping.
+
+    DeepSpeed's ZeRO and mixed-precision optimizers report the norm; its plain fp32 path
+    (stage 0) does not, so there we take it from the (already all-reduced) gradients.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    own = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        own = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+    engine.step()
+    if not boundary:
+        return None
+    norm = engine.get_global_grad_norm()
+    return own if norm is None else float(norm)

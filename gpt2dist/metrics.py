@@ -1,0 +1,108 @@
+"""Metrics: computed once here, sent to every backend (console, metrics.jsonl, W&B).
+
+Only rank 0 builds a `Metrics`; other ranks get `None` and log nothing.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from gpt2dist.config import WandbMode
+
+# Dense bf16 tensor-core peak of one device, FLOP/s (without sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM appendix B: 6N + 12 * L * H * Q * T (H * Q = n_embd)."""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def device_peak_flops(override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of this rank's GPU from the table (or the override); None on CPU or unknown GPUs."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def _format(key: str, value) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.2e}"
+        if key == "mfu":
+            return f"{key} {100 * value:.1f}%"
+        if key in ("tokens_per_s", "tokens"):
+            return f"{key} {value:,.0f}"
+        return f"{key} {value:.4f}"
+    if isinstance(value, int):
+        return f"{key} {value:,}"
+    return f"{key} {value}"
+
+
+class Metrics:
+    def __init__(self, cfg, run_dir: Path, resume_step: int):
+        self.max_steps = cfg.train.max_steps
+        self.jsonl = None
+        if cfg.logger.jsonl:
+            path = run_dir / "metrics.jsonl"
+            _truncate_after(path, resume_step)
+            self.jsonl = open(path, "a")
+        self.wandb = None
+        mode = WandbMode(cfg.logger.wandb)
+        if mode != WandbMode.disabled:
+            import wandb
+
+            id_file = run_dir / "wandb_id"  # the same W&B run across resumes
+            if not id_file.exists():
+                id_file.write_text(wandb.util.generate_id())
+            self.wandb = wandb.init(
+                project=cfg.logger.wandb_project,
+                name=run_dir.name,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode.value,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+
+    def log(self, step: int, values: dict) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        print(f"step {step}/{self.max_steps} | " + " | ".join(_format(k, v) for k, v in values.items()), flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop lines logged after `step`: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""The training loop: build everything from the config, then step, log, evaluate, checkpoint."""
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from gpt2dist import checkpoint, dist, engine as ds_engine
+from gpt2dist.builtin_corpus import builtin_corpus
+from gpt2dist.config import ConfigError, check, gpt_config, grad_accum_steps
+from gpt2dist.generate import generate
+from gpt2dist.loader import train_loader, val_batches
+from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token
+from gpt2dist.model import GPT
+from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.tokenizer import get_tokenizer
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.env = dist.init()
+        self.is_main = self.env.is_main
+        check(cfg, self.env.world_size)
+        self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
+        self.run_dir = Path(cfg.train.run_dir).resolve()
+        self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
+
+        tag = checkpoint.latest_tag(self.run_dir)
+        if tag and cfg.train.resume == "never":
+            raise ConfigError(f"{self.run_dir} already holds checkpoint {tag}; pass train.resume=auto to continue "
+                              "it, or choose another train.run_dir")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+
+        self.corpus = self._corpus()
+        self.train_blocks = TokenBlocks(self.corpus, "train")
+        self.val_blocks = TokenBlocks(self.corpus, "val")
+        manifest = self.train_blocks.manifest
+        if manifest["tokenizer"] != "gpt2" or manifest["vocab_size"] > cfg.model.vocab_size:
+            raise CorpusError(f"{self.corpus}: tokenized with {manifest['tokenizer']} ({manifest['vocab_size']} "
+                              f"tokens), but the model expects gpt2 ({cfg.model.vocab_size})")
+
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = GPT(gpt_config(cfg.model))
+        model.gradient_checkpointing = cfg.train.gradient_checkpointing
+        self.n_params = model.num_params()
+        self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
+        torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
+        self.engine = ds_engine.build(model, cfg, self.env.world_size)
+        self.device = self.engine.device
+
+        self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
+        if tag:
+            state = checkpoint.load(self.engine, cfg, self.run_dir, tag, self.env.rank)
+            self.step, self.samples = state["step"], state["samples"]
+            self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
+
+        self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
+                   f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
+                   f"{cfg.train.global_batch_size * cfg.data.seq_len:,} tokens per step")
+        self.batches = iter(train_loader(
+            self.train_blocks, cfg.data.seq_len, cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
+            cfg.train.seed, self.samples, cfg.data.num_workers))
+        self.val = val_batches(self.val_blocks, cfg.data.seq_len, cfg.train.micro_batch_size, self.env.rank,
+                               self.env.world_size, cfg.train.eval_batches)
+        self.metrics = Metrics(cfg, self.run_dir, self.step) if self.is_main else None
+        self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    def _corpus(self) -> Path:
+        d = self.cfg.data
+        if d.path:
+            return Path(d.path).expanduser()
+        if self.is_main:  # prepared once, by rank 0, while the others wait
+            builtin_corpus(d.builtin, d.cache_dir)
+        torch.distributed.barrier()
+        return builtin_corpus(d.builtin, d.cache_dir, progress=False)
+
+    def _mean_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.env.world_size
+
+    def train_step(self) -> tuple[float, float | None]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss on this rank, grad norm)."""
+        total, grad_norm = 0.0, None
+        for _ in range(self.grad_accum):
+            x, y = next(self.batches)
+            _, loss = self.engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            self.engine.backward(loss)
+            grad_norm = ds_engine.step(self.engine)
+            total += loss.item()
+        return total / self.grad_accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        losses = [self.engine(x.to(self.device), y.to(self.device))[1].item() for x, y in self.val]
+        self.engine.train()
+        return self._mean_over_ranks(sum(losses) / len(losses))
+
+    def save(self) -> None:
+        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, {"step": self.step, "samples": self.samples},
+                              self.env.rank)
+        self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
+
+    def train(self) -> None:
+        t = self.cfg.train
+        if self.step >= t.max_steps:
+            self.print(f"run already complete at step {self.step} (train.max_steps={t.max_steps})")
+            return
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        self.engine.train()
+        t0, steps_since_log = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            loss, grad_norm = self.train_step()
+            self.step += 1
+            self.samples += t.global_batch_size
+            steps_since_log += 1
+            last = self.step == t.max_steps
+            values = {}
+            if self.step % self.cfg.logger.log_interval == 0 or last:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t0)
+                values = {
+                    "loss": self._mean_over_ranks(loss),
+                    "lr": self.engine.get_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens": self.samples * self.cfg.data.seq_len,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": (tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
+                            if self.peak_flops else None),
+                }
+            if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+                values["val_loss"] = self.evaluate()
+            if values and self.metrics:
+                self.metrics.log(self.step, values)
+            if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or last:
+                self.save()
+            if values:
+                t0, steps_since_log = time.perf_counter(), 0
+        self.sample()
+
+    def sample(self) -> None:
+        """Print a short continuation of train.sample_prompt (every rank generates: ZeRO-3 needs them all)."""
+        t = self.cfg.train
+        if t.sample_tokens <= 0:
+            return
+        enc = get_tokenizer()
+        idx = torch.tensor([enc.encode_ordinary(t.sample_prompt)], device=self.device)
+        self.engine.eval()
+        out = generate(self.engine, idx, t.sample_tokens, temperature=0.8, top_k=50,
+                       generator=torch.Generator().manual_seed(t.seed))
+        self.print(f"sample: {enc.decode(out[0].tolist())!r}")
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
