@@ -56,17 +56,16 @@ def prepare_corpus(
         shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
         writers = {s: SplitWriter(tmp, s, block_tokens, shard_blocks) for s in ("train", "val")}
         start, n_bytes, n_tokens = time.perf_counter(), 0, 0
-        bar = tqdm(desc=f"tokenizing {source}", unit=" docs", disable=not progress, mininterval=1.0)
-        for batch in _batches(documents, BATCH_DOCUMENTS):
-            for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1)):
-                ids.append(EOT)
-                writers["val" if is_validation(text, val_fraction) else "train"].add_document(ids)
-                n_bytes += len(text.encode("utf-8", "surrogatepass"))
-                n_tokens += len(ids)
-            secs = max(time.perf_counter() - start, 1e-9)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 2**20:.1f} MB/s")
-        bar.close()
+        with tqdm(desc=f"tokenizing {source}", unit=" docs", disable=not progress, mininterval=1.0) as bar:
+            for batch in _batches(documents, BATCH_DOCUMENTS):
+                for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1)):
+                    ids.append(EOT)
+                    writers["val" if is_validation(text, val_fraction) else "train"].add_document(ids)
+                    n_bytes += len(text.encode("utf-8", "surrogatepass"))
+                    n_tokens += len(ids)
+                secs = max(time.perf_counter() - start, 1e-9)
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 2**20:.1f} MB/s")
         splits = {s: w.close() for s, w in writers.items()}
         if splits["train"]["blocks"] == 0:
             raise ValueError(

@@ -1,0 +1,1 @@
+"""Command-line tools that turn raw text into corpora gpt2dist trains on."""

@@ -1,0 +1,44 @@
+"""Tokenize text into webdataset shards that `train.py data.path=...` reads.
+
+    python -m data_tools.prepare --output data/mycorpus texts/ 'more/*.jsonl'
+
+Inputs: `.txt` files (a document each) and `.jsonl` files (a document per line, in the
+field named by --text-field), given as files, directories or glob patterns.
+"""
+
+import argparse
+import sys
+
+from data_tools.sources import InputError, documents, input_files
+from gpt2dist.prepare import prepare_corpus
+from gpt2dist.shards import DEFAULT_BLOCK_TOKENS
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="files, directories or glob patterns")
+    p.add_argument("--output", required=True, help="directory to create (manifest.json and shards)")
+    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
+    p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
+                   help=f"tokens per stored block: the longest seq_len served (default: {DEFAULT_BLOCK_TOKENS})")
+    p.add_argument("--shard-mb", type=float, default=256, help="shard size in MB (default: 256)")
+    p.add_argument("--overwrite", action="store_true", help="replace a corpus already at --output")
+    args = p.parse_args(argv)
+    try:
+        files = input_files(args.inputs)
+        manifest = prepare_corpus(documents(files, args.text_field), args.output, source=" ".join(args.inputs),
+                                  val_fraction=args.val_fraction, block_tokens=args.block_tokens,
+                                  shard_mb=args.shard_mb, overwrite=args.overwrite)
+    except (InputError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, s in manifest["splits"].items():
+        print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared test fixtures: a small prepared corpus, tiny configs, and a clean way to run the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gpt2dist.builtin_corpus import documents
+from gpt2dist.config import CONF_DIR, register
+from gpt2dist.prepare import prepare_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+register()
+
+# A model and batch small enough that a step takes milliseconds on a CPU.
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
+    "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
+    "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=2", "train.ckpt_interval=2",
+    "logger.log_interval=1", "logger.wandb=disabled", "train.sample_tokens=4", "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Python's English documentation, prepared with small blocks."""
+    out = tmp_path_factory.mktemp("data") / "pydoc"
+    prepare_corpus(documents("pydoc"), out, source="pydoc", val_fraction=0.1, block_tokens=256, progress=False)
+    return out
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def tiny_overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.path={corpus}", f"train.run_dir={run_dir}", *extra]
+
+
+def clean_env() -> dict:
+    """The environment without rank variables an in-process test may have left behind."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_train(overrides: list[str], nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py ...`, or under `torchrun --nproc_per_node=nproc`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

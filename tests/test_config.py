@@ -1,0 +1,78 @@
+"""Every config file composes against the schema; bad values fail early, naming the key."""
+
+import pytest
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from hydra.errors import ConfigCompositionException
+
+from gpt2dist.config import CONF_DIR, ConfigError, Precision, check, grad_accum_steps
+from gpt2dist.engine import deepspeed_config
+from tests.conftest import make_cfg, run_train
+
+GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF_DIR.iterdir()) if group.is_dir()
+                 for f in sorted(group.glob("*.yaml"))]
+
+
+def test_groups_found():
+    assert {g for g, _ in GROUP_OPTIONS} == {"model", "data", "zero", "optim", "logger"}
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_config_file_composes(group, option):
+    overrides = [f"{group}={option}"] + (["data.path=/some/corpus"] if (group, option) == ("data", "custom") else [])
+    cfg = make_cfg(*overrides)
+    check(cfg, world_size=1)
+    assert cfg.model.name and cfg.data.name
+
+
+def test_command_line_example_from_readme():
+    cfg = make_cfg("model=gpt2", "zero.stage=2", "train.precision=bf16")
+    assert (cfg.model.n_layer, cfg.zero.stage, cfg.train.precision) == (12, 2, Precision.bf16)
+    assert cfg.train.run_dir == "runs/gpt2"
+
+
+@pytest.mark.parametrize("override,error", [
+    ("model.n_layr=3", (ConfigCompositionException, ConfigKeyError, ConfigAttributeError)),
+    ("train.max_steps=lots", (ConfigCompositionException, ValidationError)),
+    ("train.precision=fp8", (ConfigCompositionException, ValidationError)),
+])
+def test_bad_keys_and_types_fail_at_compose(override, error):
+    with pytest.raises(error):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
+    (["data.seq_len=2048"], "data.seq_len"),
+    (["model.n_head=3"], "model.n_embd"),
+    (["zero.offload_param=true", "zero.stage=2"], "zero.offload_param"),
+    (["train.resume=sometimes"], "train.resume"),
+])
+def test_check_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check(make_cfg(*overrides), world_size=1)
+
+
+def test_deepspeed_config_is_derived():
+    cfg = make_cfg("train.micro_batch_size=4", "train.global_batch_size=32", "zero=offload", "train.precision=fp16",
+                   "optim.grad_clip=0.5")
+    ds = deepspeed_config(cfg, world_size=2)
+    assert grad_accum_steps(cfg, 2) == 4
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_cli_rejects_misspelt_key(tmp_path):
+    result = run_train([f"train.run_dir={tmp_path}", "train.max_stepz=3"])
+    assert result.returncode != 0
+    assert "max_stepz" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_rejects_bad_batch_arithmetic(tmp_path):
+    result = run_train([f"train.run_dir={tmp_path / 'run'}", "train.global_batch_size=12", "logger.wandb=disabled"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: train.global_batch_size=12")

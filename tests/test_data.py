@@ -1,0 +1,168 @@
+"""Preparing shards from text and reading them back: format, errors, sample order."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from gpt2dist.loader import GlobalOrderSampler, Windows, train_loader, val_batches
+from gpt2dist.shards import MANIFEST, CorpusError, TokenBlocks
+from gpt2dist.tokenizer import EOT, get_tokenizer
+from tests.conftest import ROOT, clean_env
+
+DOCS = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i % 7) for i in range(60)]
+
+
+def prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_tools.prepare", *args], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def text_inputs(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i, doc in enumerate(DOCS[:20]):
+        (src / f"{i:02d}.txt").write_text(doc)
+    with open(src / "sub" / "rest.jsonl", "w") as f:
+        for doc in DOCS[20:]:
+            f.write(json.dumps({"id": 1, "body": doc}) + "\n")
+    return src
+
+
+def test_prepare_txt_and_jsonl(tmp_path, text_inputs):
+    out = tmp_path / "corpus"
+    r = prepare(str(text_inputs), "--output", str(out), "--text-field", "body", "--block-tokens", "64",
+                "--val-fraction", "0.2", "--shard-mb", "0.001")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["tokenizer"] == "gpt2" and m["dtype"] == "<u2" and m["block_tokens"] == 64
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    assert train["documents"] + val["documents"] == len(DOCS) and val["documents"] > 0
+    assert len(train["shards"]) > 1  # --shard-mb splits it
+    enc = get_tokenizer()
+    assert m["input_tokens"] == sum(len(enc.encode_ordinary(d)) + 1 for d in DOCS)
+    for split in (train, val):
+        assert split["tokens"] + split["dropped_tokens"] + 1 == sum(
+            len(enc.encode_ordinary(d)) + 1 for d in DOCS if (split is val) == (d in _val_docs(out, DOCS)))
+
+
+def _val_docs(out, docs):
+    from gpt2dist.prepare import is_validation
+    return {d for d in docs if is_validation(d, json.loads((out / MANIFEST).read_text())["val_fraction"])}
+
+
+def test_blocks_rebuild_the_token_stream(tmp_path, text_inputs):
+    out = tmp_path / "corpus"
+    assert prepare(str(text_inputs), "--output", str(out), "--text-field", "body", "--block-tokens", "64",
+                   "--val-fraction", "0").returncode == 0
+    blocks = TokenBlocks(out, "train")
+    enc = get_tokenizer()
+    stream = [t for d in DOCS for t in enc.encode_ordinary(d) + [EOT]]
+    for b in range(len(blocks)):  # block b is stream[64 b : 64 b + 65]
+        assert blocks.read(b, 0, 65).tolist() == stream[64 * b: 64 * b + 65]
+    # The shards are standard webdataset: streaming them gives the same blocks in order.
+    urls = [str(out / s["file"]) for s in blocks.shards]
+    streamed = [np.frombuffer(s["tokens"], dtype="<u2") for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert len(streamed) == len(blocks)
+    assert all((a == blocks.read(i, 0, 65)).all() for i, a in enumerate(streamed))
+
+
+def test_prepare_is_deterministic(tmp_path, text_inputs):
+    for name in ("a", "b"):
+        assert prepare(str(text_inputs), "--output", str(tmp_path / name), "--text-field", "body",
+                       "--block-tokens", "64").returncode == 0
+    for f in sorted((tmp_path / "a").iterdir()):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"text": "fine"}\n{"text": broken\n', "bad.jsonl:2: malformed JSON"),
+    (b'{"text": "fine"}\n{"body": "other"}\n', "bad.jsonl:2: no string field 'text'"),
+    (b'{"text": "caf\xe9"}\n', "bad.jsonl: not valid UTF-8"),
+])
+def test_bad_input_names_the_file_and_damages_nothing(tmp_path, text_inputs, content, message):
+    out = tmp_path / "corpus"
+    assert prepare(str(text_inputs), "--output", str(out), "--text-field", "body", "--block-tokens", "64").returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    r = prepare(str(bad), "--output", str(out), "--overwrite")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: ") and message in last and r.stderr.count("error: ") == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the old corpus is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")] == []  # no temp left
+
+
+def test_missing_input_and_existing_output(tmp_path, text_inputs):
+    r = prepare(str(tmp_path / "nope*.txt"), "--output", str(tmp_path / "c"))
+    assert r.returncode == 2 and "nope*.txt" in r.stderr
+    assert prepare(str(text_inputs), "--output", str(tmp_path / "c"), "--block-tokens", "64", "--text-field", "body").returncode == 0
+    r = prepare(str(text_inputs), "--output", str(tmp_path / "c"), "--block-tokens", "64", "--text-field", "body")
+    assert r.returncode == 2 and "already there" in r.stderr
+
+
+def test_truncated_shard_is_an_error(corpus, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(corpus, broken)
+    shard = broken / TokenBlocks(broken, "train").shards[0]["file"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    blocks = TokenBlocks(broken, "train")
+    with pytest.raises(CorpusError, match="train-000000.tar"):
+        blocks.read(len(blocks) - 1 if len(blocks.shards) == 1 else 0, 0, 10)
+    (broken / MANIFEST).unlink()
+    with pytest.raises(CorpusError, match="no manifest"):
+        TokenBlocks(broken, "train")
+
+
+def test_windows_cover_each_block_once(corpus):
+    blocks = TokenBlocks(corpus, "train")
+    windows = Windows(blocks, seq_len=64)
+    assert len(windows) == len(blocks) * 4  # 256-token blocks hold four 64-token windows
+    x, y = windows[5]
+    whole = blocks.read(1, 64, 65)
+    assert x.tolist() == whole[:-1].tolist() and y.tolist() == whole[1:].tolist()
+
+
+def test_every_sample_once_per_epoch_and_world_size_independent():
+    n, micro = 50, 2
+    single = list(_take(GlobalOrderSampler(n, micro, 0, 1, seed=3), 2 * n))
+    assert sorted(single[:n]) == list(range(n)) and sorted(single[n:]) == list(range(n))
+    assert single[:n] != single[n:]  # a new permutation each epoch
+    # Two ranks: rank r gets micro-batches r, r + 2, ...; interleaved they are the single stream.
+    ranks = [list(_take(GlobalOrderSampler(n, micro, r, 2, seed=3), n)) for r in (0, 1)]
+    merged = [i for pair in zip(*(zip(*[iter(r)] * micro) for r in ranks)) for batch in pair for i in batch]
+    assert merged == single[: len(merged)]
+    # Starting at sample 20 continues the same stream.
+    assert list(_take(GlobalOrderSampler(n, micro, 0, 1, seed=3, start=20), 30)) == single[20:50]
+
+
+def _take(it, n):
+    it = iter(it)
+    return [next(it) for _ in range(n)]
+
+
+def test_workers_give_the_same_batches(corpus):
+    blocks = TokenBlocks(corpus, "train")
+    batches = []
+    for workers in (0, 2):
+        it = iter(train_loader(blocks, 32, 4, rank=0, world_size=1, seed=1, start=8, num_workers=workers))
+        batches.append([next(it) for _ in range(5)])
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_val_batches_split_across_ranks(corpus):
+    blocks = TokenBlocks(corpus, "val")
+    whole = val_batches(blocks, 32, 2, rank=0, world_size=1, max_batches=4)
+    halves = [val_batches(blocks, 32, 2, rank=r, world_size=2, max_batches=2) for r in (0, 1)]
+    assert torch.equal(torch.cat([b[0] for b in whole]),
+                       torch.cat([halves[0][0][0], halves[1][0][0], halves[0][1][0], halves[1][1][0]]))
+    with pytest.raises(CorpusError, match="val split"):
+        val_batches(blocks, 32, 10_000, rank=0, world_size=1, max_batches=1)
