@@ -91,7 +91,7 @@ class TrainConfig:
     global_batch_size: int = 8  # sequences per optimizer step, all ranks and accumulation steps together
     max_steps: int = 200  # optimizer steps
     eval_interval: int = 50  # steps between validation runs (and at the end); 0: only at the end
-    eval_batches: int = 8  # micro-batches per rank per validation run
+    eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -161,6 +161,8 @@ def check(cfg, world_size: int) -> None:
         f"train.micro_batch_size={t.micro_batch_size} x world size {world_size} = {per_pass}",
     )
     need(t.max_steps > 0, "train.max_steps must be positive")
+    need(t.eval_sequences % per_pass == 0,
+         f"train.eval_sequences={t.eval_sequences} must be a multiple of micro-batch x world size = {per_pass}")
     need(t.resume in ("auto", "never"), f"train.resume={t.resume!r} must be auto or never")
     need(z.stage in (0, 1, 2, 3), f"zero.stage={z.stage} must be 0, 1, 2 or 3")
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")

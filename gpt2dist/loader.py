@@ -68,23 +68,26 @@ def train_loader(blocks: TokenBlocks, seq_len: int, micro_batch: int, rank: int,
     """Endless micro-batches for this rank, starting `start` samples into the global stream."""
     windows = Windows(blocks, seq_len)
     sampler = GlobalOrderSampler(len(windows), micro_batch, rank, world_size, seed, start)
+    # Its own generator: making the iterator must not draw from the global RNG, which a
+    # checkpoint restores (dropout would then differ after a resume).
     return DataLoader(windows, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def val_batches(blocks: TokenBlocks, seq_len: int, micro_batch: int, rank: int, world_size: int,
-                max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed validation set: this rank's first micro-batches of the unshuffled split.
-
-    Small enough to keep in memory, and the same at every evaluation.
+                sequences: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed validation set: the first `sequences` windows of the unshuffled split, dealt
+    out in micro-batches to the ranks. The same set for any world size, and at every evaluation.
     """
     windows = Windows(blocks, seq_len)
-    n = min(max_batches, len(windows) // (micro_batch * world_size))
-    if n == 0:
+    assert sequences % (micro_batch * world_size) == 0
+    if sequences > len(windows):
         raise CorpusError(
             f"{blocks.dir}: the {blocks.split} split has {len(windows)} windows of {seq_len} tokens, "
-            f"fewer than one micro-batch per rank ({micro_batch} x {world_size})"
+            f"fewer than train.eval_sequences={sequences}"
         )
+    n = sequences // (micro_batch * world_size)
     sampler = iter(GlobalOrderSampler(len(windows), micro_batch, rank, world_size, seed=0, shuffle=False))
     batches = []
     for _ in range(n):

@@ -5,6 +5,7 @@ Only rank 0 builds a `Metrics`; other ranks get `None` and log nothing.
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ class Metrics:
 
             id_file = run_dir / "wandb_id"  # the same W&B run across resumes
             if not id_file.exists():
-                id_file.write_text(wandb.util.generate_id())
+                id_file.write_text(uuid.uuid4().hex[:8])
             self.wandb = wandb.init(
                 project=cfg.logger.wandb_project,
                 name=run_dir.name,

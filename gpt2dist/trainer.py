@@ -65,7 +65,7 @@ class Trainer:
             self.train_blocks, cfg.data.seq_len, cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
             cfg.train.seed, self.samples, cfg.data.num_workers))
         self.val = val_batches(self.val_blocks, cfg.data.seq_len, cfg.train.micro_batch_size, self.env.rank,
-                               self.env.world_size, cfg.train.eval_batches)
+                               self.env.world_size, cfg.train.eval_sequences)
         self.metrics = Metrics(cfg, self.run_dir, self.step) if self.is_main else None
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)

@@ -20,7 +20,7 @@ register()
 TINY = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
     "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
-    "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=2", "train.ckpt_interval=2",
+    "train.max_steps=4", "train.eval_interval=2", "train.eval_sequences=8", "train.ckpt_interval=2",
     "logger.log_interval=1", "logger.wandb=disabled", "train.sample_tokens=4", "optim.warmup_steps=2",
 ]
 

@@ -160,9 +160,9 @@ def test_workers_give_the_same_batches(corpus):
 
 def test_val_batches_split_across_ranks(corpus):
     blocks = TokenBlocks(corpus, "val")
-    whole = val_batches(blocks, 32, 2, rank=0, world_size=1, max_batches=4)
-    halves = [val_batches(blocks, 32, 2, rank=r, world_size=2, max_batches=2) for r in (0, 1)]
+    whole = val_batches(blocks, 32, 2, rank=0, world_size=1, sequences=8)
+    halves = [val_batches(blocks, 32, 2, rank=r, world_size=2, sequences=8) for r in (0, 1)]
     assert torch.equal(torch.cat([b[0] for b in whole]),
                        torch.cat([halves[0][0][0], halves[1][0][0], halves[0][1][0], halves[1][1][0]]))
-    with pytest.raises(CorpusError, match="val split"):
-        val_batches(blocks, 32, 10_000, rank=0, world_size=1, max_batches=1)
+    with pytest.raises(CorpusError, match="eval_sequences=100000"):
+        val_batches(blocks, 32, 10, rank=0, world_size=1, sequences=100_000)

@@ -1,0 +1,109 @@
+"""Training through the real DeepSpeed engine, in this process: precisions, checkpointing, resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
+from gpt2dist.config import ConfigError
+from gpt2dist.trainer import Trainer
+from tests.conftest import make_cfg, read_metrics, tiny_overrides
+
+
+def train(corpus, run_dir, *extra):
+    trainer = Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *extra)))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return read_metrics(run_dir)
+
+
+def losses(metrics):
+    return [m["loss"] for m in metrics if "loss" in m]
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.precision=fp32"],
+    ["train.precision=bf16"],
+    ["train.precision=fp16", "zero=stage1"],
+    ["train.gradient_checkpointing=true"],
+    ["zero=stage2", "zero.offload_optimizer=true"],
+    ["zero=offload"],
+], ids=["fp32", "bf16", "fp16", "grad-ckpt", "offload-opt", "offload-all"])
+def test_few_steps_learn(corpus, tmp_path, extra):
+    metrics = train(corpus, tmp_path, "train.max_steps=6", "optim.lr=3e-3", *extra)
+    loss = losses(metrics)
+    assert len(loss) == 6 and all(torch.isfinite(torch.tensor(loss)))
+    assert loss[-1] < loss[0] - 0.3, loss  # 6 steps at a high learning rate: clearly down from ~10.8
+    assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4, 6]
+    assert latest_tag(tmp_path) == "step_00000006"
+
+
+def test_gradient_checkpointing_does_not_change_the_loss(corpus, tmp_path):
+    plain = losses(train(corpus, tmp_path / "a"))
+    ckpt = losses(train(corpus, tmp_path / "b", "train.gradient_checkpointing=true"))
+    assert plain == pytest.approx(ckpt, abs=1e-5)
+
+
+def test_metrics_and_schedule(corpus, tmp_path):
+    metrics = train(corpus, tmp_path, "train.max_steps=6", "optim.warmup_steps=2", "optim.lr=1e-3",
+                    "optim.min_lr=1e-4")
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert [m["tokens"] for m in steps] == [128 * s for s in range(1, 7)]  # 4 sequences x 32 tokens
+    lrs = [m["lr"] for m in steps]
+    assert lrs[0] == pytest.approx(1e-3)  # after step 1 the schedule is at step 1: warmup done
+    assert lrs[-1] == pytest.approx(1e-4)  # cosine ends at min_lr
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(m["tokens_per_s"] > 0 for m in steps)
+    saved = (tmp_path / CHECKPOINTS / "step_00000006" / "config.yaml").read_text()
+    assert "max_steps: 6" in saved
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    """Resuming from the step-3 checkpoint reproduces steps 4-6 of the uninterrupted run."""
+    full = train(corpus, tmp_path / "full", "train.max_steps=6", "train.ckpt_interval=3", "model.dropout=0.1")
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    shutil.rmtree(resumed_dir / CHECKPOINTS / "step_00000006")
+    (resumed_dir / CHECKPOINTS / "latest").write_text("step_00000003")
+    resumed = train(corpus, resumed_dir, "train.max_steps=6", "train.ckpt_interval=3", "model.dropout=0.1")
+    assert [m["step"] for m in resumed] == [m["step"] for m in full]  # no duplicated or missing lines
+    for a, b in zip(full, resumed):
+        assert a.keys() == b.keys()
+        for key in ("loss", "val_loss", "grad_norm", "lr", "tokens"):
+            if key in a:
+                assert a[key] == b[key], (a["step"], key)  # bit-identical, dropout included
+
+
+def test_resume_never_refuses_existing_checkpoints(corpus, tmp_path):
+    train(corpus, tmp_path)
+    with pytest.raises(ConfigError, match="train.resume=auto"):
+        Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "train.resume=never")))
+
+
+def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
+    train(corpus, tmp_path)
+    with pytest.raises(CheckpointError, match="n_embd"):
+        Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "model.n_embd=64")))
+
+
+def test_finished_run_does_nothing(corpus, tmp_path, capsys):
+    train(corpus, tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    train(corpus, tmp_path)
+    assert "already complete at step 4" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_wandb_offline_writes_a_run(corpus, tmp_path):
+    train(corpus, tmp_path, "logger.wandb=offline")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
