@@ -1,0 +1,223 @@
+"""Evaluation: loss and perplexity on a prepared corpus, and zero- or few-shot multiple choice.
+
+    python -m gpt2dist.evaluate runs/gpt2 --corpus data/owt
+    python -m gpt2dist.evaluate runs/gpt2 --choices hellaswag_val.jsonl --fewshot-file hellaswag_train.jsonl --fewshot-k 5
+
+Multiple-choice files are JSON Lines in HellaSwag's format, one question a line:
+`{"ctx": "A man sits down at a piano. He", "endings": ["plays a song.", ...], "label": 0}`
+(`context` is accepted for `ctx`). Each ending is scored by its log-likelihood after the context
+(prefixed with a space); `acc` takes the ending with the highest sum, `acc_norm` the highest
+mean per token, which does not favour short endings. Few-shot prompting prepends k solved
+questions from another file, each "context ending" followed by a blank line.
+
+`run_evals` runs the evaluations an `EvalConfig` asks for; the trainer calls it every
+`interval` steps.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gpt2dist.loader import Windows
+from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.tokenizer import get_tokenizer
+
+
+class EvalError(ValueError):
+    """A malformed evaluation file (names the file and line)."""
+
+
+@dataclass
+class MultipleChoice:
+    context: str
+    endings: list[str]
+    label: int  # index of the right ending
+
+
+@dataclass
+class EvalConfig:
+    """Evaluations run during training, proposed for `gpt2dist.config` (see `run_evals`)."""
+
+    interval: int = 0  # optimizer steps between these evaluations (and at the last step); 0: never
+    corpus: Optional[str] = None  # a prepared corpus whose `split` is scored for loss and perplexity
+    split: str = "val"
+    sequences: int = 64  # windows of the split scored (the first ones, unshuffled)
+    choices: Optional[str] = None  # multiple-choice JSONL (HellaSwag format)
+    choices_limit: Optional[int] = None  # score only the first N questions
+    fewshot_file: Optional[str] = None  # solved questions to prepend (multiple-choice JSONL)
+    fewshot_k: int = 0
+    seed: int = 1234  # which few-shot examples are drawn
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return getattr(model, "device", None) or next(model.parameters()).device
+
+
+@torch.no_grad()
+def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", seq_len: int | None = None,
+                batch_size: int = 8, max_sequences: int | None = None) -> dict[str, float]:
+    """Mean next-token loss and perplexity over the first `max_sequences` windows (all by default)
+    of one split. `seq_len` defaults to the model's context, capped by the corpus block size.
+    """
+    gpt = getattr(model, "module", model)
+    blocks = TokenBlocks(corpus, split)
+    windows = Windows(blocks, seq_len or min(gpt.config.block_size, blocks.block_tokens))
+    n = len(windows) if max_sequences is None else min(max_sequences, len(windows))
+    if n == 0:
+        raise CorpusError(f"{blocks.dir}: the {split} split has no window of {windows.seq_len} tokens")
+    device, total, count = _device(model), 0.0, 0
+    for start in range(0, n, batch_size):
+        xs, ys = zip(*(windows[i] for i in range(start, min(start + batch_size, n))))
+        _, loss = model(torch.stack(xs).to(device), torch.stack(ys).to(device))
+        total += loss.item() * len(xs) * windows.seq_len
+        count += len(xs) * windows.seq_len
+    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+@torch.no_grad()
+def continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]],
+                          batch_size: int = 8) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the continuation's log-likelihood after the context,
+    and whether greedy decoding would produce it. Contexts must be non-empty; a pair longer than
+    the model's context loses tokens from the start of its context.
+    """
+    block_size = getattr(model, "module", model).config.block_size
+    device, results = _device(model), []
+    if any(len(cont) > block_size for _, cont in pairs):
+        raise EvalError(f"a continuation is longer than the model's context of {block_size} tokens")
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [(ctx + cont)[-(block_size + 1) :][:-1] for ctx, cont in chunk]  # model inputs
+        width = max(len(s) for s in seqs)
+        # Right padding: causal attention keeps the pads from touching earlier positions.
+        idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+        logprobs = torch.log_softmax(model(idx)[0].float(), dim=-1)  # (B, width, vocab)
+        for row, (seq, (_, cont)) in enumerate(zip(seqs, chunk)):
+            n = len(cont)
+            lp = logprobs[row, len(seq) - n : len(seq)]  # (n, vocab): the positions predicting cont
+            target = torch.tensor(cont, device=device)
+            total = lp.gather(1, target[:, None]).sum().item()
+            results.append((total, bool((lp.argmax(dim=-1) == target).all())))
+    return results
+
+
+def read_choices(path: str | Path) -> list[MultipleChoice]:
+    """Questions from a multiple-choice JSONL file (see the module docstring)."""
+    path, questions = Path(path), []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: unreadable ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            q = MultipleChoice(raw["ctx"] if "ctx" in raw else raw["context"], list(raw["endings"]), int(raw["label"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise EvalError(f"{path}:{number}: not a question with ctx, endings and label ({e!r})") from None
+        if not 0 <= q.label < len(q.endings) or not all(isinstance(e, str) for e in q.endings):
+            raise EvalError(f"{path}:{number}: label {q.label} is not the index of one of the endings")
+        questions.append(q)
+    if not questions:
+        raise EvalError(f"{path}: no questions")
+    return questions
+
+
+def fewshot_prompt(question: MultipleChoice, shots: list[MultipleChoice]) -> str:
+    """The context to score the endings after: the solved shots, then the question's context."""
+    return "".join(f"{s.context} {s.endings[s.label]}\n\n" for s in shots) + question.context
+
+
+def multiple_choice(model: torch.nn.Module, questions: list[MultipleChoice], fewshot: list[MultipleChoice] = (),
+                    k: int = 0, seed: int = 1234) -> dict[str, float]:
+    """Accuracy by summed (`acc`) and per-token mean (`acc_norm`) log-likelihood of the endings.
+
+    Each question gets its own k shots, drawn from `fewshot` (never the question itself).
+    """
+    enc, rng = get_tokenizer(), random.Random(seed)
+    correct = correct_norm = 0
+    for q in questions:
+        pool = [s for s in fewshot if s != q]
+        if k > len(pool):
+            raise EvalError(f"{k} few-shot examples asked for, but only {len(pool)} are available")
+        context = enc.encode_ordinary(fewshot_prompt(q, rng.sample(pool, k)))
+        endings = [enc.encode_ordinary(" " + e) for e in q.endings]
+        scores = [total for total, _ in continuation_logprobs(model, [(context, e) for e in endings])]
+        correct += max(range(len(scores)), key=scores.__getitem__) == q.label
+        norm = [s / len(e) for s, e in zip(scores, endings)]
+        correct_norm += max(range(len(norm)), key=norm.__getitem__) == q.label
+    return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "questions": len(questions)}
+
+
+def run_evals(model: torch.nn.Module, cfg: EvalConfig, seq_len: int | None = None,
+              batch_size: int = 8) -> dict[str, float]:
+    """The evaluations `cfg` asks for, as metrics: eval_loss, eval_perplexity, mc_acc, mc_acc_norm.
+
+    `model` is a GPT or a DeepSpeed engine; under ZeRO-3 every rank must call this, and each
+    computes the whole (identical) result. Puts the model in eval mode and back.
+    """
+    was_training, values = model.training, {}
+    model.eval()
+    try:
+        if cfg.corpus:
+            loss = corpus_loss(model, cfg.corpus, cfg.split, seq_len, batch_size, cfg.sequences)
+            values.update(eval_loss=loss["loss"], eval_perplexity=loss["perplexity"])
+        if cfg.choices:
+            questions = read_choices(cfg.choices)[: cfg.choices_limit]
+            shots = read_choices(cfg.fewshot_file) if cfg.fewshot_file and cfg.fewshot_k else []
+            mc = multiple_choice(model, questions, shots, cfg.fewshot_k, cfg.seed)
+            values.update(mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
+    finally:
+        model.train(was_training)
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2dist.weights import WeightsError, default_device, load_model
+
+    p = argparse.ArgumentParser(prog="python -m gpt2dist.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
+    p.add_argument("--corpus", help="a prepared corpus (python -m data_tools.prepare) to score")
+    p.add_argument("--split", default="val", help="corpus split (default: val)")
+    p.add_argument("--seq-len", type=int, help="tokens per scored window (default: the model's context)")
+    p.add_argument("--max-sequences", type=int, help="score only the first N windows")
+    p.add_argument("--choices", help="multiple-choice JSONL (HellaSwag format)")
+    p.add_argument("--limit", type=int, help="score only the first N questions")
+    p.add_argument("--fewshot-file", help="solved questions to draw few-shot examples from")
+    p.add_argument("--fewshot-k", type=int, default=0, help="examples prepended to each question (default: 0)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=default_device())
+    args = p.parse_args(argv)
+    if not args.corpus and not args.choices:
+        p.error("nothing to evaluate: pass --corpus and/or --choices")
+    if args.fewshot_k and not args.fewshot_file:
+        p.error("--fewshot-k needs --fewshot-file")
+    try:
+        questions = read_choices(args.choices)[: args.limit] if args.choices else []
+        shots = read_choices(args.fewshot_file) if args.fewshot_file else []
+        model = load_model(args.model, args.device)
+        results = {}
+        if args.corpus:
+            results[args.split] = corpus_loss(model, args.corpus, args.split, args.seq_len, args.batch_size,
+                                              args.max_sequences)
+        if questions:
+            results["multiple_choice"] = multiple_choice(model, questions, shots, args.fewshot_k, args.seed)
+    except (WeightsError, CorpusError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Export a gpt2dist checkpoint as a Hugging Face GPT-2 directory (config.json + model.safetensors).
+
+    python -m gpt2dist.export runs/gpt2 exported/gpt2
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('exported/gpt2')"
+
+The source is a run directory (its newest checkpoint) or one checkpoint directory, of any ZeRO
+stage. Weights are consolidated and written one tensor at a time.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from gpt2dist.hf import save_hf_dir
+from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint that `source` names (see `gpt2dist.weights.find_checkpoint`) to out_dir."""
+    ckpt_dir = find_checkpoint(source)
+    if ckpt_dir is None:
+        raise WeightsError(f"{source}: not a gpt2dist run or checkpoint directory (no checkpoints/latest, "
+                           "no config.yaml with model states)")
+    weights = checkpoint_weights(ckpt_dir)
+    return save_hf_dir(weights.config, weights.shapes, weights.tensor, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt2dist.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="run directory or checkpoint directory")
+    p.add_argument("output", help="directory to write (created; existing files of the same name are replaced)")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.source, args.output)
+    except (OSError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

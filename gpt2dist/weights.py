@@ -1,0 +1,156 @@
+"""Load a GPT from wherever its weights are: the one loader every command uses.
+
+A model path is one of
+- a run directory (`<run_dir>/checkpoints/latest` names its newest checkpoint),
+- a checkpoint directory (`<run_dir>/checkpoints/step_XXXXXXXX/`, any ZeRO stage, any number of ranks),
+- a Hugging Face GPT-2 directory (config.json with model.safetensors or pytorch_model.bin).
+
+ZeRO-1/2/3 checkpoints hold the fp32 master weights sharded across the ranks' optimizer
+files; DeepSpeed's `zero_to_fp32` consolidates them on the CPU without a process group. Stage 0
+keeps the module's weights in `mp_rank_00_model_states.pt`. Weights are handed out one tensor
+at a time so that loading or exporting never holds the model twice.
+"""
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from gpt2dist.checkpoint import CHECKPOINTS
+from gpt2dist.config import gpt_config
+from gpt2dist.hf import HFError, hf_tensors, read_hf_config
+from gpt2dist.model import GPT, GPTConfig
+from gpt2dist.optim import param_groups
+
+STAGE0_STATES = "mp_rank_00_model_states.pt"
+
+
+class WeightsError(RuntimeError):
+    """A model path that is missing or holds no weights we can load (names the file)."""
+
+
+@dataclass
+class CheckpointWeights:
+    """The fp32 weights of a gpt2dist checkpoint, by our parameter names, materialised on request."""
+
+    config: GPTConfig
+    shapes: dict[str, torch.Size]
+    tensor: Callable[[str], torch.Tensor]  # name -> fp32 CPU tensor
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint directory a run directory, a checkpoints/ directory or a checkpoint names; None if none."""
+    path = Path(path)
+    for root in (path / CHECKPOINTS, path):
+        latest = root / "latest"
+        if latest.is_file():
+            return root / latest.read_text().strip()
+    if (path / "config.yaml").is_file() and any(path.glob("*model_states.pt")):
+        return path
+    return None
+
+
+def checkpoint_weights(ckpt_dir: str | Path) -> CheckpointWeights:
+    """Open a checkpoint's weights without materialising them all (see the module docstring)."""
+    ckpt_dir = Path(ckpt_dir)
+    config_path = ckpt_dir / "config.yaml"
+    if not config_path.is_file():
+        raise WeightsError(f"{config_path}: missing; not a complete gpt2dist checkpoint")
+    saved = OmegaConf.load(config_path)
+    config = gpt_config(saved.model)
+    if saved.zero.stage == 0:
+        path = ckpt_dir / STAGE0_STATES
+        try:
+            # Written by gpt2dist; weights_only still suffices and refuses anything else.
+            states = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # an absent, truncated or foreign file: each raises its own type
+            raise WeightsError(f"{path}: cannot read the model weights ({e})") from None
+        state = _stage0_state(config, states, path)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # its progress notes are not our output
+                # lazy_mode: ZeRO-3 shards are gathered per tensor on request, from memory-mapped files.
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                                                 lazy_mode=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise WeightsError(f"{ckpt_dir}: cannot consolidate the ZeRO-{saved.zero.stage} checkpoint ({e})") from None
+    shapes = {name: torch.Size(t.shape) for name, t in state.items()}
+    return CheckpointWeights(config, shapes, lambda name: state[name].contiguous().detach().float())
+
+
+def _stage0_state(config: GPTConfig, states: dict, path: Path) -> dict[str, torch.Tensor]:
+    """A stage-0 checkpoint's weights: the module's, or with bf16/fp16 the optimizer's fp32 master copy.
+
+    DeepSpeed keeps that copy as lists of tensors in the order of our parameter groups, without names.
+    """
+    module = states["module"]
+    groups = (states.get("optimizer") or {}).get("fp32_groups")
+    if not groups:
+        return module
+    with torch.device("meta"):
+        model = GPT(config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+    master = [t for group in groups for t in group]
+    if len(master) != len(ordered) or any(module[n].shape != t.shape for n, t in zip(ordered, master)):
+        raise WeightsError(f"{path}: the fp32 master weights do not match the model's parameters")
+    state = dict(zip(ordered, master))
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def empty_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+    """A GPT with uninitialised weights: no time spent on a random init that is overwritten."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty unties them
+    return model
+
+
+def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> GPT:
+    """Copy (name, tensor) pairs into the model, checking that every weight is given exactly once."""
+    targets = model.state_dict()
+    loaded = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name == "lm_head.weight":  # the token embedding, tied
+                continue
+            if name not in targets or targets[name].shape != tensor.shape:
+                expected = tuple(targets[name].shape) if name in targets else "no such weight"
+                raise WeightsError(f"{source}: {name} {tuple(tensor.shape)} does not fit the model ({expected})")
+            targets[name].copy_(tensor)
+            loaded.add(name)
+    missing = sorted(set(targets) - loaded - {"lm_head.weight"})
+    if missing:
+        raise WeightsError(f"{source}: {len(missing)} weights missing, such as {missing[0]}")
+    return model
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """A GPT in eval mode, from a run, checkpoint or Hugging Face directory (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or directory")
+    try:
+        if (path / "config.json").is_file():
+            return fill(empty_model(read_hf_config(path), device), hf_tensors(path), path).eval()
+    except HFError as e:
+        raise WeightsError(str(e)) from None
+    ckpt_dir = find_checkpoint(path)
+    if ckpt_dir is None:
+        raise WeightsError(f"{path}: not a gpt2dist run directory (no {CHECKPOINTS}/latest), checkpoint "
+                           "directory or Hugging Face directory (no config.json)")
+    weights = checkpoint_weights(ckpt_dir)
+    model = empty_model(weights.config, device)
+    return fill(model, ((name, weights.tensor(name)) for name in weights.shapes), ckpt_dir).eval()

@@ -1,0 +1,136 @@
+"""Hugging Face directories in and out: checkpoints of every ZeRO stage export to a directory that
+transformers loads with our logits, and Hugging Face GPT-2 directories load into gpt2dist."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2LMHeadModel
+
+from gpt2dist.evaluate import corpus_loss
+from gpt2dist.export import main as export_main
+from gpt2dist.trainer import Trainer
+from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint, load_model
+from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides
+from tests.test_model import tiny_hf
+
+RUNS = {
+    "stage0": ["train.max_steps=2"],
+    "stage0-bf16": ["train.max_steps=2", "train.precision=bf16"],
+    "stage2": ["train.max_steps=2", "zero=stage2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory) -> dict:
+    """Run directories of short real trainings: in this process, and ZeRO-3 on 2 ranks under torchrun."""
+    dirs = {}
+    for name, extra in RUNS.items():
+        dirs[name] = tmp_path_factory.mktemp(name)
+        trainer = Trainer(make_cfg(*tiny_overrides(corpus, dirs[name], *extra, "optim.lr=3e-3")))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    dirs["stage3-2ranks"] = tmp_path_factory.mktemp("stage3")
+    result = run_train(tiny_overrides(corpus, dirs["stage3-2ranks"], "train.max_steps=2", "zero=stage3",
+                                      "optim.lr=3e-3"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dirs
+
+
+def tokens(seed: int, batch: int = 2, length: int = 64) -> torch.Tensor:
+    return torch.randint(0, 50257, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("run", ["stage0", "stage2", "stage3-2ranks"])
+def test_loaded_checkpoint_reproduces_the_trainers_val_loss(corpus, runs, run):
+    """The consolidated weights are the trained ones: the final val_loss the trainer logged (on the
+    first 8 validation windows) comes out again from the loaded model."""
+    model = load_model(runs[run])
+    logged = read_metrics(runs[run])[-1]["val_loss"]
+    assert corpus_loss(model, corpus, "val", seq_len=32, max_sequences=8)["loss"] == pytest.approx(logged, abs=1e-5)
+
+
+@pytest.mark.parametrize("run", sorted([*RUNS, "stage3-2ranks"]))
+def test_export_loads_in_transformers_with_our_logits(runs, tmp_path, capsys, run):
+    assert export_main([str(runs[run]), str(tmp_path / "hf")]) == 0
+    assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(runs[run])
+    idx = tokens(1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied again on load
+
+
+def test_bf16_checkpoint_exports_the_fp32_master_weights(runs):
+    """Mixed precision keeps fp32 master weights in the optimizer: those are exported, not the
+    bf16 copy the module holds."""
+    weights = checkpoint_weights(find_checkpoint(runs["stage0-bf16"]))
+    w = weights.tensor("transformer.h.0.attn.c_attn.weight")
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
+
+
+def save_hf(hf: GPT2LMHeadModel, hf_dir, layout: str) -> None:
+    """A Hugging Face directory as users download them: safetensors, a legacy .bin, or OpenAI's
+    gpt2 layout (a GPT2Model: no `transformer.` prefix, with the attention mask buffers)."""
+    hf_dir.mkdir()
+    hf.config.save_pretrained(hf_dir)
+    if layout == "safetensors":
+        state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    elif layout == "bin":
+        torch.save(hf.state_dict(), hf_dir / "pytorch_model.bin")
+    else:
+        state = dict(hf.transformer.state_dict())
+        state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(hf.config.n_layer)})
+        torch.save(state, hf_dir / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "openai-gpt2"])
+def test_import_hf_directory_gives_hf_logits(tmp_path, layout):
+    hf = tiny_hf(seed=3)
+    save_hf(hf, tmp_path / "hf", layout)
+    ours = load_model(tmp_path / "hf")
+    idx = tokens(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_export_import_round_trip_is_exact(runs, tmp_path):
+    assert export_main([str(runs["stage2"]), str(tmp_path / "hf")]) == 0
+    a, b = load_model(runs["stage2"]), load_model(tmp_path / "hf")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('pwned', 'w').write('')",))
+
+
+def test_pickled_code_in_a_downloaded_checkpoint_is_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hf_dir = tmp_path / "hf"
+    save_hf(tiny_hf(), hf_dir, "bin")
+    state = torch.load(hf_dir / "pytorch_model.bin", weights_only=True)
+    state["payload"] = RunsCode()  # unpickling it runs code
+    torch.save(state, hf_dir / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="pytorch_model.bin: not a plain tensor checkpoint"):
+        load_model(hf_dir)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_other_architectures_and_bad_paths_are_refused(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    save_hf(tiny_hf(), hf_dir, "safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(WeightsError, match="config.json: activation_function='relu'"):
+        load_model(hf_dir)
+    with pytest.raises(WeightsError, match="no such file"):
+        load_model(tmp_path / "missing")
+    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: not a gpt2dist run")
