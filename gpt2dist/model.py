@@ -43,16 +43,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual = True  # scaled at init, see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """kv: this layer's (keys, values, start) of a KVCache, when decoding incrementally."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )  # (B, nh, T, hs)
+        else:
+            keys, values, start = kv
+            keys[:, :, start : start + T] = k
+            values[:, :, start : start + T] = v
+            k, v = keys[:, :, : start + T], values[:, :, : start + T]  # (B, nh, start + T, hs)
+            # The query at position start + i sees keys 0 .. start + i. (is_causal would align
+            # the mask to the top left, which is wrong once start > 0.)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -80,10 +91,28 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class KVCache:
+    """Keys and values of the positions a GPT has already processed, so that decoding one more
+    token costs one position's work instead of the whole context's.
+
+    `pos` positions are filled; a forward pass with the cache appends its T positions.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, length: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        assert length <= config.block_size, f"cache of {length} positions > block_size {config.block_size}"
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, length, hs)  # (L, B, nh, length, hs)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = length
+        self.pos = 0
 
 
 class GPT(nn.Module):
@@ -124,18 +153,27 @@ class GPT(nn.Module):
         """Parameters counted once (the tied LM head shares the token embedding)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx: (B, T) token ids. Returns (logits (B, T, vocab), loss or None)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx: (B, T) token ids. Returns (logits (B, T, vocab), loss or None).
+
+        With a cache, idx continues the cached positions (the cache is updated in place).
+        """
         B, T = idx.shape
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        start = cache.pos if cache is not None else 0
+        limit = cache.length if cache is not None else self.config.block_size
+        assert start + T <= limit, f"{start} cached + {T} new tokens > {limit} positions"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            if self.gradient_checkpointing and self.training:
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None:
+                x = block(x, (cache.keys[i], cache.values[i], start))
+            elif self.gradient_checkpointing and self.training:
                 # Recompute the block in backward instead of keeping its activations.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
