@@ -13,7 +13,7 @@ at a time so that loading or exporting never holds the model twice.
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,20 +137,42 @@ def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) 
     return model
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """A GPT in eval mode, from a run, checkpoint or Hugging Face directory (see the module docstring)."""
+def open_weights(path: str | Path) -> tuple[GPTConfig, Iterator[tuple[str, torch.Tensor]], Path]:
+    """(shape, (name, fp32 tensor) one at a time, the file or directory they come from) of a model path."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
-    try:
-        if (path / "config.json").is_file():
-            return fill(empty_model(read_hf_config(path), device), hf_tensors(path), path).eval()
-    except HFError as e:
-        raise WeightsError(str(e)) from None
+    if (path / "config.json").is_file():
+        try:
+            return read_hf_config(path), _hf_checked(path), path
+        except HFError as e:
+            raise WeightsError(str(e)) from None
     ckpt_dir = find_checkpoint(path)
     if ckpt_dir is None:
         raise WeightsError(f"{path}: not a gpt2dist run directory (no {CHECKPOINTS}/latest), checkpoint "
                            "directory or Hugging Face directory (no config.json)")
     weights = checkpoint_weights(ckpt_dir)
-    model = empty_model(weights.config, device)
-    return fill(model, ((name, weights.tensor(name)) for name in weights.shapes), ckpt_dir).eval()
+    return weights.config, ((name, weights.tensor(name)) for name in weights.shapes), ckpt_dir
+
+
+def _hf_checked(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        yield from hf_tensors(path)
+    except HFError as e:
+        raise WeightsError(str(e)) from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """A GPT in eval mode, from a run, checkpoint or Hugging Face directory (see the module docstring)."""
+    config, tensors, source = open_weights(path)
+    return fill(empty_model(config, device), tensors, source).eval()
+
+
+def load_into(model: GPT, path: str | Path) -> GPT:
+    """Overwrite a model's weights with those at `path` (to start training from them); the shapes must match."""
+    config, tensors, source = open_weights(path)
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    theirs, ours = ({k: getattr(c, k) for k in keys} for c in (config, model.config))
+    if theirs != ours:
+        raise WeightsError(f"{source}: model {theirs} does not match {ours}")
+    return fill(model, tensors, source)

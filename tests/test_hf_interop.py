@@ -10,8 +10,10 @@ from transformers import GPT2LMHeadModel
 
 from gpt2dist.evaluate import corpus_loss
 from gpt2dist.export import main as export_main
+from gpt2dist.hf import config_from_hf
+from gpt2dist.model import GPT, GPTConfig
 from gpt2dist.trainer import Trainer
-from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint, load_model
+from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint, load_into, load_model
 from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides
 from tests.test_model import tiny_hf
 
@@ -97,6 +99,17 @@ def test_import_hf_directory_gives_hf_logits(tmp_path, layout):
     idx = tokens(2)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_init_from_hf_weights_for_continued_training(tmp_path):
+    hf = tiny_hf(seed=5)
+    save_hf(hf, tmp_path / "hf", "safetensors")
+    model = load_into(GPT(config_from_hf(hf.config)), tmp_path / "hf").eval()
+    idx = tokens(6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="'n_embd': 64.* does not match .*'n_embd': 32"):
+        load_into(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64)), tmp_path / "hf")
 
 
 def test_export_import_round_trip_is_exact(runs, tmp_path):
