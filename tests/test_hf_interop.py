@@ -2,6 +2,7 @@
 transformers loads with our logits, and Hugging Face GPT-2 directories load into gpt2dist."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -134,6 +135,17 @@ def test_pickled_code_in_a_downloaded_checkpoint_is_not_run(tmp_path, monkeypatc
     with pytest.raises(WeightsError, match="pytorch_model.bin: not a plain tensor checkpoint"):
         load_model(hf_dir)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_damaged_checkpoint_is_named(runs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["stage2"], run_dir)
+    ckpt = find_checkpoint(run_dir)
+    shard = next(ckpt.glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert export_main([str(run_dir), str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after DeepSpeed's progress notes
+    assert last.startswith(f"error: {ckpt}: cannot consolidate the ZeRO-2 checkpoint")
 
 
 def test_other_architectures_and_bad_paths_are_refused(tmp_path, capsys):
