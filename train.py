@@ -23,9 +23,11 @@ def main(cfg) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        trainer.train()
+        status = trainer.train()
     finally:
         trainer.close()
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

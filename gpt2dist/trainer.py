@@ -4,6 +4,8 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from gpt2dist import checkpoint, dist, engine as ds_engine
@@ -13,8 +15,16 @@ from gpt2dist.generate import generate
 from gpt2dist.loader import train_loader, val_batches
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token
 from gpt2dist.model import GPT
+from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.shards import CorpusError, TokenBlocks
 from gpt2dist.tokenizer import get_tokenizer
+
+
+def run_directory(cfg) -> Path:
+    """train.run_dir; in a Hydra sweep (-m), each job's own <train.run_dir>/<job number>."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.train.run_dir = HydraConfig.get().runtime.output_dir  # saved configs say where it ran
+    return Path(cfg.train.run_dir).resolve()
 
 
 class Trainer:
@@ -24,7 +34,7 @@ class Trainer:
         self.is_main = self.env.is_main
         check(cfg, self.env.world_size)
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
-        self.run_dir = Path(cfg.train.run_dir).resolve()
+        self.run_dir = run_directory(cfg)
         self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
 
         tag = checkpoint.latest_tag(self.run_dir)
@@ -69,6 +79,7 @@ class Trainer:
         self.metrics = Metrics(cfg, self.run_dir, self.step) if self.is_main else None
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
+        self.preemption = PreemptionWatch()
 
     def print(self, *args) -> None:
         if self.is_main:
@@ -111,11 +122,12 @@ class Trainer:
                               self.env.rank)
         self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
 
-    def train(self) -> None:
+    def train(self) -> int:
+        """Train to train.max_steps; returns the exit status (0, or EXIT_REQUEUE after a stop signal)."""
         t = self.cfg.train
         if self.step >= t.max_steps:
             self.print(f"run already complete at step {self.step} (train.max_steps={t.max_steps})")
-            return
+            return 0
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
         self.engine.train()
         t0, steps_since_log = time.perf_counter(), 0
@@ -143,11 +155,20 @@ class Trainer:
                 values["val_loss"] = self.evaluate()
             if values and self.metrics:
                 self.metrics.log(self.step, values)
-            if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or last:
+            saved = (t.ckpt_interval and self.step % t.ckpt_interval == 0) or last
+            if saved:
                 self.save()
+            if self.preemption.stop_requested(self.device):
+                if not saved:
+                    self.save()
+                torch.distributed.barrier()  # every rank's part of the checkpoint is on disk
+                self.print(f"stopped by {self.preemption.reason} at step "
+                           f"{self.step}; exit {EXIT_REQUEUE}: run again with train.resume=auto to continue")
+                return EXIT_REQUEUE
             if values:
                 t0, steps_since_log = time.perf_counter(), 0
         self.sample()
+        return 0
 
     def sample(self) -> None:
         """Print a short continuation of train.sample_prompt (every rank generates: ZeRO-3 needs them all)."""
@@ -162,5 +183,6 @@ class Trainer:
         self.print(f"sample: {enc.decode(out[0].tolist())!r}")
 
     def close(self) -> None:
+        self.preemption.close()
         if self.metrics:
             self.metrics.close()

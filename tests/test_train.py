@@ -107,3 +107,27 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path):
     run_id = (tmp_path / "wandb_id").read_text().strip()
     assert runs[0].name.endswith(run_id)
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
+    """SIGUSR1 (SLURM's warning) mid-run: the step finishes, a checkpoint is saved, and the
+    resumed run ends exactly where an uninterrupted one does."""
+    import os
+    import signal
+
+    from gpt2dist.preemption import EXIT_REQUEUE
+
+    full = train(corpus, tmp_path / "full", "train.max_steps=5", "train.ckpt_interval=0")
+    trainer = Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert trainer.train() == EXIT_REQUEUE
+    finally:
+        trainer.close()
+        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert latest_tag(tmp_path / "cut") == "step_00000001"
+    resumed = train(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    assert resumed[-1]["loss"] == full[-1]["loss"] and resumed[-1]["val_loss"] == full[-1]["val_loss"]

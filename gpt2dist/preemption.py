@@ -1,0 +1,44 @@
+"""Stop cleanly on SIGTERM or SIGUSR1: what SLURM (and most schedulers) send before a
+preemption or time limit. The trainer finishes the step, saves a checkpoint and exits with
+EXIT_REQUEUE, which a launcher takes as "requeue me"; `train.resume=auto` then continues.
+"""
+
+import signal
+
+import torch
+
+EXIT_REQUEUE = 3  # exit status after a signal-triggered checkpoint
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionWatch:
+    """Remembers a stop signal; ranks agree on it so that all of them save the same step."""
+
+    def __init__(self):
+        self.received: int | None = None  # the signal this process got
+        self.stopping = False  # some rank got one: all are stopping
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def reason(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal to another rank"
+
+    def stop_requested(self, device: torch.device) -> bool:
+        """True on every rank if any rank has received a stop signal (a collective call)."""
+        flag = torch.tensor([0 if self.received is None else 1], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.stopping = bool(flag.item())
+        return self.stopping
+
+    def close(self) -> None:
+        """Restore the previous handlers; or, when stopping on a signal, ignore further ones.
+
+        The process is then on its way out with EXIT_REQUEUE, and a launcher's follow-up
+        SIGTERM (srun's --kill-on-bad-exit, once the first rank has exited) must not turn that
+        into death by signal. SIG_IGN, unlike a Python handler, outlasts interpreter shutdown.
+        """
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_IGN if self.stopping else handler)

@@ -1,0 +1,77 @@
+#!/bin/bash
+# A real one-node SLURM cluster for the tests, run as root (Debian's slurm-wlm and munge):
+#
+#   tests/slurm_cluster.sh start DIR    write DIR/slurm.conf, start munged (unless running),
+#                                       slurmctld and slurmd; print the SLURM_CONF to export
+#   tests/slurm_cluster.sh stop DIR     stop only the daemons that `start DIR` started
+set -euo pipefail
+cmd=$1
+dir=$(mkdir -p "$2" && cd "$2" && pwd)
+host=$(hostname -s)
+
+stop() {
+    for name in slurmd slurmctld munged; do
+        if [ -f "$dir/$name.started" ]; then
+            pid=$(cat "$dir/$name.pid" 2>/dev/null || true)
+            if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+                for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+            fi
+            rm -f "$dir/$name.started"
+        fi
+    done
+}
+
+if [ "$cmd" = stop ]; then stop; exit 0; fi
+[ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+
+mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
+cat >"$dir/slurm.conf" <<CONF
+ClusterName=gpt2dist-test
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+SlurmctldPort=16817
+SlurmdPort=16818
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+KillWait=30
+NodeName=$host CPUs=$(nproc) State=UNKNOWN
+PartitionName=test Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+CONF
+export SLURM_CONF=$dir/slurm.conf
+
+if ! pgrep -x munged >/dev/null; then
+    mkdir -p /run/munge && chown munge:munge /run/munge
+    [ -f /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || /usr/sbin/create-munge-key -f; chown munge:munge /etc/munge/munge.key; }
+    # munged runs as munge, which cannot write into $dir: its pid file lives in /run/munge.
+    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/gpt2dist-test.pid
+    ln -sf /run/munge/gpt2dist-test.pid "$dir/munged.pid"
+    touch "$dir/munged.started"
+fi
+/usr/sbin/slurmctld && touch "$dir/slurmctld.started"
+/usr/sbin/slurmd && touch "$dir/slurmd.started"
+for _ in $(seq 60); do
+    if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+        echo "SLURM_CONF=$SLURM_CONF"
+        exit 0
+    fi
+    sleep 1
+done
+echo "slurm did not come up; see $dir/slurmctld.log and $dir/slurmd.log" >&2
+stop
+exit 1
