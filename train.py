@@ -11,6 +11,7 @@ from gpt2dist.checkpoint import CheckpointError
 from gpt2dist.config import ConfigError, register
 from gpt2dist.shards import CorpusError
 from gpt2dist.trainer import Trainer
+from gpt2dist.weights import WeightsError
 
 register()
 
@@ -19,7 +20,7 @@ register()
 def main(cfg) -> None:
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, CorpusError, CheckpointError) as e:
+    except (ConfigError, CorpusError, CheckpointError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:

@@ -94,9 +94,25 @@ class TrainConfig:
     eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
+    init_from: Optional[str] = None  # with nothing to resume: start from these weights (a run, checkpoint or HF GPT-2 dir)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     sample_tokens: int = 48  # tokens generated at the end as a smoke test; 0 to skip
     sample_prompt: str = "The"
+
+
+@dataclass
+class EvalConfig:
+    """Extra evaluations during training (`gpt2dist.evaluate.run_evals`), logged with the metrics."""
+
+    interval: int = 0  # optimizer steps between these evaluations (and at the last step); 0: never
+    corpus: Optional[str] = None  # a prepared corpus whose `split` is scored for loss and perplexity
+    split: str = "val"
+    sequences: int = 64  # windows of the split scored (the first ones, unshuffled)
+    choices: Optional[str] = None  # multiple-choice JSONL (HellaSwag format)
+    choices_limit: Optional[int] = None  # score only the first N questions
+    fewshot_file: Optional[str] = None  # solved questions to prepend (multiple-choice JSONL)
+    fewshot_k: int = 0
+    seed: int = 1234  # which few-shot examples are drawn
 
 
 @dataclass
@@ -107,6 +123,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evals: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register() -> None:

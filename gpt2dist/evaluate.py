@@ -21,10 +21,10 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
+from gpt2dist.config import EvalConfig
 from gpt2dist.loader import Windows
 from gpt2dist.shards import CorpusError, TokenBlocks
 from gpt2dist.tokenizer import get_tokenizer
@@ -39,21 +39,6 @@ class MultipleChoice:
     context: str
     endings: list[str]
     label: int  # index of the right ending
-
-
-@dataclass
-class EvalConfig:
-    """Evaluations run during training, proposed for `gpt2dist.config` (see `run_evals`)."""
-
-    interval: int = 0  # optimizer steps between these evaluations (and at the last step); 0: never
-    corpus: Optional[str] = None  # a prepared corpus whose `split` is scored for loss and perplexity
-    split: str = "val"
-    sequences: int = 64  # windows of the split scored (the first ones, unshuffled)
-    choices: Optional[str] = None  # multiple-choice JSONL (HellaSwag format)
-    choices_limit: Optional[int] = None  # score only the first N questions
-    fewshot_file: Optional[str] = None  # solved questions to prepend (multiple-choice JSONL)
-    fewshot_k: int = 0
-    seed: int = 1234  # which few-shot examples are drawn
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from gpt2dist import checkpoint, dist, engine as ds_engine
 from gpt2dist.builtin_corpus import builtin_corpus
 from gpt2dist.config import ConfigError, check, gpt_config, grad_accum_steps
+from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.loader import train_loader, val_batches
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token
@@ -18,6 +19,7 @@ from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.shards import CorpusError, TokenBlocks
 from gpt2dist.tokenizer import get_tokenizer
+from gpt2dist.weights import load_into
 
 
 def run_directory(cfg) -> Path:
@@ -56,6 +58,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = GPT(gpt_config(cfg.model))
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
+        if cfg.train.init_from and not tag:
+            load_into(model, cfg.train.init_from)  # new optimizer and schedule; a resume takes precedence
+            self.print(f"initialised from {cfg.train.init_from}")
         self.n_params = model.num_params()
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
@@ -153,6 +158,10 @@ class Trainer:
                 }
             if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                 values["val_loss"] = self.evaluate()
+            evals = self.cfg.evals
+            if evals.interval and (self.step % evals.interval == 0 or last):
+                values.update(run_evals(self.engine, evals, seq_len=self.cfg.data.seq_len,
+                                        batch_size=t.micro_batch_size))
             if values and self.metrics:
                 self.metrics.log(self.step, values)
             saved = (t.ckpt_interval and self.step % t.ckpt_interval == 0) or last

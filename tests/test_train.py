@@ -1,6 +1,7 @@
 """Training through the real DeepSpeed engine, in this process: precisions, checkpointing, resume."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
 from gpt2dist.config import ConfigError
 from gpt2dist.trainer import Trainer
+from gpt2dist.weights import WeightsError
 from tests.conftest import make_cfg, read_metrics, tiny_overrides
 
 
@@ -131,3 +133,24 @@ def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
     resumed = train(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     assert resumed[-1]["loss"] == full[-1]["loss"] and resumed[-1]["val_loss"] == full[-1]["val_loss"]
+
+
+def test_evals_during_training_are_logged(corpus, tmp_path):
+    metrics = train(corpus, tmp_path, "evals.interval=2", f"evals.corpus={corpus}", "evals.sequences=8")
+    logged = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in logged] == [2, 4]
+    for m in logged:  # the same 8 validation windows as val_loss, scored by gpt2dist.evaluate
+        assert m["eval_loss"] == pytest.approx(m["val_loss"], abs=1e-4)
+        assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]), rel=1e-4)
+
+
+def test_init_from_starts_from_another_runs_weights(corpus, tmp_path):
+    first = train(corpus, tmp_path / "a", "train.max_steps=6", "optim.lr=3e-3")
+    second = train(corpus, tmp_path / "b", f"train.init_from={tmp_path / 'a'}", "train.eval_interval=1",
+                   "optim.lr=1e-9", "optim.min_lr=1e-10")
+    # With a negligible learning rate, b evaluates like a's final weights; a fresh model would be ~10.8.
+    assert second[0]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-3)
+    assert second[0]["lr"] == pytest.approx(1e-9)  # its own schedule, not the one saved with a
+    with pytest.raises(WeightsError, match="does not match"):
+        Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "c", f"train.init_from={tmp_path / 'a'}",
+                                         "model.n_embd=64")))
