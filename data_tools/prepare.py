@@ -1,15 +1,17 @@
 """Tokenize text into webdataset shards that `train.py data.path=...` reads.
 
-    python -m data_tools.prepare --output data/mycorpus texts/ 'more/*.jsonl'
+    python -m data_tools.prepare --output data/mycorpus texts/ 'more/*.jsonl.zst' dump.parquet
 
-Inputs: `.txt` files (a document each) and `.jsonl` files (a document per line, in the
-field named by --text-field), given as files, directories or glob patterns.
+Inputs: `.txt` files (a document each), `.jsonl` files (a document per line, in the field
+named by --text-field), both optionally compressed (`.gz`, `.zst`), and `.parquet` files (a
+document per row, in the column named by --text-field); given as files, directories or glob
+patterns. Tokenization runs on all cores; the same input and settings give byte-identical shards.
 """
 
 import argparse
 import sys
 
-from data_tools.sources import InputError, documents, input_files
+from data_tools.sources import Documents, InputError, input_files
 from gpt2dist.prepare import prepare_corpus
 from gpt2dist.shards import DEFAULT_BLOCK_TOKENS
 
@@ -19,23 +21,29 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="directory to create (manifest.json and shards)")
-    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default: text)")
+    p.add_argument("--text-field", default="text", help="JSON Lines field or Parquet column holding the text "
+                                                        "(default: text)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
     p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
                    help=f"tokens per stored block: the longest seq_len served (default: {DEFAULT_BLOCK_TOKENS})")
     p.add_argument("--shard-mb", type=float, default=256, help="shard size in MB (default: 256)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad documents, lines and files (counted in the manifest) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a corpus already at --output")
     args = p.parse_args(argv)
     try:
-        files = input_files(args.inputs)
-        manifest = prepare_corpus(documents(files, args.text_field), args.output, source=" ".join(args.inputs),
-                                  val_fraction=args.val_fraction, block_tokens=args.block_tokens,
-                                  shard_mb=args.shard_mb, overwrite=args.overwrite)
+        docs = Documents(input_files(args.inputs), args.text_field, args.skip_bad)
+        manifest = prepare_corpus(docs, args.output, source=" ".join(args.inputs), val_fraction=args.val_fraction,
+                                  block_tokens=args.block_tokens, shard_mb=args.shard_mb, overwrite=args.overwrite,
+                                  workers=args.workers, skipped=lambda: docs.skipped)
     except (InputError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, s in manifest["splits"].items():
         print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    if manifest["skipped_inputs"]:
+        print(f"skipped {manifest['skipped_inputs']:,} bad inputs (--skip-bad)")
     print(f"wrote {args.output}")
     return 0
 

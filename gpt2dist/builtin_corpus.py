@@ -4,7 +4,8 @@
 - `pycode`: the source of the top-level standard-library modules (~4.5 MB of Python).
 - `stdlib`: both.
 
-Prepared once into `<cache_dir>/builtin-<kind>-py<version>` and reused.
+Prepared once into `<cache_dir>/builtin-<kind>-py<version>` and reused (prepared again if the
+shard format has changed since).
 """
 
 import sys
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gpt2dist.prepare import prepare_corpus
-from gpt2dist.shards import MANIFEST
+from gpt2dist.shards import CorpusError, read_manifest
 
 KINDS = ("stdlib", "pydoc", "pycode")
 
@@ -35,8 +36,10 @@ def builtin_corpus(kind: str, cache_dir: str | Path, progress: bool = True) -> P
         raise ValueError(f"unknown built-in corpus {kind!r}; choose one of {', '.join(KINDS)}")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     out = Path(cache_dir).expanduser() / f"builtin-{kind}-py{version}"
-    if not (out / MANIFEST).exists():
+    try:
+        read_manifest(out)
+    except CorpusError:  # not prepared yet, or by an older version in another format
         # Small blocks: the validation split of this small corpus still has several.
         prepare_corpus(documents(kind), out, source=f"builtin:{kind}", val_fraction=0.05, block_tokens=2048,
-                       progress=progress)
+                       progress=progress, overwrite=True)
     return out

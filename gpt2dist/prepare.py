@@ -1,24 +1,34 @@
-"""Documents in, prepared corpus out: tokenize, split train/val, write shards, publish.
+"""Documents in, prepared corpus out: tokenize in parallel, split train/val, write shards, publish.
+
+Documents are read in order, grouped into batches, and tokenized by a pool of worker
+processes. Results are taken back in submission order, so the shards are byte-identical for
+the same input and settings whatever the number of workers; at most a few batches per worker
+are in flight, so memory stays bounded whatever the corpus size.
 
 The corpus is written into a temporary directory beside the target and renamed into place
 only when complete, so an interrupted preparation never leaves something that looks done.
 """
 
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from gpt2dist.shards import DEFAULT_BLOCK_TOKENS, FORMAT, MANIFEST, TOKEN_DTYPE, SplitWriter, write_manifest
-from gpt2dist.tokenizer import EOT, get_tokenizer
+from gpt2dist.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 
-BATCH_DOCUMENTS = 256  # documents handed to tiktoken's threaded batch encoder at once
+BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
+BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
+IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -26,10 +36,50 @@ def is_validation(text: str, val_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8", "surrogatepass")) % 1_000_000 < val_fraction * 1_000_000
 
 
-def _batches(documents: Iterable[str], n: int) -> Iterator[list[str]]:
-    it = iter(documents)
-    while batch := list(islice(it, n)):
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
+
+
+def tokenize_batch(texts: list[str], val_fraction: float) -> dict:
+    """One batch, in a worker: each split's tokens concatenated (documents in order, each
+    followed by <|endoftext|>), its document count, and the input size in UTF-8 bytes."""
+    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
+    out = {"bytes": 0}
+    parts: dict[str, list[list[int]]] = {"train": [], "val": []}
+    for text, doc in zip(texts, ids):
+        doc.append(EOT)
+        parts["val" if is_validation(text, val_fraction) else "train"].append(doc)
+        out["bytes"] += len(text.encode("utf-8", "surrogatepass"))
+    for split, docs in parts.items():
+        out[split] = (np.fromiter((t for d in docs for t in d), dtype=TOKEN_DTYPE), len(docs))
+    return out
+
+
+def _tokenized(documents: Iterable[str], val_fraction: float, workers: int) -> Iterator[tuple[int, dict]]:
+    """(documents in the batch, tokenize_batch's result) for each batch, in input order."""
+    if workers <= 1:
+        for batch in _batches(documents):
+            yield len(batch), tokenize_batch(batch, val_fraction)
+        return
+    # spawn: the caller may be a trainer with threads running, which fork does not copy safely.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = deque()
+        for batch in _batches(documents):
+            pending.append((len(batch), pool.submit(tokenize_batch, batch, val_fraction)))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                n, future = pending.popleft()
+                yield n, future.result()
+        while pending:
+            n, future = pending.popleft()
+            yield n, future.result()
 
 
 def prepare_corpus(
@@ -41,8 +91,12 @@ def prepare_corpus(
     shard_mb: float = 256,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
+    skipped: Callable[[], int] = lambda: 0,
 ) -> dict:
-    """Tokenize `documents` into a corpus at `out_dir`; returns its manifest."""
+    """Tokenize `documents` into a corpus at `out_dir` with `workers` processes (default: one per
+    core); returns its manifest. `skipped()`, asked once the documents are read, is the number
+    of bad inputs the reader skipped, recorded in the manifest."""
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: a prepared corpus is already there (pass --overwrite to replace it)")
@@ -52,20 +106,19 @@ def prepare_corpus(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the corpus is not
     try:
-        enc = get_tokenizer()
         shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
         writers = {s: SplitWriter(tmp, s, block_tokens, shard_blocks) for s in ("train", "val")}
         start, n_bytes, n_tokens = time.perf_counter(), 0, 0
         with tqdm(desc=f"tokenizing {source}", unit=" docs", disable=not progress, mininterval=1.0) as bar:
-            for batch in _batches(documents, BATCH_DOCUMENTS):
-                for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1)):
-                    ids.append(EOT)
-                    writers["val" if is_validation(text, val_fraction) else "train"].add_document(ids)
-                    n_bytes += len(text.encode("utf-8", "surrogatepass"))
-                    n_tokens += len(ids)
+            for n_docs, result in _tokenized(documents, val_fraction, workers or os.cpu_count() or 1):
+                for split, writer in writers.items():
+                    tokens, docs = result[split]
+                    writer.add(tokens, docs)
+                    n_tokens += len(tokens)
+                n_bytes += result["bytes"]
                 secs = max(time.perf_counter() - start, 1e-9)
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 2**20:.1f} MB/s")
+                bar.update(n_docs)
+                bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
         splits = {s: w.close() for s, w in writers.items()}
         if splits["train"]["blocks"] == 0:
             raise ValueError(
@@ -75,13 +128,14 @@ def prepare_corpus(
             "format": FORMAT,
             "source": source,
             "tokenizer": "gpt2",
-            "vocab_size": enc.n_vocab,
+            "vocab_size": VOCAB_SIZE,
             "eot_token": EOT,
             "dtype": TOKEN_DTYPE.str,
             "block_tokens": block_tokens,
             "val_fraction": val_fraction,
             "input_bytes": n_bytes,
             "input_tokens": n_tokens,
+            "skipped_inputs": skipped(),
             "splits": splits,
         }
         write_manifest(tmp, manifest)

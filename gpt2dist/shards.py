@@ -12,9 +12,14 @@ token, so block i holds stream[i*L : i*L + L + 1]: every block gives L next-toke
 any sequence length that divides L uses every token. The tail shorter than one block is
 dropped (recorded as `dropped_tokens`). Tokens are little-endian uint16 (vocab < 65536).
 
+Blocks do not depend on the training sequence length: any seq_len up to `block_tokens`
+(the documented maximum; 8192 by default) trains on the same corpus.
+
 Shards are plain webdataset (`webdataset.WebDataset(urls)` streams them); the trainer reads
 them by random access instead (`TokenBlocks`), so that any rank can seek to any block: the
-global sample order then does not depend on how shards are split across ranks.
+global sample order then does not depend on how shards are split across ranks. The manifest
+records each shard's size and SHA-256: `TokenBlocks` checks sizes and tar structure when it
+opens a corpus (cheap), `python -m data_tools.verify` checks the checksums (reads everything).
 """
 
 import hashlib
@@ -25,9 +30,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
-FORMAT = "gpt2dist-tokens-v1"
+FORMAT = "gpt2dist-tokens-v2"  # v2: shard sizes in the manifest
 MANIFEST = "manifest.json"
 TOKEN_DTYPE = np.dtype("<u2")
 DEFAULT_BLOCK_TOKENS = 8192  # the longest training sequence a prepared corpus serves
@@ -54,13 +58,12 @@ class SplitWriter:
         self.pending = np.empty(0, dtype=TOKEN_DTYPE)
         self.shards: list[dict] = []
         self.documents = 0
-        self.tar: wds.TarWriter | None = None
-        self.blocks_in_shard = 0
+        self.tar: tarfile.TarFile | None = None
 
-    def add_document(self, ids: list[int]) -> None:
-        """Append one tokenized document (already ending in <|endoftext|>)."""
-        self.documents += 1
-        self.pending = np.concatenate([self.pending, np.asarray(ids, dtype=TOKEN_DTYPE)])
+    def add(self, tokens: np.ndarray, documents: int) -> None:
+        """Append tokenized documents (each already ending in <|endoftext|>)."""
+        self.documents += documents
+        self.pending = np.concatenate([self.pending, tokens.astype(TOKEN_DTYPE, copy=False)])
         L = self.block_tokens
         n = (len(self.pending) - 1) // L  # complete blocks of L + 1 tokens
         for i in range(n):
@@ -71,9 +74,11 @@ class SplitWriter:
         if self.tar is None:
             name = f"{self.split}-{len(self.shards):06d}.tar"
             self.shards.append({"file": name, "blocks": 0})
-            # A fixed mtime keeps shards byte-identical for the same input.
-            self.tar = wds.TarWriter(str(self.out_dir / name), mtime=0.0)
-        self.tar.write({"__key__": f"{self.shards[-1]['blocks']:08d}", "tokens": block.tobytes()})
+            self.tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        # What webdataset's TarWriter writes, with a fixed mtime: byte-identical shards for the same input.
+        info = tarfile.TarInfo(f"{self.shards[-1]['blocks']:08d}.tokens")
+        info.size, info.mode, info.uname, info.gname = block.nbytes, 0o444, "bigdata", "bigdata"
+        self.tar.addfile(info, io.BytesIO(block.tobytes()))
         self.shards[-1]["blocks"] += 1
         if self.shards[-1]["blocks"] == self.shard_blocks:
             self._close_shard()
@@ -83,6 +88,7 @@ class SplitWriter:
         self.tar = None
         shard = self.shards[-1]
         shard["tokens"] = shard["blocks"] * self.block_tokens
+        shard["bytes"] = (self.out_dir / shard["file"]).stat().st_size
         shard["sha256"] = sha256_of(self.out_dir / shard["file"])
 
     def close(self) -> dict:
@@ -113,8 +119,30 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorpusError(f"{path}: corrupt manifest ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise CorpusError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise CorpusError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: prepare the corpus "
+                          "again with this version of data_tools.prepare")
     return manifest
+
+
+def check_tokenizer(manifest: dict, corpus_dir: str | Path, vocab_size: int) -> None:
+    """A corpus tokenized with another tokenizer would train on meaningless ids: refuse it."""
+    if manifest["tokenizer"] != "gpt2" or manifest["vocab_size"] > vocab_size:
+        raise CorpusError(f"{Path(corpus_dir) / MANIFEST}: tokenized with {manifest['tokenizer']} "
+                          f"({manifest['vocab_size']} tokens), but the model expects gpt2 ({vocab_size})")
+
+
+def shard_offsets(path: Path, blocks: int, block_tokens: int) -> list[int]:
+    """Byte offsets of each block's data in a shard, which must hold `blocks` blocks."""
+    size = (block_tokens + 1) * TOKEN_DTYPE.itemsize
+    try:
+        with tarfile.open(path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+    except (tarfile.TarError, OSError) as e:
+        raise CorpusError(f"{path}: unreadable shard ({e})") from None
+    if len(members) != blocks or any(m.size != size for m in members):
+        raise CorpusError(f"{path}: {len(members)} members, but the manifest lists {blocks} blocks of "
+                          f"{size} bytes (truncated or replaced?)")
+    return [m.offset_data for m in members]
 
 
 class TokenBlocks:
@@ -133,8 +161,12 @@ class TokenBlocks:
         self.shards = self.manifest["splits"][split]["shards"]
         self.starts = np.cumsum([0] + [s["blocks"] for s in self.shards])  # first block of each shard
         for s in self.shards:
-            if not (self.dir / s["file"]).is_file():
-                raise CorpusError(f"{self.dir / s['file']}: shard listed in the manifest is missing")
+            path = self.dir / s["file"]
+            if not path.is_file():
+                raise CorpusError(f"{path}: shard listed in the manifest is missing")
+            if path.stat().st_size != s["bytes"]:
+                raise CorpusError(f"{path}: {path.stat().st_size:,} bytes, but the manifest says {s['bytes']:,} "
+                                  "(truncated or replaced?)")
         self._offsets: dict[int, list[int]] = {}
         self._files: dict[int, io.BufferedReader] = {}
         self._pid = os.getpid()
@@ -159,16 +191,7 @@ class TokenBlocks:
 
     def _index(self, i: int) -> list[int]:
         """Byte offsets of each block's data in shard i, checked against the manifest."""
-        path = self.dir / self.shards[i]["file"]
-        size = (self.block_tokens + 1) * TOKEN_DTYPE.itemsize
-        try:
-            with tarfile.open(path) as tar:
-                members = [m for m in tar.getmembers() if m.isfile()]
-        except (tarfile.TarError, OSError) as e:
-            raise CorpusError(f"{path}: unreadable shard ({e})") from None
-        if len(members) != self.shards[i]["blocks"] or any(m.size != size for m in members):
-            raise CorpusError(f"{path}: shard does not match the manifest (truncated or replaced?)")
-        return [m.offset_data for m in members]
+        return shard_offsets(self.dir / self.shards[i]["file"], self.shards[i]["blocks"], self.block_tokens)
 
     def read(self, block: int, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the given block (numbered across the split)."""
@@ -179,4 +202,8 @@ class TokenBlocks:
         data = f.read(length * TOKEN_DTYPE.itemsize)
         if len(data) != length * TOKEN_DTYPE.itemsize:
             raise CorpusError(f"{self.dir / self.shards[shard]['file']}: shard is truncated")
-        return np.frombuffer(data, dtype=TOKEN_DTYPE)
+        tokens = np.frombuffer(data, dtype=TOKEN_DTYPE)
+        if tokens.max(initial=0) >= self.manifest["vocab_size"]:  # a damaged shard, not a silently wrong batch
+            raise CorpusError(f"{self.dir / self.shards[shard]['file']}: token ids beyond the vocabulary in block "
+                              f"{block - self.starts[shard]} (damaged shard? run python -m data_tools.verify)")
+        return tokens

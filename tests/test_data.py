@@ -83,7 +83,7 @@ def test_prepare_is_deterministic(tmp_path, text_inputs):
 @pytest.mark.parametrize("content,message", [
     (b'{"text": "fine"}\n{"text": broken\n', "bad.jsonl:2: malformed JSON"),
     (b'{"text": "fine"}\n{"body": "other"}\n', "bad.jsonl:2: no string field 'text'"),
-    (b'{"text": "caf\xe9"}\n', "bad.jsonl: not valid UTF-8"),
+    (b'{"text": "caf\xe9"}\n', "bad.jsonl:1: not valid UTF-8"),
 ])
 def test_bad_input_names_the_file_and_damages_nothing(tmp_path, text_inputs, content, message):
     out = tmp_path / "corpus"
@@ -107,15 +107,19 @@ def test_missing_input_and_existing_output(tmp_path, text_inputs):
     assert r.returncode == 2 and "already there" in r.stderr
 
 
-def test_truncated_shard_is_an_error(corpus, tmp_path):
+def test_damaged_shards_are_errors_naming_the_shard(corpus, tmp_path):
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(corpus, broken)
     shard = broken / TokenBlocks(broken, "train").shards[0]["file"]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    blocks = TokenBlocks(broken, "train")
-    with pytest.raises(CorpusError, match="train-000000.tar"):
-        blocks.read(len(blocks) - 1 if len(blocks.shards) == 1 else 0, 0, 10)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated: caught when the corpus is opened
+    with pytest.raises(CorpusError, match="train-000000.tar: .* bytes, but the manifest says"):
+        TokenBlocks(broken, "train")
+    offset = TokenBlocks(corpus, "train")._index(0)[0]  # same size, garbage tokens: caught when read
+    shard.write_bytes(data[:offset] + b"\xff" * 8 + data[offset + 8:])
+    with pytest.raises(CorpusError, match="train-000000.tar: token ids beyond the vocabulary"):
+        TokenBlocks(broken, "train").read(0, 0, 10)
     (broken / MANIFEST).unlink()
     with pytest.raises(CorpusError, match="no manifest"):
         TokenBlocks(broken, "train")
