@@ -20,13 +20,13 @@ register()
 def main(cfg) -> None:
     try:
         trainer = Trainer(cfg)
+        try:
+            status = trainer.train()
+        finally:
+            trainer.close()
     except (ConfigError, CorpusError, CheckpointError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    try:
-        status = trainer.train()
-    finally:
-        trainer.close()
     if status:
         sys.exit(status)
 

@@ -107,7 +107,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| model | params | activations / sequence (plain, checkpointed) | 8 x 40 GB | 8 x 80 GB |")
+    print(f"| model | params | activations / sequence (plain, checkpointed) | {args.gpus} x 40 GB | {args.gpus} x 80 GB |")
     print("| --- | --- | --- | --- | --- |")
     for name, m in result["models"].items():
         a = m["activations"]

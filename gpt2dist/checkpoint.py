@@ -1,35 +1,69 @@
 """Checkpoints: DeepSpeed's sharded model/optimizer/scheduler state, plus ours beside it.
 
-    <run_dir>/checkpoints/latest                 tag of the newest complete checkpoint (DeepSpeed)
-    <run_dir>/checkpoints/step_00000100/         one checkpoint
+    <run_dir>/checkpoints/step_00000100/         one complete checkpoint
         mp_rank_00_model_states.pt, ...          DeepSpeed (module, optimizer shards, scheduler)
         config.yaml                              the resolved config of the run that wrote it
         rng_rank<r>.pt                           each rank's RNG state
+        checkpoint.json                          written last: train state, world size, ZeRO
+                                                 stage, and the size and SHA-256 of every file
+    <run_dir>/checkpoints/latest                 the newest tag, for DeepSpeed's own tools
 
-`train_state` (step, samples consumed) travels in DeepSpeed's client state. DeepSpeed writes
-`latest` only after every file of the checkpoint is saved.
+A checkpoint is written under `.partial-<tag>` and renamed to `<tag>` only when every rank's
+files and the manifest are on disk, so a crash (or kill -9, or a full disk) during a save
+leaves the previous checkpoints as they were. Resuming takes the newest directory that has a
+manifest; pruning (`train.keep_last`) happens only after the new checkpoint is published.
 """
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "checkpoint.json"
+PARTIAL = ".partial-"
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run (names the checkpoint)."""
+    """A checkpoint that cannot be written or used for this run (names the checkpoint)."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
+def complete_tags(root: Path) -> list[str]:
+    """Tags of the published checkpoints under a checkpoints/ directory, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.glob("step_*") if (p / MANIFEST).is_file())
+
+
 def latest_tag(run_dir: str | Path) -> str | None:
     """Tag of the newest complete checkpoint in the run directory, or None."""
-    latest = checkpoint_root(run_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    tags = complete_tags(checkpoint_root(run_dir))
+    return tags[-1] if tags else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rng_state() -> dict:
@@ -39,39 +73,117 @@ def _rng_state() -> dict:
     return state
 
 
-def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int) -> str:
-    """Write a checkpoint of the current step on every rank; returns its tag."""
+def _all_ok(ok: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on every rank (a collective call)."""
+    flag = torch.tensor([1 if ok else 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0) -> str:
+    """Write and publish a checkpoint of the current step (every rank calls this); returns its tag."""
+    root = checkpoint_root(run_dir)
     tag = f"step_{train_state['step']:08d}"
-    ckpt_dir = checkpoint_root(run_dir) / tag
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), ckpt_dir / f"rng_rank{rank}.pt")
+    partial = root / f"{PARTIAL}{tag}"
     if rank == 0:
-        OmegaConf.save(cfg, ckpt_dir / "config.yaml", resolve=True)
-    torch.distributed.barrier()  # ours is written before DeepSpeed publishes `latest`
-    engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag, client_state={"train_state": train_state})
+        shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
+        partial.mkdir(parents=True)
+    torch.distributed.barrier()
+    error = None
+    try:
+        torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
+        engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": train_state},
+                               save_latest=False)
+    except OSError as e:  # a full disk, mostly
+        error = e
+    if not _all_ok(error is None, engine.device):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"{partial}: saving the checkpoint failed ({error or 'on another rank'}); "
+                              f"the previous checkpoints are untouched")
+    if rank == 0:
+        try:
+            _publish(cfg, root, tag, partial, train_state, world_size)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            error = e
+    if not _all_ok(error is None, engine.device):
+        raise CheckpointError(f"{partial}: publishing the checkpoint failed ({error or 'on rank 0'}); "
+                              f"the previous checkpoints are untouched")
+    if rank == 0 and keep_last > 0:
+        for old in complete_tags(root)[:-keep_last]:
+            shutil.rmtree(root / old)
+    torch.distributed.barrier()
     return tag
 
 
-def check_compatible(cfg, run_dir: str | Path, tag: str) -> None:
-    """Refuse, naming both shapes, to load a checkpoint of another model shape."""
-    saved_path = checkpoint_root(run_dir) / tag / "config.yaml"
-    if not saved_path.is_file():
-        raise CheckpointError(f"{saved_path}: missing; the checkpoint is incomplete")
-    saved = OmegaConf.load(saved_path).model
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    theirs = {k: saved[k] for k in keys}
-    ours = {k: cfg.model[k] for k in keys}
+def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_size: int) -> None:
+    """Rank 0: manifest last, then one rename makes the checkpoint visible."""
+    OmegaConf.save(cfg, partial / "config.yaml", resolve=True)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+    manifest = {"train_state": train_state, "world_size": world_size, "zero_stage": cfg.zero.stage,
+                "tokenizer": "gpt2", "files": files}
+    with open(partial / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(partial)
+    final = root / tag
+    if final.exists():  # the same step saved again (a resumed run reaching it once more)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    latest = root / "latest.tmp"
+    latest.write_text(tag)
+    os.replace(latest, root / "latest")
+    _fsync_dir(root)
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((ckpt_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST}: unreadable ({e})") from None
+
+
+def verify(ckpt_dir: Path) -> dict:
+    """Check every file of a checkpoint against its manifest; returns the manifest."""
+    manifest = read_manifest(ckpt_dir)
+    for name, expected in manifest["files"].items():
+        path = ckpt_dir / name
+        if not path.is_file() or path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: missing or corrupt (size or SHA-256 differs from {MANIFEST}); "
+                                  f"remove {ckpt_dir} to resume from the checkpoint before it")
+    return manifest
+
+
+def check_compatible(cfg, ckpt_dir: Path, world_size: int) -> dict:
+    """Refuse, before any work, a checkpoint this run cannot continue; returns its manifest."""
+    manifest = verify(ckpt_dir)
+    saved = OmegaConf.load(ckpt_dir / "config.yaml").model
+    theirs = {k: saved[k] for k in SHAPE_KEYS}
+    ours = {k: cfg.model[k] for k in SHAPE_KEYS}
     if theirs != ours:
-        raise CheckpointError(f"{saved_path.parent}: checkpoint model {theirs} does not match this run's model {ours}")
+        raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}")
+    if manifest["tokenizer"] != "gpt2":
+        raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's 'gpt2'")
+    stage, ranks = manifest["zero_stage"], manifest["world_size"]
+    if stage != cfg.zero.stage or (stage > 0 and ranks != world_size):
+        raise CheckpointError(
+            f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at "
+            f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: resume with "
+            f"zero.stage={stage}" + (f" on {ranks} ranks" if stage > 0 else "") +
+            f", or start from its weights with train.init_from={ckpt_dir} (fresh optimizer state)")
+    return manifest
 
 
-def load(engine, cfg, run_dir: str | Path, tag: str, rank: int) -> dict:
+def load(engine, cfg, run_dir: str | Path, tag: str, rank: int, world_size: int) -> dict:
     """Restore model, optimizer, scheduler and RNG from a checkpoint; returns its train_state."""
-    check_compatible(cfg, run_dir, tag)
+    ckpt_dir = checkpoint_root(run_dir) / tag
+    check_compatible(cfg, ckpt_dir, world_size)
     path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
     if path is None:
-        raise CheckpointError(f"{checkpoint_root(run_dir) / tag}: DeepSpeed could not load this checkpoint")
-    rng_path = checkpoint_root(run_dir) / tag / f"rng_rank{rank}.pt"
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
+    rng_path = ckpt_dir / f"rng_rank{rank}.pt"
     if rng_path.is_file():  # absent when resuming on more ranks than saved
         rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["torch"])

@@ -7,7 +7,7 @@ Derived values (gradient accumulation, tokens per step) are computed here and no
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -45,6 +45,16 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a mixture (`data.sources`)."""
+
+    name: str = MISSING  # logged as tokens/<name> and val/<name>
+    path: Optional[str] = None  # a corpus prepared by `python -m data_tools.prepare`; null: the built-in `builtin`
+    builtin: str = "stdlib"  # with path null: stdlib, pydoc or pycode
+    weight: float = 1.0  # share of training samples (normalised over the sources); 0: evaluated, never trained on
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING  # a label for logs
     path: Optional[str] = None  # a corpus prepared by `python -m data_tools.prepare`; null: the built-in one
@@ -52,6 +62,8 @@ class DataConfig:
     cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
     seq_len: int = 256  # tokens per training sequence
     num_workers: int = 0  # DataLoader worker processes per rank
+    # A weighted mixture of corpora, replacing path/builtin; the first source's validation loss is val_loss.
+    sources: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +105,7 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validation runs (and at the end); 0: only at the end
     eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
+    keep_last: int = 0  # keep only the newest N checkpoints (pruned after a new one is complete); 0: all
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
     init_from: Optional[str] = None  # with nothing to resume: start from these weights (a run, checkpoint or HF GPT-2 dir)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -170,6 +183,13 @@ def check(cfg, world_size: int) -> None:
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     need(0 < d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} must be in 1..model.block_size={m.block_size}")
     need(d.builtin in ("stdlib", "pydoc", "pycode"), f"data.builtin={d.builtin!r} must be stdlib, pydoc or pycode")
+    names = [s.name for s in d.sources]
+    need(len(set(names)) == len(names) and all(names), f"data.sources: names must be unique and non-empty: {names}")
+    for i, s in enumerate(d.sources):
+        need(s.weight >= 0, f"data.sources[{i}].weight={s.weight} must be >= 0")
+        need(s.path or s.builtin in ("stdlib", "pydoc", "pycode"),
+             f"data.sources[{i}].builtin={s.builtin!r} must be stdlib, pydoc or pycode")
+    need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources: some weight must be positive")
     need(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
     per_pass = t.micro_batch_size * world_size
     need(
@@ -184,4 +204,5 @@ def check(cfg, world_size: int) -> None:
     need(z.stage in (0, 1, 2, 3), f"zero.stage={z.stage} must be 0, 1, 2 or 3")
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
+    need(t.keep_last >= 0, "train.keep_last must be >= 0")
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")

@@ -97,12 +97,20 @@ class Metrics:
             self.wandb.finish()
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop lines logged after `step`: a resumed run logs those steps again."""
+    """Drop lines logged after `step` (a resumed run logs those steps again) and any line a
+    crash cut short."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
     if len(keep) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))

@@ -10,14 +10,14 @@ from omegaconf import OmegaConf
 
 from gpt2dist import checkpoint, dist, engine as ds_engine
 from gpt2dist.builtin_corpus import builtin_corpus
-from gpt2dist.config import ConfigError, check, gpt_config, grad_accum_steps
+from gpt2dist.config import ConfigError, SourceConfig, check, gpt_config, grad_accum_steps
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
-from gpt2dist.loader import train_loader, val_batches
+from gpt2dist.loader import SampleStream, Windows, train_loader, val_batches
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
-from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.shards import TokenBlocks, check_tokenizer
 from gpt2dist.tokenizer import get_tokenizer
 from gpt2dist.weights import load_into
 
@@ -47,13 +47,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
 
-        self.corpus = self._corpus()
-        self.train_blocks = TokenBlocks(self.corpus, "train")
-        self.val_blocks = TokenBlocks(self.corpus, "val")
-        manifest = self.train_blocks.manifest
-        if manifest["tokenizer"] != "gpt2" or manifest["vocab_size"] > cfg.model.vocab_size:
-            raise CorpusError(f"{self.corpus}: tokenized with {manifest['tokenizer']} ({manifest['vocab_size']} "
-                              f"tokens), but the model expects gpt2 ({cfg.model.vocab_size})")
+        # The training sources, each a corpus with a weight; the first one's validation split is val_loss.
+        self.sources = [(s.name, self._corpus(s.path, s.builtin), s.weight)
+                        for s in cfg.data.sources or [SourceConfig(cfg.data.name, cfg.data.path, cfg.data.builtin)]]
+        self.train_windows = {name: Windows(TokenBlocks(path, "train"), cfg.data.seq_len) for name, path, _ in self.sources}
+        for name, path, _ in self.sources:
+            check_tokenizer(self.train_windows[name].blocks.manifest, path, cfg.model.vocab_size)
+        self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
+                                   cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = GPT(gpt_config(cfg.model))
@@ -69,7 +70,7 @@ class Trainer:
 
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
         if tag:
-            state = checkpoint.load(self.engine, cfg, self.run_dir, tag, self.env.rank)
+            state = checkpoint.load(self.engine, cfg, self.run_dir, tag, self.env.rank, self.env.world_size)
             self.step, self.samples = state["step"], state["samples"]
             self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
 
@@ -77,10 +78,11 @@ class Trainer:
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
                    f"{cfg.train.global_batch_size * cfg.data.seq_len:,} tokens per step")
         self.batches = iter(train_loader(
-            self.train_blocks, cfg.data.seq_len, cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
-            cfg.train.seed, self.samples, cfg.data.num_workers))
-        self.val = val_batches(self.val_blocks, cfg.data.seq_len, cfg.train.micro_batch_size, self.env.rank,
-                               self.env.world_size, cfg.train.eval_sequences)
+            list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size, self.env.rank,
+            self.env.world_size, self.samples, cfg.data.num_workers))
+        self.val = {name: val_batches(Windows(TokenBlocks(path, "val"), cfg.data.seq_len), cfg.train.micro_batch_size,
+                                      self.env.rank, self.env.world_size, cfg.train.eval_sequences)
+                    for name, path, _ in self.sources}
         self.metrics = Metrics(cfg, self.run_dir, self.step) if self.is_main else None
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
@@ -90,14 +92,14 @@ class Trainer:
         if self.is_main:
             print(*args, flush=True)
 
-    def _corpus(self) -> Path:
-        d = self.cfg.data
-        if d.path:
-            return Path(d.path).expanduser()
+    def _corpus(self, path: str | None, builtin: str) -> Path:
+        """The corpus at `path`, or the built-in one of that kind."""
+        if path:
+            return Path(path).expanduser()
         if self.is_main:  # prepared once, by rank 0, while the others wait
-            builtin_corpus(d.builtin, d.cache_dir)
+            builtin_corpus(builtin, self.cfg.data.cache_dir)
         torch.distributed.barrier()
-        return builtin_corpus(d.builtin, d.cache_dir, progress=False)
+        return builtin_corpus(builtin, self.cfg.data.cache_dir, progress=False)
 
     def _mean_over_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -116,15 +118,27 @@ class Trainer:
         return total / self.grad_accum, grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """val_loss on the first source's validation split; with several sources, also val/<name> for each."""
         self.engine.eval()
-        losses = [self.engine(x.to(self.device), y.to(self.device))[1].item() for x, y in self.val]
+        losses = {}
+        for name, batches in self.val.items():
+            mine = [self.engine(x.to(self.device), y.to(self.device))[1].item() for x, y in batches]
+            losses[name] = self._mean_over_ranks(sum(mine) / len(mine))
         self.engine.train()
-        return self._mean_over_ranks(sum(losses) / len(losses))
+        return {"val_loss": next(iter(losses.values())),
+                **({f"val/{name}": loss for name, loss in losses.items()} if len(losses) > 1 else {})}
+
+    def tokens_per_source(self) -> dict[str, int]:
+        """With several sources, tokens/<name>: training tokens drawn from each so far."""
+        if len(self.sources) < 2:
+            return {}
+        drawn = self.stream.drawn(self.samples)
+        return {f"tokens/{name}": n * self.cfg.data.seq_len for (name, *_), n in zip(self.sources, drawn)}
 
     def save(self) -> None:
         tag = checkpoint.save(self.engine, self.cfg, self.run_dir, {"step": self.step, "samples": self.samples},
-                              self.env.rank)
+                              self.env.rank, self.env.world_size, self.cfg.train.keep_last)
         self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
 
     def train(self) -> int:
@@ -152,12 +166,13 @@ class Trainer:
                     "lr": self.engine.get_lr()[0],
                     "grad_norm": grad_norm,
                     "tokens": self.samples * self.cfg.data.seq_len,
+                    **self.tokens_per_source(),
                     "tokens_per_s": tokens_per_s,
                     "mfu": (tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
                             if self.peak_flops else None),
                 }
             if (t.eval_interval and self.step % t.eval_interval == 0) or last:
-                values["val_loss"] = self.evaluate()
+                values.update(self.evaluate())
             evals = self.cfg.evals
             if evals.interval and (self.step % evals.interval == 0 or last):
                 values.update(run_evals(self.engine, evals, seq_len=self.cfg.data.seq_len,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gpt2dist.checkpoint import CHECKPOINTS
+from gpt2dist.checkpoint import CHECKPOINTS, complete_tags
 from gpt2dist.config import gpt_config
 from gpt2dist.hf import HFError, hf_tensors, read_hf_config
 from gpt2dist.model import GPT, GPTConfig
@@ -50,9 +50,8 @@ def find_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint directory a run directory, a checkpoints/ directory or a checkpoint names; None if none."""
     path = Path(path)
     for root in (path / CHECKPOINTS, path):
-        latest = root / "latest"
-        if latest.is_file():
-            return root / latest.read_text().strip()
+        if tags := complete_tags(root):
+            return root / tags[-1]
     if (path / "config.yaml").is_file() and any(path.glob("*model_states.pt")):
         return path
     return None
@@ -149,7 +148,7 @@ def open_weights(path: str | Path) -> tuple[GPTConfig, Iterator[tuple[str, torch
             raise WeightsError(str(e)) from None
     ckpt_dir = find_checkpoint(path)
     if ckpt_dir is None:
-        raise WeightsError(f"{path}: not a gpt2dist run directory (no {CHECKPOINTS}/latest), checkpoint "
+        raise WeightsError(f"{path}: not a gpt2dist run directory (no complete checkpoint in {CHECKPOINTS}/), checkpoint "
                            "directory or Hugging Face directory (no config.json)")
     weights = checkpoint_weights(ckpt_dir)
     return weights.config, ((name, weights.tensor(name)) for name in weights.shapes), ckpt_dir

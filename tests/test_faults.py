@@ -1,0 +1,152 @@
+"""Runs that die: kill -9 at random moments (saves included), a full disk during a save,
+checkpoints that cannot be continued. The run must lose at most one checkpoint interval and,
+resumed, produce exactly the loss curve of a run that never died."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt2dist.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError, check_compatible, latest_tag
+from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, run_train, tiny_overrides
+
+INTERVAL = 3
+STEPS = ["train.max_steps=24", f"train.ckpt_interval={INTERVAL}", "train.eval_interval=4", "train.keep_last=2"]
+
+
+def launch(overrides: list[str], nproc: int, log) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    return subprocess.Popen([*launcher, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=clean_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def logged_steps(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def kill_repeatedly(overrides: list[str], run_dir, nproc: int, kills: int, seed: int, tmp_path) -> list[str]:
+    """Start, kill -9 (the whole process group) at a random moment once training is under way,
+    restart; `kills` times, then run to the end. Returns each restart's output."""
+    rng = random.Random(seed)
+    outputs = []
+    for k in range(kills + 1):
+        log_path = tmp_path / f"attempt{k}.log"
+        with open(log_path, "w") as log:
+            before = logged_steps(run_dir)
+            proc = launch(overrides, nproc, log)
+            if k < kills:
+                deadline = time.monotonic() + 120
+                while logged_steps(run_dir) <= before and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 1.5))
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=300)
+        outputs.append(log_path.read_text())
+        if k == kills:
+            assert proc.returncode == 0, outputs[-1][-3000:]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_train(tiny_overrides(corpus, run_dir, *STEPS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(run_dir)
+
+
+def resumed_steps(outputs: list[str]) -> list[int]:
+    return [int(line.rsplit(" ", 1)[1]) for out in outputs for line in out.splitlines()
+            if line.startswith("resumed from")]
+
+
+@pytest.mark.parametrize("nproc,kills,seed", [(0, 6, 1), (2, 3, 2)], ids=["1-process", "2-ranks"])
+def test_kill_9_then_resume_is_bit_identical(corpus, tmp_path, uninterrupted, nproc, kills, seed):
+    run_dir = tmp_path / "run"
+    outputs = kill_repeatedly(tiny_overrides(corpus, run_dir, *STEPS), run_dir, nproc, kills, seed, tmp_path)
+    assert read_metrics(run_dir) == [{**m, "tokens_per_s": r["tokens_per_s"]} for m, r in
+                                     zip(uninterrupted, read_metrics(run_dir))]  # every value but the timing
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 25))
+    # Never more than one checkpoint interval of work lost per kill.
+    for out, resumed in zip(outputs[:-1], outputs[1:]):
+        last_logged = max([int(line.split()[1].split("/")[0]) for line in out.splitlines()
+                           if line.startswith("step ")], default=0)
+        start = next((int(line.rsplit(" ", 1)[1]) for line in resumed.splitlines() if line.startswith("resumed from")), 0)
+        assert last_logged - start <= INTERVAL, (last_logged, start)
+    assert len(resumed_steps(outputs)) >= 1
+    # keep_last=2: only the two newest complete checkpoints remain, and no partial one.
+    assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir() if p.name != "latest") == \
+        ["step_00000021", "step_00000024"]
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        run_dir = mount / "run"
+        # Each checkpoint of this model is ~2.4 MB with Adam state; the third does not fit.
+        result = run_train(tiny_overrides(corpus, run_dir, "train.max_steps=6", "train.ckpt_interval=2",
+                                          "logger.jsonl=false"))
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: ") and ".partial-step_" in error and "previous checkpoints are untouched" in error
+        tags = sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir() if p.name != "latest")
+        assert tags and all(not t.startswith(".partial") for t in tags)
+        newest = run_dir / CHECKPOINTS / latest_tag(run_dir)
+        check_compatible(make_cfg(*tiny_overrides(corpus, run_dir)), newest, world_size=1)  # intact: checksums hold
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished")
+    result = run_train(tiny_overrides(corpus, run_dir, "zero.stage=1", "train.max_steps=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_corrupt_checkpoint_is_named(corpus, finished_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    ckpt = run_dir / CHECKPOINTS / latest_tag(run_dir)
+    victim = next(p for p in sorted(ckpt.iterdir()) if p.name.endswith("optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match=f"{victim.name}: missing or corrupt"):
+        check_compatible(make_cfg(*tiny_overrides(corpus, run_dir, "zero.stage=1")), ckpt, world_size=1)
+
+
+def test_incomplete_checkpoint_is_ignored(finished_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    newest = run_dir / CHECKPOINTS / latest_tag(run_dir)
+    shutil.copytree(newest, run_dir / CHECKPOINTS / "step_00000099")
+    (run_dir / CHECKPOINTS / "step_00000099" / MANIFEST).unlink()  # as if killed before publishing
+    assert latest_tag(run_dir) == newest.name
+
+
+@pytest.mark.parametrize("overrides,message,hint", [
+    (["zero.stage=2"], "ZeRO stage 1; this run has 1 ranks at ZeRO stage 2", "train.init_from="),
+    (["zero.stage=1", "model.n_layer=3"], "'n_layer': 2.* does not match .*'n_layer': 3", "does not match"),
+])
+def test_incompatible_resume_fails_before_training(corpus, finished_run, tmp_path, overrides, message, hint):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    ckpt = run_dir / CHECKPOINTS / latest_tag(run_dir)
+    with pytest.raises(CheckpointError, match=message):
+        check_compatible(make_cfg(*tiny_overrides(corpus, run_dir, *overrides)), ckpt, world_size=1)
+    result = run_train(tiny_overrides(corpus, run_dir, *overrides, "train.max_steps=4"))
+    assert result.returncode == 2 and hint in result.stderr.strip().splitlines()[-1]
+    assert "step 3/4" not in result.stdout  # refused before any work
