@@ -1,22 +1,41 @@
-"""Training and validation batches from a prepared corpus.
+"""Training and validation batches from one or several prepared corpora (sources).
 
 Samples are windows of `seq_len + 1` tokens cut from the corpus blocks (`gpt2dist.shards`).
-The order of windows is one global stream, independent of the number of ranks: an endless
-concatenation of epochs, each a permutation of all windows seeded by (seed, epoch). The
-stream is dealt out in micro-batches, micro-batch c going to rank c % world_size. So the
-global batch of step s is the same whatever the world size, and a run resumes (on any
-number of ranks) by starting the stream at the number of samples already consumed.
+All training samples form one global stream, independent of the number of ranks and workers:
+
+- Position q of the stream draws from the source that a seeded schedule assigns to q. The
+  schedule repeats every `MIX_PERIOD` positions and holds each source in proportion to its
+  weight, so over any period the sources are drawn exactly by weight.
+- A source's own samples, k = 0, 1, 2, ..., run through its windows epoch after epoch, each
+  epoch in the order of a seeded permutation of all its windows (a full shuffle, keyed by
+  (seed, source, epoch)): every window once per epoch.
+- The stream is dealt out in micro-batches, micro-batch c going to rank c % world_size.
+
+Each of these is computed from q alone, in O(1) time and memory: the permutation is a Feistel
+network, not a table. So the global batch of step s is the same whatever the world size, and a
+run resumes, on any number of ranks, by starting at the number of samples consumed, at the
+same cost at step 10 as at step 100,000.
 """
+
+from collections.abc import Sequence
+from itertools import count
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from gpt2dist.shards import CorpusError, TokenBlocks
 
+MIX_PERIOD = 10_000  # mixture weights are exact over every this many samples (to 1/MIX_PERIOD)
+FEISTEL_ROUNDS = 6
 
-class Windows(Dataset):
-    """Window i of a split: (input ids, target ids), each (seq_len,) int64."""
+
+class Windows:
+    """Window i of a split: tokens [i * seq_len, (i + 1) * seq_len + 1) of its block.
+
+    A block of L tokens gives L // seq_len windows: the last L % seq_len targets of each block
+    (and the split's tail shorter than a block, dropped at preparation) are never trained on.
+    """
 
     def __init__(self, blocks: TokenBlocks, seq_len: int):
         if seq_len > blocks.block_tokens:
@@ -29,68 +48,141 @@ class Windows(Dataset):
     def __len__(self) -> int:
         return len(self.blocks) * self.per_block
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, i: int) -> np.ndarray:
+        """(seq_len + 1,) uint16: the inputs and, shifted by one, the targets."""
         block, w = divmod(int(i), self.per_block)
-        tokens = torch.from_numpy(self.blocks.read(block, w * self.seq_len, self.seq_len + 1).astype(np.int64))
+        return self.blocks.read(block, w * self.seq_len, self.seq_len + 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(self.tokens(i).astype(np.int64))
         return tokens[:-1], tokens[1:]
 
 
-class GlobalOrderSampler(Sampler):
-    """This rank's share of the global sample stream, from sample `start` on (endless)."""
-
-    def __init__(self, num_samples: int, micro_batch: int, rank: int, world_size: int, seed: int,
-                 start: int = 0, shuffle: bool = True):
-        assert start % micro_batch == 0, "the stream is resumed at a micro-batch boundary"
-        self.n, self.micro, self.rank, self.world = num_samples, micro_batch, rank, world_size
-        self.seed, self.start, self.shuffle = seed, start, shuffle
-        self._epoch, self._perm = -1, None
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The permutation of all samples for one epoch."""
-        if epoch != self._epoch:
-            index = np.arange(self.n, dtype=np.uint32 if self.n < 2**32 else np.int64)
-            if self.shuffle:
-                np.random.default_rng([self.seed, epoch]).shuffle(index)
-            self._epoch, self._perm = epoch, index
-        return self._perm
-
-    def __iter__(self):
-        chunk = self.start // self.micro + self.rank  # global micro-batch number
-        while True:
-            for q in range(chunk * self.micro, (chunk + 1) * self.micro):
-                epoch, pos = divmod(q, self.n)
-                yield int(self.order(epoch)[pos])
-            chunk += self.world
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixed 64-bit hash (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
-def train_loader(blocks: TokenBlocks, seq_len: int, micro_batch: int, rank: int, world_size: int,
-                 seed: int, start: int, num_workers: int) -> DataLoader:
+class Permutation:
+    """A seeded permutation of range(n), evaluated per position in O(1) memory.
+
+    A balanced Feistel network is a bijection on [0, 4^h) for any round function; values that
+    land at n or beyond are sent through it again (cycle walking), which keeps a bijection of
+    range(n). 4^h < 4n, so that takes fewer than four passes on average.
+    """
+
+    def __init__(self, n: int, key: Sequence[int]):
+        assert n > 0
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.keys = np.random.default_rng(list(key)).integers(0, 2**63, FEISTEL_ROUNDS, dtype=np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        half, mask = np.uint64(self.half), np.uint64((1 << self.half) - 1)
+        left, right = x >> half, x & mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        out = self._feistel(np.asarray(positions, dtype=np.uint64))
+        outside = out >= self.n
+        while outside.any():
+            out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out.astype(np.int64)
+
+
+class SampleStream:
+    """The global training stream over sources of the given sizes (windows) and weights."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
+        weights = np.asarray(weights, dtype=np.float64)
+        assert len(sizes) == len(weights) and (weights >= 0).all() and weights.sum() > 0
+        self.sizes, self.seed = list(sizes), seed
+        # Samples per period by largest remainder: the counts sum to MIX_PERIOD exactly.
+        exact = weights / weights.sum() * MIX_PERIOD
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(counts - exact, kind="stable")[: MIX_PERIOD - counts.sum()]] += 1
+        self.per_period = counts
+        schedule = np.repeat(np.arange(len(counts)), counts)
+        np.random.default_rng([seed, len(counts)]).shuffle(schedule)  # sources interleaved within a period
+        self.schedule = schedule
+        self.seen = np.zeros((len(counts), MIX_PERIOD + 1), dtype=np.int64)  # seen[s, r]: s in schedule[:r]
+        self.seen[schedule, np.arange(1, MIX_PERIOD + 1)] = 1
+        self.seen = np.cumsum(self.seen, axis=1)
+        self._perms: dict[int, Permutation] = {}
+
+    def drawn(self, q: int) -> list[int]:
+        """Samples each source contributes to stream positions [0, q)."""
+        period, r = divmod(q, MIX_PERIOD)
+        return [int(n) for n in period * self.per_period + self.seen[:, r]]
+
+    def _permutation(self, source: int, epoch: int) -> Permutation:
+        if (source, epoch) not in self._perms:
+            self._perms = {(source, epoch): Permutation(self.sizes[source], (self.seed, source, epoch)),
+                           **{k: v for k, v in self._perms.items() if k[0] != source}}  # one epoch per source
+        return self._perms[(source, epoch)]
+
+    def locate(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window within that source) of stream positions q."""
+        period, r = np.divmod(q, MIX_PERIOD)
+        source = self.schedule[r]
+        k = period * self.per_period[source] + self.seen[source, r]  # the source's own sample number
+        window = np.empty_like(k)
+        for s in np.unique(source):
+            mine = source == s
+            epoch, pos = np.divmod(k[mine], self.sizes[s])
+            out = np.empty_like(pos)
+            for e in np.unique(epoch):
+                out[epoch == e] = self._permutation(int(s), int(e))(pos[epoch == e])
+            window[mine] = out
+        return source, window
+
+
+class MicroBatches(Dataset):
+    """Global micro-batch c of the stream: (inputs, targets), each (micro_batch, seq_len) int64."""
+
+    def __init__(self, sources: Sequence[Windows], stream: SampleStream, micro_batch: int):
+        self.sources, self.stream, self.micro = list(sources), stream, micro_batch
+
+    def __getitem__(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source, window = self.stream.locate(np.arange(c * self.micro, (c + 1) * self.micro, dtype=np.int64))
+        tokens = np.stack([self.sources[s].tokens(w) for s, w in zip(source, window)])  # (B, T + 1)
+        tokens = torch.from_numpy(tokens.astype(np.int64))
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_loader(sources: Sequence[Windows], stream: SampleStream, micro_batch: int, rank: int, world_size: int,
+                 start: int, num_workers: int) -> DataLoader:
     """Endless micro-batches for this rank, starting `start` samples into the global stream."""
-    windows = Windows(blocks, seq_len)
-    sampler = GlobalOrderSampler(len(windows), micro_batch, rank, world_size, seed, start)
+    assert start % micro_batch == 0, "the stream is resumed at a micro-batch boundary"
+    # The sampler hands out global micro-batch numbers: this rank's are rank, rank + world, ...
+    # Workers each fetch whole micro-batches; the DataLoader returns them in sampler order.
+    chunks = count(start // micro_batch + rank, world_size)
     # Its own generator: making the iterator must not draw from the global RNG, which a
     # checkpoint restores (dropout would then differ after a resume).
-    return DataLoader(windows, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(MicroBatches(sources, stream, micro_batch), batch_size=None, sampler=chunks,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(stream.seed))
 
 
-def val_batches(blocks: TokenBlocks, seq_len: int, micro_batch: int, rank: int, world_size: int,
+def val_batches(windows: Windows, micro_batch: int, rank: int, world_size: int,
                 sequences: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set: the first `sequences` windows of the unshuffled split, dealt
     out in micro-batches to the ranks. The same set for any world size, and at every evaluation.
     """
-    windows = Windows(blocks, seq_len)
     assert sequences % (micro_batch * world_size) == 0
     if sequences > len(windows):
         raise CorpusError(
-            f"{blocks.dir}: the {blocks.split} split has {len(windows)} windows of {seq_len} tokens, "
-            f"fewer than train.eval_sequences={sequences}"
+            f"{windows.blocks.dir}: the {windows.blocks.split} split has {len(windows)} windows of "
+            f"{windows.seq_len} tokens, fewer than train.eval_sequences={sequences}"
         )
-    n = sequences // (micro_batch * world_size)
-    sampler = iter(GlobalOrderSampler(len(windows), micro_batch, rank, world_size, seed=0, shuffle=False))
     batches = []
-    for _ in range(n):
-        xs, ys = zip(*(windows[next(sampler)] for _ in range(micro_batch)))
-        batches.append((torch.stack(xs), torch.stack(ys)))
+    for c in range(rank, sequences // micro_batch, world_size):
+        tokens = torch.from_numpy(np.stack([windows.tokens(i) for i in range(c * micro_batch, (c + 1) * micro_batch)])
+                                  .astype(np.int64))
+        batches.append((tokens[:, :-1], tokens[:, 1:]))
     return batches

@@ -50,7 +50,8 @@ class Trainer:
         # The training sources, each a corpus with a weight; the first one's validation split is val_loss.
         self.sources = [(s.name, self._corpus(s.path, s.builtin), s.weight)
                         for s in cfg.data.sources or [SourceConfig(cfg.data.name, cfg.data.path, cfg.data.builtin)]]
-        self.train_windows = {name: Windows(TokenBlocks(path, "train"), cfg.data.seq_len) for name, path, _ in self.sources}
+        self.train_windows = {name: Windows(TokenBlocks(path, "train"), cfg.data.seq_len)
+                              for name, path, _ in self.sources}
         for name, path, _ in self.sources:
             check_tokenizer(self.train_windows[name].blocks.manifest, path, cfg.model.vocab_size)
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],

@@ -33,6 +33,15 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def code_corpus(tmp_path_factory) -> Path:
+    """Python source, a second domain for mixtures: 40 standard-library modules, small blocks."""
+    out = tmp_path_factory.mktemp("data") / "pycode"
+    docs = [d for _, d in zip(range(40), documents("pycode"))]
+    prepare_corpus(docs, out, source="pycode", val_fraction=0.1, block_tokens=256, progress=False)
+    return out
+
+
 def make_cfg(*overrides: str):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))

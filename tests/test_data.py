@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from gpt2dist.loader import GlobalOrderSampler, Windows, train_loader, val_batches
+from gpt2dist.loader import MIX_PERIOD, Permutation, SampleStream, Windows, train_loader, val_batches
 from gpt2dist.shards import MANIFEST, CorpusError, TokenBlocks
 from gpt2dist.tokenizer import EOT, get_tokenizer
 from tests.conftest import ROOT, clean_env
@@ -134,39 +134,77 @@ def test_windows_cover_each_block_once(corpus):
     assert x.tolist() == whole[:-1].tolist() and y.tolist() == whole[1:].tolist()
 
 
-def test_every_sample_once_per_epoch_and_world_size_independent():
-    n, micro = 50, 2
-    single = list(_take(GlobalOrderSampler(n, micro, 0, 1, seed=3), 2 * n))
-    assert sorted(single[:n]) == list(range(n)) and sorted(single[n:]) == list(range(n))
-    assert single[:n] != single[n:]  # a new permutation each epoch
-    # Two ranks: rank r gets micro-batches r, r + 2, ...; interleaved they are the single stream.
-    ranks = [list(_take(GlobalOrderSampler(n, micro, r, 2, seed=3), n)) for r in (0, 1)]
-    merged = [i for pair in zip(*(zip(*[iter(r)] * micro) for r in ranks)) for batch in pair for i in batch]
-    assert merged == single[: len(merged)]
-    # Starting at sample 20 continues the same stream.
-    assert list(_take(GlobalOrderSampler(n, micro, 0, 1, seed=3, start=20), 30)) == single[20:50]
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4097])
+def test_permutation_is_a_seeded_bijection(n):
+    order = Permutation(n, (1, 0, 0))(np.arange(n))
+    assert sorted(order.tolist()) == list(range(n))
+    assert (order == Permutation(n, (1, 0, 0))(np.arange(n))).all()
+    if n >= 1000:
+        assert (order != Permutation(n, (1, 0, 1))(np.arange(n))).mean() > 0.99  # another epoch: another order
 
 
-def _take(it, n):
-    it = iter(it)
+def test_every_sample_once_per_epoch():
+    stream = SampleStream([50], [1.0], seed=3)
+    source, window = stream.locate(np.arange(100))
+    assert (source == 0).all()
+    assert sorted(window[:50].tolist()) == list(range(50)) and sorted(window[50:].tolist()) == list(range(50))
+    assert window[:50].tolist() != window[50:].tolist()  # a new permutation each epoch
+    assert (SampleStream([50], [1.0], seed=4).locate(np.arange(50))[1] != window[:50]).any()  # seeded
+    # Seeking is computed, not replayed: position 10^12 costs what position 10 does.
+    (s,), (w,) = stream.locate(np.array([10**12]))
+    assert s == 0 and 0 <= w < 50
+
+
+def test_mixture_draws_by_weight_and_covers_each_source():
+    stream = SampleStream([1000, 30, 500], [0.75, 0.25, 0.0], seed=1)
+    source, window = stream.locate(np.arange(3 * MIX_PERIOD))
+    assert np.bincount(source, minlength=3).tolist() == [22_500, 7_500, 0]  # exact over whole periods
+    assert stream.drawn(3 * MIX_PERIOD) == [22_500, 7_500, 0]
+    assert stream.drawn(1234) == np.bincount(source[:1234], minlength=3).tolist()
+    assert 0 < (source[:100] == 1).sum() < 60  # interleaved, not in runs
+    small = window[source == 1]  # source 1 cycles through its 30 windows epoch after epoch
+    for e in range(3):
+        assert sorted(small[30 * e: 30 * e + 30].tolist()) == list(range(30))
+    assert sorted(window[source == 0][:1000].tolist()) == list(range(1000))
+    again = SampleStream([1000, 30, 500], [0.75, 0.25, 0.0], seed=1).locate(np.arange(5000, 5100))
+    assert (again[0] == source[5000:5100]).all() and (again[1] == window[5000:5100]).all()
+
+
+def _take(loader, n):
+    it = iter(loader)
     return [next(it) for _ in range(n)]
 
 
-def test_workers_give_the_same_batches(corpus):
-    blocks = TokenBlocks(corpus, "train")
-    batches = []
-    for workers in (0, 2):
-        it = iter(train_loader(blocks, 32, 4, rank=0, world_size=1, seed=1, start=8, num_workers=workers))
-        batches.append([next(it) for _ in range(5)])
+def _loader(sources, weights, micro, rank, world_size, start, workers=0, seed=3):
+    windows = [Windows(TokenBlocks(c, "train"), 32) for c in sources]
+    stream = SampleStream([len(w) for w in windows], weights, seed)
+    return train_loader(windows, stream, micro, rank, world_size, start, workers)
+
+
+def test_loader_is_world_size_independent_and_resumes_anywhere(corpus):
+    single = _take(_loader([corpus], [1.0], 2, rank=0, world_size=1, start=0), 8)
+    ranks = [_take(_loader([corpus], [1.0], 2, rank=r, world_size=2, start=0), 4)
+             for r in (0, 1)]
+    merged = [batch for pair in zip(*ranks) for batch in pair]  # micro-batch c came from rank c % 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(merged, single))
+    resumed = _take(_loader([corpus], [1.0], 2, rank=1, world_size=2, start=6), 2)
+    assert torch.equal(resumed[0][0], single[4][0]) and torch.equal(resumed[1][0], single[6][0])
+
+
+def test_workers_give_the_same_batches(corpus, code_corpus):
+    batches = [_take(_loader([corpus, code_corpus], [0.6, 0.4], 4, rank=0, world_size=1, start=8, workers=w), 5)
+               for w in (0, 2)]
     for (x0, y0), (x1, y1) in zip(*batches):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert torch.equal(x0[:, 1:], y0[:, :-1])
 
 
 def test_val_batches_split_across_ranks(corpus):
-    blocks = TokenBlocks(corpus, "val")
-    whole = val_batches(blocks, 32, 2, rank=0, world_size=1, sequences=8)
-    halves = [val_batches(blocks, 32, 2, rank=r, world_size=2, sequences=8) for r in (0, 1)]
+    windows = Windows(TokenBlocks(corpus, "val"), 32)
+    whole = val_batches(windows, 2, rank=0, world_size=1, sequences=8)
+    halves = [val_batches(windows, 2, rank=r, world_size=2, sequences=8) for r in (0, 1)]
     assert torch.equal(torch.cat([b[0] for b in whole]),
                        torch.cat([halves[0][0][0], halves[1][0][0], halves[0][1][0], halves[1][1][0]]))
+    assert torch.equal(whole[0][0][1], windows[1][0])
     with pytest.raises(CorpusError, match="eval_sequences=100000"):
-        val_batches(blocks, 32, 10, rank=0, world_size=1, sequences=100_000)
+        val_batches(windows, 10, rank=0, world_size=1, sequences=100_000)
