@@ -29,11 +29,16 @@ from gpt2dist.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
+EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
     """A stable per-document choice: the same document lands in the same split every time."""
-    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % 1_000_000 < val_fraction * 1_000_000
+    return _hash_is_validation(text.encode("utf-8", "surrogatepass"), val_fraction)
+
+
+def _hash_is_validation(utf8: bytes, val_fraction: float) -> bool:
+    return zlib.crc32(utf8) % 1_000_000 < val_fraction * 1_000_000
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -51,15 +56,18 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 def tokenize_batch(texts: list[str], val_fraction: float) -> dict:
     """One batch, in a worker: each split's tokens concatenated (documents in order, each
     followed by <|endoftext|>), its document count, and the input size in UTF-8 bytes."""
-    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
+    enc = get_tokenizer()
     out = {"bytes": 0}
-    parts: dict[str, list[list[int]]] = {"train": [], "val": []}
-    for text, doc in zip(texts, ids):
-        doc.append(EOT)
-        parts["val" if is_validation(text, val_fraction) else "train"].append(doc)
-        out["bytes"] += len(text.encode("utf-8", "surrogatepass"))
-    for split, docs in parts.items():
-        out[split] = (np.fromiter((t for d in docs for t in d), dtype=TOKEN_DTYPE), len(docs))
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for text in texts:
+        utf8 = text.encode("utf-8", "surrogatepass")
+        # = encode_ordinary (no special tokens recognised in the text), without a Python list per document
+        ids = enc.encode_to_numpy(text, disallowed_special=())
+        parts["val" if _hash_is_validation(utf8, val_fraction) else "train"] += [ids, EOT_ARRAY]
+        out["bytes"] += len(utf8)
+    for split, arrays in parts.items():
+        tokens = np.concatenate(arrays, dtype=TOKEN_DTYPE, casting="unsafe") if arrays else EOT_ARRAY[:0]
+        out[split] = (tokens, len(arrays) // 2)
     return out
 
 
