@@ -1,5 +1,7 @@
 """Every config file composes against the schema; bad values fail early, naming the key."""
 
+import re
+
 import pytest
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from hydra.errors import ConfigCompositionException
@@ -46,9 +48,13 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["model.n_head=3"], "model.n_embd"),
     (["zero.offload_param=true", "zero.stage=2"], "zero.offload_param"),
     (["train.resume=sometimes"], "train.resume"),
+    (["data.sources=[{name: a, path: x, weight: -1}]"], "data.sources[0].weight"),
+    (["data.sources=[{name: a, path: x}, {name: a, builtin: pydoc}]"], "data.sources: names must be unique"),
+    (["data.sources=[{name: a, builtin: nope}]"], "data.sources[0].builtin"),
+    (["data.sources=[{name: a, path: x, weight: 0}]"], "data.sources: some weight must be positive"),
 ])
 def test_check_names_the_key(overrides, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         check(make_cfg(*overrides), world_size=1)
 
 
