@@ -94,7 +94,7 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
         torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
         engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": train_state},
                                save_latest=False)
-    except OSError as e:  # a full disk, mostly
+    except (OSError, RuntimeError) as e:  # a full disk, mostly (torch.save reports it as a RuntimeError)
         error = e
     if not _all_ok(error is None, engine.device):
         if rank == 0:

@@ -31,8 +31,9 @@ def logged_steps(run_dir) -> int:
 
 
 def kill_repeatedly(overrides: list[str], run_dir, nproc: int, kills: int, seed: int, tmp_path) -> list[str]:
-    """Start, kill -9 (the whole process group) at a random moment once training is under way,
-    restart; `kills` times, then run to the end. Returns each restart's output."""
+    """Start, kill -9 (the whole process group) at a random moment a few steps into training
+    (inside a step, an evaluation or a save), restart; `kills` times, then run to the end.
+    Returns each restart's output."""
     rng = random.Random(seed)
     outputs = []
     for k in range(kills + 1):
@@ -41,10 +42,11 @@ def kill_repeatedly(overrides: list[str], run_dir, nproc: int, kills: int, seed:
             before = logged_steps(run_dir)
             proc = launch(overrides, nproc, log)
             if k < kills:
+                target = before + rng.randint(1, 5)
                 deadline = time.monotonic() + 120
-                while logged_steps(run_dir) <= before and proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(0.0, 1.5))
+                while logged_steps(run_dir) < target and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.1))
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=300)
@@ -54,10 +56,8 @@ def kill_repeatedly(overrides: list[str], run_dir, nproc: int, kills: int, seed:
     return outputs
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train(tiny_overrides(corpus, run_dir, *STEPS))
+def uninterrupted(corpus, run_dir, nproc: int) -> list[dict]:
+    result = run_train(tiny_overrides(corpus, run_dir, *STEPS), nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(run_dir)
 
@@ -67,12 +67,13 @@ def resumed_steps(outputs: list[str]) -> list[int]:
             if line.startswith("resumed from")]
 
 
-@pytest.mark.parametrize("nproc,kills,seed", [(0, 6, 1), (2, 3, 2)], ids=["1-process", "2-ranks"])
-def test_kill_9_then_resume_is_bit_identical(corpus, tmp_path, uninterrupted, nproc, kills, seed):
+@pytest.mark.parametrize("nproc,kills,seed", [(0, 4, 1), (2, 2, 2)], ids=["1-process", "2-ranks"])
+def test_kill_9_then_resume_is_bit_identical(corpus, tmp_path, nproc, kills, seed):
+    reference = uninterrupted(corpus, tmp_path / "uninterrupted", nproc)
     run_dir = tmp_path / "run"
     outputs = kill_repeatedly(tiny_overrides(corpus, run_dir, *STEPS), run_dir, nproc, kills, seed, tmp_path)
     assert read_metrics(run_dir) == [{**m, "tokens_per_s": r["tokens_per_s"]} for m, r in
-                                     zip(uninterrupted, read_metrics(run_dir))]  # every value but the timing
+                                     zip(reference, read_metrics(run_dir))]  # every value but the timing
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 25))
     # Never more than one checkpoint interval of work lost per kill.
     for out, resumed in zip(outputs[:-1], outputs[1:]):
@@ -89,11 +90,11 @@ def test_kill_9_then_resume_is_bit_identical(corpus, tmp_path, uninterrupted, np
 def test_full_disk_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         run_dir = mount / "run"
-        # Each checkpoint of this model is ~2.4 MB with Adam state; the third does not fit.
+        # A checkpoint of this model is ~20 MB (weights and Adam state): the second does not fit.
         result = run_train(tiny_overrides(corpus, run_dir, "train.max_steps=6", "train.ckpt_interval=2",
                                           "logger.jsonl=false"))
         assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
