@@ -47,10 +47,13 @@ def kill_repeatedly(overrides: list[str], run_dir, nproc: int, kills: int, seed:
                 while logged_steps(run_dir) < target and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.1))
-                if proc.poll() is None:
+                alive = proc.poll() is None
+                if alive:
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=300)
         outputs.append(log_path.read_text())
+        if k < kills:  # it must have been training when killed, not crashed or finished
+            assert alive and logged_steps(run_dir) < 24, outputs[-1][-3000:]
         if k == kills:
             assert proc.returncode == 0, outputs[-1][-3000:]
     return outputs
