@@ -14,7 +14,6 @@ leaves the previous checkpoints as they were. Resuming takes the newest director
 manifest; pruning (`train.keep_last`) happens only after the new checkpoint is published.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from gpt2dist.shards import sha256_of
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
@@ -48,14 +49,6 @@ def latest_tag(run_dir: str | Path) -> str | None:
     """Tag of the newest complete checkpoint in the run directory, or None."""
     tags = complete_tags(checkpoint_root(run_dir))
     return tags[-1] if tags else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,7 +113,7 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
 def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_size: int) -> None:
     """Rank 0: manifest last, then one rename makes the checkpoint visible."""
     OmegaConf.save(cfg, partial / "config.yaml", resolve=True)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(partial.iterdir())}
     manifest = {"train_state": train_state, "world_size": world_size, "zero_stage": cfg.zero.stage,
                 "tokenizer": "gpt2", "files": files}
     with open(partial / MANIFEST, "w") as f:
@@ -150,7 +143,7 @@ def verify(ckpt_dir: Path) -> dict:
     manifest = read_manifest(ckpt_dir)
     for name, expected in manifest["files"].items():
         path = ckpt_dir / name
-        if not path.is_file() or path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: missing or corrupt (size or SHA-256 differs from {MANIFEST}); "
                                   f"remove {ckpt_dir} to resume from the checkpoint before it")
     return manifest
