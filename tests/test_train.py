@@ -153,3 +153,14 @@ def test_init_from_starts_from_another_runs_weights(corpus, tmp_path):
     with pytest.raises(WeightsError, match="does not match"):
         Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "c", f"train.init_from={tmp_path / 'a'}",
                                          "model.n_embd=64")))
+
+
+def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path):
+    train(corpus, tmp_path, "logger.wandb=offline", "train.max_steps=4", "train.ckpt_interval=2")
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    shutil.rmtree(tmp_path / CHECKPOINTS / "step_00000004")  # as if it died after step 2's checkpoint
+    metrics = train(corpus, tmp_path, "logger.wandb=offline", "train.max_steps=4", "train.ckpt_interval=2")
+    assert (tmp_path / "wandb_id").read_text().strip() == run_id
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and all(r.name.endswith(run_id) for r in runs)  # one W&B run id, however often resumed
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
