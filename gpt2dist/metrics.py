@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from gpt2dist.config import WandbMode
 
+WANDB_INIT_TIMEOUT_S = 60  # an unreachable W&B server costs at most this once, at start-up
+
 # Dense bf16 tensor-core peak of one device, FLOP/s (without sparsity).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -71,15 +73,17 @@ class Metrics:
             id_file = run_dir / "wandb_id"  # the same W&B run across resumes
             if not id_file.exists():
                 id_file.write_text(uuid.uuid4().hex[:8])
-            self.wandb = wandb.init(
-                project=cfg.logger.wandb_project,
-                name=run_dir.name,
-                id=id_file.read_text().strip(),
-                resume="allow",
-                dir=str(run_dir),
-                mode=mode.value,
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
+            init = dict(project=cfg.logger.wandb_project, name=run_dir.name, id=id_file.read_text().strip(),
+                        resume="allow", dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+            try:
+                self.wandb = wandb.init(mode=mode.value, **init)
+            except Exception as e:  # no network, no API key, a server error: never stop training for W&B
+                if mode != WandbMode.online:
+                    raise
+                print(f"warning: W&B online failed ({type(e).__name__}: {e}); logging offline instead "
+                      f"(upload later with `wandb sync`)", flush=True)
+                self.wandb = wandb.init(mode=WandbMode.offline.value, **init)
 
     def log(self, step: int, values: dict) -> None:
         values = {k: v for k, v in values.items() if v is not None}

@@ -164,3 +164,11 @@ def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and all(r.name.endswith(run_id) for r in runs)  # one W&B run id, however often resumed
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_wandb_online_without_network_falls_back_to_offline(corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # no key and no network here: online cannot start
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    metrics = train(corpus, tmp_path, "logger.wandb=online")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
