@@ -27,6 +27,11 @@ class Precision(str, Enum):
     fp16 = "fp16"  # with dynamic loss scaling
 
 
+class Schedule(str, Enum):
+    cosine = "cosine"  # warmup, cosine decay to min_lr at train.max_steps
+    constant = "constant"  # warmup, constant, linear anneal to min_lr over the last optim.decay_steps
+
+
 class WandbMode(str, Enum):
     offline = "offline"  # written under the run directory; `wandb sync` uploads later
     online = "online"
@@ -76,8 +81,10 @@ class ZeroConfig:
 @dataclass
 class OptimConfig:
     lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # cosine decays to this at train.max_steps
+    min_lr: float = 6e-5  # the schedule ends at this at train.max_steps
     warmup_steps: int = 100
+    schedule: Schedule = Schedule.cosine  # the shape after warmup (gpt2dist/optim.py)
+    decay_steps: int = 0  # schedule=constant: anneal over these last steps; 0: stay at lr to the end
     weight_decay: float = 0.1  # on weight matrices and embeddings; none on biases and LayerNorms
     beta1: float = 0.9
     beta2: float = 0.95
@@ -108,6 +115,9 @@ class TrainConfig:
     keep_last: int = 0  # keep only the newest N checkpoints (pruned after a new one is complete); 0: all
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
     init_from: Optional[str] = None  # with nothing to resume: start from these weights (a run, checkpoint or HF GPT-2 dir)
+    # With init_from a gpt2dist run or checkpoint of the same ZeRO stage (and, stage >= 1, world size): also take
+    # its optimizer state (AdamW moments); the learning rate still follows this run's schedule from step 0.
+    init_optimizer: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     sample_tokens: int = 48  # tokens generated at the end as a smoke test; 0 to skip
     sample_prompt: str = "The"
@@ -205,4 +215,13 @@ def check(cfg, world_size: int) -> None:
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
     need(t.keep_last >= 0, "train.keep_last must be >= 0")
-    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    o = cfg.optim
+    need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in 0..optim.lr={o.lr}")
+    if o.schedule == Schedule.constant:
+        need(0 <= o.decay_steps <= t.max_steps - o.warmup_steps,
+             f"optim.decay_steps={o.decay_steps} must be in 0..train.max_steps - optim.warmup_steps "
+             f"= {t.max_steps - o.warmup_steps}")
+    else:
+        need(o.decay_steps == 0, "optim.decay_steps is for optim.schedule=constant (cosine decays over the whole run)")
+    need(not t.init_optimizer or t.init_from, "train.init_optimizer needs train.init_from")

@@ -1,4 +1,12 @@
-"""AdamW parameter groups and the learning-rate schedule (linear warmup, cosine decay)."""
+"""AdamW parameter groups and the learning-rate schedule.
+
+Both shapes start with a linear warmup to the peak (`optim.lr`):
+- cosine: cosine decay to `optim.min_lr` at `train.max_steps`;
+- constant: constant at the peak, then a linear anneal to `optim.min_lr` over the last
+  `optim.decay_steps` (warmup-stable-decay: the "infinite" schedule of Ibrahim et al. 2024
+  without its cooldown phase). A run can stop on the plateau and be annealed later, or
+  continued on new data without re-warming from a decayed learning rate.
+"""
 
 import math
 
@@ -14,18 +22,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+def lr_factor(step: int, optim_cfg, max_steps: int) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+    min_ratio = optim_cfg.min_lr / optim_cfg.lr
+    warmup = optim_cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if optim_cfg.schedule == "constant":
+        decay_start = max_steps - optim_cfg.decay_steps
+        if step < decay_start or optim_cfg.decay_steps == 0:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / optim_cfg.decay_steps)
+        return 1.0 - progress * (1.0 - min_ratio)
     if step >= max_steps:
         return min_ratio
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = (step - warmup) / max(1, max_steps - warmup)
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    min_ratio = optim_cfg.min_lr / optim_cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, optim_cfg.warmup_steps, max_steps, min_ratio)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim_cfg, max_steps))
