@@ -1,5 +1,6 @@
 """The one place that talks to DeepSpeed: its config is derived from ours, never kept twice."""
 
+import contextlib
 import functools
 
 import deepspeed
@@ -65,3 +66,18 @@ def step(engine) -> float | None:
         return None
     norm = engine.get_global_grad_norm()
     return own if norm is None else float(norm)
+
+
+@contextlib.contextmanager
+def update_skipped(engine):
+    """Within this block, `engine.step()` applies no update: the innermost torch optimizer's step is
+    a no-op, so weights, fp32 masters and Adam moments stay as they were, for every ZeRO stage,
+    precision and offload; DeepSpeed still clears the gradients and keeps its counters."""
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):  # DeepSpeed's ZeRO / mixed-precision wrappers
+        optimizer = optimizer.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # shadows the class's step on this instance
+    try:
+        yield
+    finally:
+        del optimizer.step
