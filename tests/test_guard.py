@@ -46,7 +46,8 @@ def _snapshot(engine) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("extra", [["zero.stage=0"], ["zero.stage=1", "train.precision=bf16"], ["zero.stage=2"],
-                                   ["zero.stage=3"]], ids=["zero0", "zero1-bf16", "zero2", "zero3"])
+                                   ["zero.stage=3"], ["zero=offload"]],
+                         ids=["zero0", "zero1-bf16", "zero2", "zero3", "zero3-offload"])
 def test_skipped_update_changes_nothing(corpus, tmp_path, extra):
     dist.init()
     cfg = make_cfg(*tiny_overrides(corpus, tmp_path, "train.global_batch_size=2", *extra))
