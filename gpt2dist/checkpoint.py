@@ -149,8 +149,9 @@ def verify(ckpt_dir: Path) -> dict:
     return manifest
 
 
-def check_compatible(cfg, ckpt_dir: Path, world_size: int) -> dict:
-    """Refuse, before any work, a checkpoint this run cannot continue; returns its manifest."""
+def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool = False) -> dict:
+    """Refuse, before any work, a checkpoint this run cannot continue (or, with init_optimizer, take
+    the optimizer state of); returns its manifest."""
     manifest = verify(ckpt_dir)
     saved = OmegaConf.load(ckpt_dir / "config.yaml").model
     theirs = {k: saved[k] for k in SHAPE_KEYS}
@@ -161,11 +162,13 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int) -> dict:
         raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's 'gpt2'")
     stage, ranks = manifest["zero_stage"], manifest["world_size"]
     if stage != cfg.zero.stage or (stage > 0 and ranks != world_size):
+        same = f"zero.stage={stage}" + (f" on {ranks} ranks" if stage > 0 else "")
+        remedy = (f"run with {same}, or without train.init_optimizer (fresh optimizer state)" if init_optimizer else
+                  f"resume with {same}, or start from its weights with train.init_from={ckpt_dir} (fresh optimizer "
+                  "state)")
         raise CheckpointError(
             f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at "
-            f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: resume with "
-            f"zero.stage={stage}" + (f" on {ranks} ranks" if stage > 0 else "") +
-            f", or start from its weights with train.init_from={ckpt_dir} (fresh optimizer state)")
+            f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: {remedy}")
     return manifest
 
 
@@ -183,3 +186,18 @@ def load(engine, cfg, run_dir: str | Path, tag: str, rank: int, world_size: int)
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return client_state["train_state"]
+
+
+def load_optimizer(engine, cfg, ckpt_dir: Path, world_size: int) -> None:
+    """Take a checkpoint's optimizer state (AdamW moments and step counts) into a new run
+    (`train.init_optimizer`); the new run keeps its own learning rate, schedule and hyperparameters."""
+    check_compatible(cfg, ckpt_dir, world_size, init_optimizer=True)
+    # Loading an optimizer state also restores its param groups, whose lr is where the old schedule
+    # ended; this run's values go back on afterwards, so its first step already follows its schedule.
+    ours = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
+    path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False, load_module_only=False)
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
+    for group, values in zip(engine.optimizer.param_groups, ours):
+        group.update(values)

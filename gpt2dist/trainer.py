@@ -19,7 +19,7 @@ from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.shards import TokenBlocks, check_tokenizer
 from gpt2dist.tokenizer import get_tokenizer
-from gpt2dist.weights import load_into
+from gpt2dist.weights import find_checkpoint, load_into
 
 
 def run_directory(cfg) -> Path:
@@ -70,10 +70,20 @@ class Trainer:
         self.device = self.engine.device
 
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
+        # With init_from, each source's validation loss before training: forgetting/<name> is measured from it.
+        self.start_losses: dict[str, float] = {}
         if tag:
             state = checkpoint.load(self.engine, cfg, self.run_dir, tag, self.env.rank, self.env.world_size)
             self.step, self.samples = state["step"], state["samples"]
+            self.start_losses = state.get("start_losses", {})
             self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
+        elif cfg.train.init_optimizer:
+            ckpt_dir = find_checkpoint(cfg.train.init_from)
+            if ckpt_dir is None:
+                raise ConfigError(f"train.init_optimizer: {cfg.train.init_from} holds no gpt2dist checkpoint, so no "
+                                  "optimizer state to take; drop train.init_optimizer to start from its weights only")
+            checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size)
+            self.print(f"took the optimizer state of {ckpt_dir}")
 
         self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
@@ -88,6 +98,10 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
         self.preemption = PreemptionWatch()
+        if cfg.train.init_from and not tag:
+            self.start_losses = self._val_losses()
+            if self.metrics:
+                self.metrics.log(0, self._val_metrics(self.start_losses))
 
     def print(self, *args) -> None:
         if self.is_main:
@@ -119,16 +133,27 @@ class Trainer:
         return total / self.grad_accum, grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """val_loss on the first source's validation split; with several sources, also val/<name> for each."""
+    def _val_losses(self) -> dict[str, float]:
+        """Each source's validation loss, by name."""
         self.engine.eval()
         losses = {}
         for name, batches in self.val.items():
             mine = [self.engine(x.to(self.device), y.to(self.device))[1].item() for x, y in batches]
             losses[name] = self._mean_over_ranks(sum(mine) / len(mine))
         self.engine.train()
+        return losses
+
+    def _val_metrics(self, losses: dict[str, float]) -> dict[str, float]:
+        """val_loss (the first source's); with several sources val/<name> for each; with init_from
+        forgetting/<name>, each source's loss now minus its loss before training."""
         return {"val_loss": next(iter(losses.values())),
-                **({f"val/{name}": loss for name, loss in losses.items()} if len(losses) > 1 else {})}
+                **({f"val/{name}": loss for name, loss in losses.items()} if len(losses) > 1 else {}),
+                **{f"forgetting/{name}": loss - self.start_losses[name] for name, loss in losses.items()
+                   if name in self.start_losses}}
+
+    def evaluate(self) -> dict[str, float]:
+        """The validation metrics of this step (see _val_metrics)."""
+        return self._val_metrics(self._val_losses())
 
     def tokens_per_source(self) -> dict[str, int]:
         """With several sources, tokens/<name>: training tokens drawn from each so far."""
@@ -138,7 +163,8 @@ class Trainer:
         return {f"tokens/{name}": n * self.cfg.data.seq_len for (name, *_), n in zip(self.sources, drawn)}
 
     def save(self) -> None:
-        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, {"step": self.step, "samples": self.samples},
+        train_state = {"step": self.step, "samples": self.samples, "start_losses": self.start_losses}
+        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, train_state,
                               self.env.rank, self.env.world_size, self.cfg.train.keep_last)
         self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
 

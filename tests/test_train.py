@@ -147,9 +147,11 @@ def test_init_from_starts_from_another_runs_weights(corpus, tmp_path):
     first = train(corpus, tmp_path / "a", "train.max_steps=6", "optim.lr=3e-3")
     second = train(corpus, tmp_path / "b", f"train.init_from={tmp_path / 'a'}", "train.eval_interval=1",
                    "optim.lr=1e-9", "optim.min_lr=1e-10")
-    # With a negligible learning rate, b evaluates like a's final weights; a fresh model would be ~10.8.
-    assert second[0]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-3)
-    assert second[0]["lr"] == pytest.approx(1e-9)  # its own schedule, not the one saved with a
+    # b evaluates a's final weights before its first step, and (negligible learning rate) after it;
+    # a fresh model would be ~10.8.
+    assert second[0]["step"] == 0 and second[0]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-6)
+    assert second[1]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-3)
+    assert second[1]["lr"] == pytest.approx(1e-9)  # its own schedule, not the one saved with a
     with pytest.raises(WeightsError, match="does not match"):
         Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "c", f"train.init_from={tmp_path / 'a'}",
                                          "model.n_embd=64")))
