@@ -9,6 +9,7 @@ import hydra
 
 from gpt2dist.checkpoint import CheckpointError
 from gpt2dist.config import ConfigError, register
+from gpt2dist.guard import TrainingDiverged
 from gpt2dist.shards import CorpusError
 from gpt2dist.trainer import Trainer
 from gpt2dist.weights import WeightsError
@@ -24,7 +25,7 @@ def main(cfg) -> None:
             status = trainer.train()
         finally:
             trainer.close()
-    except (ConfigError, CorpusError, CheckpointError, WeightsError) as e:
+    except (ConfigError, CorpusError, CheckpointError, WeightsError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if status:

@@ -139,6 +139,17 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The loss guard (gpt2dist/guard.py): bad steps are not applied."""
+
+    enabled: bool = True
+    zscore: float = 6.0  # a loss this many standard deviations above the recent mean is a spike
+    window: int = 100  # applied steps the mean and deviation come from
+    min_history: int = 20  # steps known before spikes are judged (NaN and inf always are)
+    max_skips: int = 10  # more bad steps in a row than this stop the run
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +158,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def register() -> None:
@@ -225,3 +237,7 @@ def check(cfg, world_size: int) -> None:
     else:
         need(o.decay_steps == 0, "optim.decay_steps is for optim.schedule=constant (cosine decays over the whole run)")
     need(not t.init_optimizer or t.init_from, "train.init_optimizer needs train.init_from")
+    g = cfg.guard
+    need(g.window > 0 and 0 < g.min_history <= g.window,
+         f"guard.min_history={g.min_history} must be in 1..guard.window={g.window}")
+    need(g.max_skips >= 0, "guard.max_skips must be >= 0")

@@ -1,5 +1,6 @@
 """The training loop: build everything from the config, then step, log, evaluate, checkpoint."""
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from gpt2dist.builtin_corpus import builtin_corpus
 from gpt2dist.config import ConfigError, SourceConfig, check, gpt_config, grad_accum_steps
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
+from gpt2dist.guard import LossGuard, TrainingDiverged
 from gpt2dist.loader import SampleStream, Windows, train_loader, val_batches
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token
 from gpt2dist.model import GPT
@@ -70,12 +72,14 @@ class Trainer:
         self.device = self.engine.device
 
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
+        guard_state = None
         # With init_from, each source's validation loss before training: forgetting/<name> is measured from it.
         self.start_losses: dict[str, float] = {}
         if tag:
             state = checkpoint.load(self.engine, cfg, self.run_dir, tag, self.env.rank, self.env.world_size)
             self.step, self.samples = state["step"], state["samples"]
             self.start_losses = state.get("start_losses", {})
+            guard_state = state.get("guard")
             self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
         elif cfg.train.init_optimizer:
             ckpt_dir = find_checkpoint(cfg.train.init_from)
@@ -84,6 +88,9 @@ class Trainer:
                                   "optimizer state to take; drop train.init_optimizer to start from its weights only")
             checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size)
             self.print(f"took the optimizer state of {ckpt_dir}")
+
+        g = cfg.guard
+        self.guard = LossGuard(g.zscore, g.window, g.min_history, g.max_skips, guard_state) if g.enabled else None
 
         self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
@@ -121,16 +128,26 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return t.item() / self.env.world_size
 
-    def train_step(self) -> tuple[float, float | None]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss on this rank, grad norm)."""
-        total, grad_norm = 0.0, None
-        for _ in range(self.grad_accum):
+    def train_step(self) -> tuple[float, float | None, str | None]:
+        """One optimizer step over grad_accum micro-batches.
+
+        Returns (the step's mean loss over all ranks, grad norm, why the update was skipped or None).
+        The guard judges the loss after the last backward and before the update, so a bad batch
+        never reaches the weights or the Adam moments.
+        """
+        total = 0.0
+        for i in range(self.grad_accum):
             x, y = next(self.batches)
             _, loss = self.engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             self.engine.backward(loss)
-            grad_norm = ds_engine.step(self.engine)
             total += loss.item()
-        return total / self.grad_accum, grad_norm
+            if i < self.grad_accum - 1:
+                ds_engine.step(self.engine)  # accumulates; the update comes with the last micro-batch
+        mean = self._mean_over_ranks(total / self.grad_accum)
+        skip = self.guard.check(mean) if self.guard else None
+        with ds_engine.update_skipped(self.engine) if skip else contextlib.nullcontext():
+            grad_norm = ds_engine.step(self.engine)
+        return mean, grad_norm, skip
 
     @torch.no_grad()
     def _val_losses(self) -> dict[str, float]:
@@ -163,7 +180,8 @@ class Trainer:
         return {f"tokens/{name}": n * self.cfg.data.seq_len for (name, *_), n in zip(self.sources, drawn)}
 
     def save(self) -> None:
-        train_state = {"step": self.step, "samples": self.samples, "start_losses": self.start_losses}
+        train_state = {"step": self.step, "samples": self.samples, "start_losses": self.start_losses,
+                       "guard": self.guard.state_dict() if self.guard else None}
         tag = checkpoint.save(self.engine, self.cfg, self.run_dir, train_state,
                               self.env.rank, self.env.world_size, self.cfg.train.keep_last)
         self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
@@ -178,18 +196,24 @@ class Trainer:
         self.engine.train()
         t0, steps_since_log = time.perf_counter(), 0
         while self.step < t.max_steps:
-            loss, grad_norm = self.train_step()
+            loss, grad_norm, skipped = self.train_step()
             self.step += 1
             self.samples += t.global_batch_size
             steps_since_log += 1
             last = self.step == t.max_steps
+            if skipped:
+                self.print(f"step {self.step}: update skipped: {skipped}")
+                if self.guard.exhausted():
+                    raise TrainingDiverged(
+                        f"{self.run_dir}: {self.guard.skips_in_a_row} bad steps in a row up to step {self.step} "
+                        f"(last: {skipped}); stopped, newest checkpoint kept: {checkpoint.latest_tag(self.run_dir)}")
             values = {}
             if self.step % self.cfg.logger.log_interval == 0 or last:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t0)
                 values = {
-                    "loss": self._mean_over_ranks(loss),
+                    "loss": loss,
                     "lr": self.engine.get_lr()[0],
                     "grad_norm": grad_norm,
                     "tokens": self.samples * self.cfg.data.seq_len,
@@ -197,6 +221,8 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": (tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
                             if self.peak_flops else None),
+                    "skipped_steps": self.guard.skipped if self.guard and self.guard.skipped else None,
+                    "fp16_overflows": self.engine.skipped_steps if self.engine.fp16_enabled() else None,
                 }
             if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                 values.update(self.evaluate())
@@ -206,11 +232,13 @@ class Trainer:
                                         batch_size=t.micro_batch_size))
             if values and self.metrics:
                 self.metrics.log(self.step, values)
-            saved = (t.ckpt_interval and self.step % t.ckpt_interval == 0) or last
+            # Never checkpoint in the middle of a run of bad steps: the weights may be what went bad.
+            in_trouble = self.guard is not None and self.guard.skips_in_a_row > 0
+            saved = ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last) and not in_trouble
             if saved:
                 self.save()
             if self.preemption.stop_requested(self.device):
-                if not saved:
+                if not saved and not in_trouble:
                     self.save()
                 torch.distributed.barrier()  # every rank's part of the checkpoint is on disk
                 self.print(f"stopped by {self.preemption.reason} at step "

@@ -70,3 +70,62 @@ def test_skipped_update_changes_nothing(corpus, tmp_path, extra):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     one_step(skip=False)  # and a normal step after it still trains (so this test could fail)
     assert not all(torch.equal(a, b) for a, b in zip(after, _snapshot(engine)))
+
+
+def _fault_at(trainer, step: int, fault) -> None:
+    """Run `fault(model)` once, in the first training forward pass of optimizer step `step` (1-based)."""
+    model = trainer.engine.module
+
+    def hook(module, args):
+        if module.training and trainer.step + 1 == step and not getattr(hook, "done", False):
+            hook.done = True
+            fault(model)
+
+    model.transformer.wte.register_forward_pre_hook(hook)
+
+
+def _train(trainer) -> None:
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_a_spike_is_skipped_and_training_goes_on(corpus, tmp_path):
+    from gpt2dist.trainer import Trainer
+    from tests.conftest import read_metrics
+
+    cfg = make_cfg(*tiny_overrides(corpus, tmp_path, "train.max_steps=8", "guard.min_history=3", "guard.zscore=4"))
+    trainer = Trainer(cfg)
+    head = trainer.engine.module.lm_head
+    # Step 6: one batch's logits blown up 50x (a bad batch): a finite but huge loss.
+    handle = head.register_forward_hook(lambda m, a, out: out * 50 if m.training and trainer.step + 1 == 6 else out)
+    before = {}
+    _fault_at(trainer, 6, lambda model: before.update({k: v.clone() for k, v in model.state_dict().items()}))
+    after = {}
+    _fault_at(trainer, 7, lambda model: after.update({k: v.clone() for k, v in model.state_dict().items()}))
+    _train(trainer)
+    handle.remove()
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert metrics[5]["loss"] > 1.5 * metrics[4]["loss"]  # the spike was real
+    assert [m.get("skipped_steps") for m in metrics] == [None] * 5 + [1, 1, 1]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # step 6 changed no weight
+
+
+def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_path):
+    from gpt2dist.checkpoint import CHECKPOINTS, latest_tag, verify
+    from gpt2dist.guard import TrainingDiverged
+    from gpt2dist.trainer import Trainer
+
+    cfg = make_cfg(*tiny_overrides(corpus, tmp_path, "train.max_steps=12", "train.ckpt_interval=2",
+                                   "guard.max_skips=3"))
+    trainer = Trainer(cfg)
+    # Step 5: a weight goes NaN (a hardware fault, a bad kernel): every later loss is NaN.
+    _fault_at(trainer, 5, lambda model: model.transformer.h[0].mlp.c_fc.weight.data.fill_(float("nan")))
+    with pytest.raises(TrainingDiverged, match="4 bad steps in a row up to step 8.*step_00000004"):
+        _train(trainer)
+    assert latest_tag(tmp_path) == "step_00000004"  # no checkpoint of the NaN weights (steps 6 and 8)
+    state = torch.load(tmp_path / CHECKPOINTS / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["module"].values())
+    verify(tmp_path / CHECKPOINTS / "step_00000004")
