@@ -129,3 +129,14 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_
     state = torch.load(tmp_path / CHECKPOINTS / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in state["module"].values())
     verify(tmp_path / CHECKPOINTS / "step_00000004")
+
+
+def test_fp16_overflows_are_reported(corpus, tmp_path):
+    from gpt2dist.trainer import Trainer
+    from tests.conftest import read_metrics
+
+    _train(Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "train.precision=fp16", "zero.stage=1",
+                                            "train.max_steps=4"))))
+    counts = [m["fp16_overflows"] for m in read_metrics(tmp_path)]
+    assert len(counts) == 4 and all(isinstance(c, int) for c in counts)
+    assert counts == sorted(counts)  # DeepSpeed's count of steps its loss scaler skipped, cumulative
