@@ -1,7 +1,10 @@
 """Continual pretraining: init_from with the earlier run's optimizer state, the forgetting
 metric, and the replay experiment in benchmarks/continual.py."""
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +13,7 @@ from gpt2dist.config import ConfigError
 from gpt2dist.export import main as export_main
 from gpt2dist.optim import lr_factor
 from gpt2dist.trainer import Trainer
-from tests.conftest import make_cfg, read_metrics, tiny_overrides
+from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, tiny_overrides
 
 
 def train(corpus, run_dir, *extra) -> list[dict]:
@@ -83,3 +86,22 @@ def test_forgetting_is_each_sources_loss_minus_its_loss_at_the_start(corpus, cod
     assert [m["step"] for m in again] == [m["step"] for m in metrics]
     for key in ("val/prose", "forgetting/prose", "forgetting/code"):
         assert again[-1][key] == metrics[-1][key]
+
+
+def test_replay_experiment_writes_its_report(tmp_path):
+    """benchmarks/continual.py end to end at a few steps: the three replay fractions in the table and the plot."""
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--out", str(out),
+                             "--runs", str(tmp_path / "runs"), "--steps-a", "2", "--steps-b", "2", "--evals", "1",
+                             "model.n_embd=32", "train.eval_sequences=8", f"data.cache_dir={tmp_path / 'cache'}"],
+                            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "%" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0%", "| 5%", "| 25%"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in json.loads((out / "report.json").read_text())["rows"]:
+        assert row["forgetting_prose"] == pytest.approx(row["prose_end"] - row["prose_start"])
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["A", "B-replay-0", "B-replay-0.05", "B-replay-0.25"]
+    zero = read_metrics(tmp_path / "runs" / "B-replay-0")
+    assert zero[-1]["tokens/prose"] == 0 and zero[-1]["tokens/code"] > 0  # 0% replay: prose only evaluated
