@@ -110,9 +110,10 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
 
-def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
-    """SIGUSR1 (SLURM's warning) mid-run: the step finishes, a checkpoint is saved, and the
-    resumed run ends exactly where an uninterrupted one does."""
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path, signame):
+    """SIGUSR1 (SLURM's warning) or SIGTERM (preemption) mid-run: the step finishes, a checkpoint
+    is saved, and the resumed run ends exactly where an uninterrupted one does."""
     import os
     import signal
 
@@ -120,14 +121,14 @@ def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
 
     full = train(corpus, tmp_path / "full", "train.max_steps=5", "train.ckpt_interval=0")
     trainer = Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")))
-    previous = signal.getsignal(signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), getattr(signal, signame))
         assert trainer.train() == EXIT_REQUEUE
     finally:
         trainer.close()
-        signal.signal(signal.SIGUSR1, previous)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     assert latest_tag(tmp_path / "cut") == "step_00000001"
     resumed = train(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
