@@ -25,6 +25,14 @@ if [ "$cmd" = stop ]; then stop; exit 0; fi
 [ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 
 mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
+# Ports of our own: another cluster (a developer's, or one a killed test run left behind) may
+# hold SLURM's usual ones, and sbatch would then talk to it instead of to ours.
+read -r ctld_port slurmd_port < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("", 0))
+print(*(s.getsockname()[1] for s in socks))')
 cat >"$dir/slurm.conf" <<CONF
 ClusterName=gpt2dist-test
 SlurmctldHost=$host
@@ -32,6 +40,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -41,8 +50,8 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -66,7 +75,12 @@ fi
 /usr/sbin/slurmctld && touch "$dir/slurmctld.started"
 /usr/sbin/slurmd && touch "$dir/slurmd.started"
 for _ in $(seq 60); do
-    if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    alive=1
+    for name in slurmctld slurmd; do
+        pid=$(cat "$dir/$name.pid" 2>/dev/null || true)
+        { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; } || alive=0
+    done
+    if [ "$alive" = 1 ] && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
         echo "SLURM_CONF=$SLURM_CONF"
         exit 0
     fi
