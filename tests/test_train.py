@@ -165,7 +165,8 @@ def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path):
     metrics = train(corpus, tmp_path, "logger.wandb=offline", "train.max_steps=4", "train.ckpt_interval=2")
     assert (tmp_path / "wandb_id").read_text().strip() == run_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all(r.name.endswith(run_id) for r in runs)  # one W&B run id, however often resumed
+    assert runs and all(run_id in r.name for r in runs)  # one W&B run id, however often resumed (a second
+    # start within the same second gets a "-1" suffix on its directory)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
 
 
