@@ -69,3 +69,15 @@ def run_train(overrides: list[str], nproc: int = 0, timeout: int = 600) -> subpr
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(corpus: Path, run_dir: Path, *extra: str) -> list[dict]:
+    """Train the tiny model in this process through the real Trainer; returns its metrics."""
+    from gpt2dist.trainer import Trainer
+
+    trainer = Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *extra)))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return read_metrics(run_dir)

@@ -13,16 +13,7 @@ from gpt2dist.config import ConfigError
 from gpt2dist.export import main as export_main
 from gpt2dist.optim import lr_factor
 from gpt2dist.trainer import Trainer
-from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, tiny_overrides
-
-
-def train(corpus, run_dir, *extra) -> list[dict]:
-    trainer = Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *extra)))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return read_metrics(run_dir)
+from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, tiny_overrides, train
 
 
 def test_init_optimizer_takes_the_moments_and_keeps_the_new_schedule(corpus, tmp_path):

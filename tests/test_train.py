@@ -11,16 +11,7 @@ from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
 from gpt2dist.config import ConfigError
 from gpt2dist.trainer import Trainer
 from gpt2dist.weights import WeightsError
-from tests.conftest import make_cfg, read_metrics, tiny_overrides
-
-
-def train(corpus, run_dir, *extra):
-    trainer = Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *extra)))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return read_metrics(run_dir)
+from tests.conftest import make_cfg, tiny_overrides, train
 
 
 def losses(metrics):
