@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from gpt2dist.config import gpt_config
 from gpt2dist.shards import sha256_of
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 PARTIAL = ".partial-"
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
 
 
 class CheckpointError(RuntimeError):
@@ -154,8 +155,7 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     the optimizer state of); returns its manifest."""
     manifest = verify(ckpt_dir)
     saved = OmegaConf.load(ckpt_dir / "config.yaml").model
-    theirs = {k: saved[k] for k in SHAPE_KEYS}
-    ours = {k: cfg.model[k] for k in SHAPE_KEYS}
+    theirs, ours = ({k: getattr(gpt_config(m), k) for k in SHAPE_KEYS} for m in (saved, cfg.model))
     if theirs != ours:
         raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}")
     if manifest["tokenizer"] != "gpt2":

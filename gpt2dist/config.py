@@ -45,7 +45,8 @@ class ModelConfig:
     n_head: int = MISSING
     n_embd: int = MISSING
     block_size: int = 1024  # context length (learned positions)
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # the tokenizer's
+    pad_vocab_multiple: int = 64  # embedding rows rounded up to a multiple of this, for fast GPU matmuls; 1: none
     dropout: float = 0.0
 
 
@@ -119,6 +120,8 @@ class TrainConfig:
     # its optimizer state (AdamW moments); the learning rate still follows this run's schedule from step 0.
     init_optimizer: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    compile: bool = False  # torch.compile the model (slower start, faster steps; mostly for GPUs)
+    tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on TF32 tensor cores (Ampere and newer)
     sample_tokens: int = 48  # tokens generated at the end as a smoke test; 0 to skip
     sample_prompt: str = "The"
 
@@ -173,6 +176,8 @@ def gpt_config(model: ModelConfig) -> GPTConfig:
         n_embd=model.n_embd,
         block_size=model.block_size,
         vocab_size=model.vocab_size,
+        # Configs saved before padding existed lack the key; their models were unpadded.
+        pad_vocab_multiple=model.get("pad_vocab_multiple", 1),
         dropout=model.dropout,
     )
 
@@ -202,6 +207,7 @@ def check(cfg, world_size: int) -> None:
         if not ok:
             raise ConfigError(message)
 
+    need(m.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple={m.pad_vocab_multiple} must be >= 1")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     need(0 < d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} must be in 1..model.block_size={m.block_size}")
     need(d.builtin in ("stdlib", "pydoc", "pycode"), f"data.builtin={d.builtin!r} must be stdlib, pydoc or pycode")

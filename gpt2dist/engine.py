@@ -50,8 +50,9 @@ def build(model: torch.nn.Module, cfg, world_size: int):
     return engine
 
 
-def step(engine) -> float | None:
-    """`engine.step()`; at an optimizer step, returns the global gradient norm before clipping.
+def step(engine) -> torch.Tensor | float | None:
+    """`engine.step()`; at an optimizer step, returns the global gradient norm before clipping
+    (a tensor is left on the device: reading it waits for the GPU, so callers do that only to log it).
 
     DeepSpeed's ZeRO and mixed-precision optimizers report the norm; its plain fp32 path
     (stage 0) does not, so there we take it from the (already all-reduced) gradients.
@@ -60,12 +61,12 @@ def step(engine) -> float | None:
     own = None
     if boundary and engine.zero_optimization_stage() == 0:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        own = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+        own = torch.nn.utils.get_total_norm(grads) if grads else None
     engine.step()
     if not boundary:
         return None
     norm = engine.get_global_grad_norm()
-    return own if norm is None else float(norm)
+    return own if norm is None else norm
 
 
 @contextlib.contextmanager

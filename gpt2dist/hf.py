@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from gpt2dist.model import GPT, GPTConfig
+from gpt2dist.model import GPT, GPTConfig, pad_vocab
 
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -102,21 +102,23 @@ def from_hf_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] 
     return name, (tensor.t() if name.endswith(_TRANSPOSED) else tensor)
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 weights -> our state dict (the tied lm_head included)."""
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT-2 weights -> the state dict of our GPT(config) (the tied lm_head included)."""
     ours = dict(filter(None, (from_hf_tensor(name, tensor) for name, tensor in hf_state.items())))
-    ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    ours["transformer.wte.weight"] = ours["lm_head.weight"] = pad_vocab(ours["transformer.wte.weight"], config)
     return ours
 
 
-def to_hf_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """One of our tensors in Hugging Face's layout."""
+def to_hf_tensor(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """One of our tensors in Hugging Face's layout (the vocabulary unpadded)."""
+    if name in ("transformer.wte.weight", "lm_head.weight"):
+        tensor = tensor[: config.vocab_size]
     return (tensor.t() if name.endswith(_TRANSPOSED) else tensor).contiguous()
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights -> Hugging Face GPT-2 names and layouts."""
-    return {name: to_hf_tensor(name, tensor) for name, tensor in model.state_dict().items()}
+    return {name: to_hf_tensor(name, tensor, model.config) for name, tensor in model.state_dict().items()}
 
 
 def hf_tensors(hf_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -185,9 +187,9 @@ def save_hf_dir(config: GPTConfig, shapes: dict[str, torch.Size], tensor: Callab
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_shapes = {name: (torch.Size(reversed(s)) if name.endswith(_TRANSPOSED) else s)
+    hf_shapes = {name: torch.Size(to_hf_tensor(name, torch.empty(s, device="meta"), config).shape)
                  for name, s in shapes.items() if name != "lm_head.weight"}
-    write_safetensors(out_dir / "model.safetensors", hf_shapes, lambda name: to_hf_tensor(name, tensor(name)))
+    write_safetensors(out_dir / "model.safetensors", hf_shapes, lambda name: to_hf_tensor(name, tensor(name), config))
     (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
     return out_dir
 

@@ -17,7 +17,7 @@ run resumes, on any number of ranks, by starting at the number of samples consum
 same cost at step 10 as at step 100,000.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import count
 
 import numpy as np
@@ -167,6 +167,25 @@ def train_loader(sources: Sequence[Windows], stream: SampleStream, micro_batch: 
     return DataLoader(MicroBatches(sources, stream, micro_batch), batch_size=None, sampler=chunks,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(stream.seed))
+
+
+class DevicePrefetch:
+    """(inputs, targets) already on the device: taking a batch starts copying the next one
+    (from pinned memory, without blocking the host), so a GPU step never waits for its batch."""
+
+    def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        self.batches, self.device = iter(batches), device
+        self.ready = self._copy(next(self.batches))
+
+    def _copy(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, self.ready = self.ready, self._copy(next(self.batches))
+        return batch
 
 
 def val_batches(windows: Windows, micro_batch: int, rank: int, world_size: int,

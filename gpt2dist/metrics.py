@@ -33,6 +33,12 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> i
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 
+def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: the share of the device's peak that the model's FLOPs (not
+    recomputation, not padding) use; None without a known peak (CPUs, unlisted GPUs)."""
+    return tokens_per_s_per_device * flops_per_token / peak_flops if peak_flops else None
+
+
 def device_peak_flops(override_tflops: float | None) -> float | None:
     """Peak FLOP/s of this rank's GPU from the table (or the override); None on CPU or unknown GPUs."""
     if override_tflops:

@@ -26,9 +26,22 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     block_size: int = 1024  # context length: number of learned positions
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # the tokenizer's
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+    # The embedding and LM head get vocab_size rounded up to a multiple of this (50257 -> 50304 at 64):
+    # GPU matrix multiplies run at full speed only on such shapes. The extra rows are zero and unused.
+    pad_vocab_multiple: int = 64
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
+
+
+def pad_vocab(embedding: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """A token embedding (vocab_size or padded_vocab_size rows) with config's padded rows (zeros)."""
+    rows = config.padded_vocab_size - embedding.shape[0]
+    return embedding if rows == 0 else torch.cat([embedding, embedding.new_zeros(rows, embedding.shape[1])])
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,16 +135,20 @@ class GPT(nn.Module):
         self.gradient_checkpointing = False
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
+        with torch.no_grad():
+            # Padding rows stay zero: no token id reaches them and their logits are dropped, so
+            # they get no gradient, and weight decay keeps zero at zero.
+            self.transformer.wte.weight[config.vocab_size :].zero_()
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
@@ -150,8 +167,9 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        """Parameters counted once (the tied LM head shares the token embedding)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters counted once (the tied LM head shares the token embedding), vocabulary padding excluded."""
+        padding = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        return sum(p.numel() for p in self.parameters()) - padding
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx: (B, T) token ids. Returns (logits (B, T, vocab), loss or None).
@@ -175,8 +193,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab): padding dropped
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss

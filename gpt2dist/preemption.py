@@ -5,14 +5,13 @@ EXIT_REQUEUE, which a launcher takes as "requeue me"; `train.resume=auto` then c
 
 import signal
 
-import torch
-
 EXIT_REQUEUE = 3  # exit status after a signal-triggered checkpoint
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionWatch:
-    """Remembers a stop signal; ranks agree on it so that all of them save the same step."""
+    """Remembers a stop signal. Ranks agree on it, so that all of them save the same step: each
+    step's all-reduce (Trainer.train_step) sums every rank's `vote` and sets `stopping`."""
 
     def __init__(self):
         self.received: int | None = None  # the signal this process got
@@ -23,15 +22,13 @@ class PreemptionWatch:
         self.received = signum
 
     @property
+    def vote(self) -> float:
+        """1 if this rank has received a stop signal, else 0."""
+        return 0.0 if self.received is None else 1.0
+
+    @property
     def reason(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal to another rank"
-
-    def stop_requested(self, device: torch.device) -> bool:
-        """True on every rank if any rank has received a stop signal (a collective call)."""
-        flag = torch.tensor([0 if self.received is None else 1], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.stopping = bool(flag.item())
-        return self.stopping
 
     def close(self) -> None:
         """Restore the previous handlers; or, when stopping on a signal, ignore further ones.

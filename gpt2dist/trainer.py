@@ -15,8 +15,8 @@ from gpt2dist.config import ConfigError, SourceConfig, check, gpt_config, grad_a
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
-from gpt2dist.loader import SampleStream, Windows, train_loader, val_batches
-from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token
+from gpt2dist.loader import DevicePrefetch, SampleStream, Windows, train_loader, val_batches
+from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.shards import TokenBlocks, check_tokenizer
@@ -59,6 +59,8 @@ class Trainer:
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
                                    cfg.train.seed)
 
+        # TF32 changes fp32 matmuls only (train.precision=fp32); bf16 and fp16 runs are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = GPT(gpt_config(cfg.model))
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -69,6 +71,8 @@ class Trainer:
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
         self.engine = ds_engine.build(model, cfg, self.env.world_size)
+        if cfg.train.compile:
+            self.engine.compile()  # torch.compile, in place: parameter names and checkpoints unchanged
         self.device = self.engine.device
 
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
@@ -95,9 +99,9 @@ class Trainer:
         self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
                    f"{cfg.train.global_batch_size * cfg.data.seq_len:,} tokens per step")
-        self.batches = iter(train_loader(
+        self.batches = DevicePrefetch(train_loader(
             list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size, self.env.rank,
-            self.env.world_size, self.samples, cfg.data.num_workers))
+            self.env.world_size, self.samples, cfg.data.num_workers), self.device)
         self.val = {name: val_batches(Windows(TokenBlocks(path, "val"), cfg.data.seq_len), cfg.train.micro_batch_size,
                                       self.env.rank, self.env.world_size, cfg.train.eval_sequences)
                     for name, path, _ in self.sources}
@@ -123,27 +127,31 @@ class Trainer:
         torch.distributed.barrier()
         return builtin_corpus(builtin, self.cfg.data.cache_dir, progress=False)
 
-    def _mean_over_ranks(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.item() / self.env.world_size
+    def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
+        torch.distributed.all_reduce(values)
+        return values.tolist()
 
-    def train_step(self) -> tuple[float, float | None, str | None]:
+    def train_step(self) -> tuple[float, torch.Tensor | float | None, str | None]:
         """One optimizer step over grad_accum micro-batches.
 
         Returns (the step's mean loss over all ranks, grad norm, why the update was skipped or None).
         The guard judges the loss after the last backward and before the update, so a bad batch
         never reaches the weights or the Adam moments.
         """
-        total = 0.0
+        # Losses stay on the device: one host sync per step, not one per micro-batch, lets the
+        # host queue the next micro-batch's work while the GPU still runs this one's.
+        losses = torch.zeros(self.grad_accum, dtype=torch.float64, device=self.device)
         for i in range(self.grad_accum):
             x, y = next(self.batches)
-            _, loss = self.engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            _, loss = self.engine(x, y)
             self.engine.backward(loss)
-            total += loss.item()
+            losses[i] = loss.detach()
             if i < self.grad_accum - 1:
                 ds_engine.step(self.engine)  # accumulates; the update comes with the last micro-batch
-        mean = self._mean_over_ranks(total / self.grad_accum)
+        # One all-reduce per step carries both the loss and whether any rank got a stop signal.
+        loss_sum, votes = self._sum_over_ranks(torch.stack([losses.sum(), losses.new_full((), self.preemption.vote)]))
+        self.preemption.stopping = votes > 0
+        mean = loss_sum / (self.grad_accum * self.env.world_size)
         skip = self.guard.check(mean) if self.guard else None
         with ds_engine.update_skipped(self.engine) if skip else contextlib.nullcontext():
             grad_norm = ds_engine.step(self.engine)
@@ -155,8 +163,8 @@ class Trainer:
         self.engine.eval()
         losses = {}
         for name, batches in self.val.items():
-            mine = [self.engine(x.to(self.device), y.to(self.device))[1].item() for x, y in batches]
-            losses[name] = self._mean_over_ranks(sum(mine) / len(mine))
+            mine = torch.stack([self.engine(x.to(self.device), y.to(self.device))[1].double() for x, y in batches])
+            losses[name] = self._sum_over_ranks(mine.mean().view(1))[0] / self.env.world_size
         self.engine.train()
         return losses
 
@@ -215,12 +223,12 @@ class Trainer:
                 values = {
                     "loss": loss,
                     "lr": self.engine.get_lr()[0],
-                    "grad_norm": grad_norm,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
                     "tokens": self.samples * self.cfg.data.seq_len,
                     **self.tokens_per_source(),
                     "tokens_per_s": tokens_per_s,
-                    "mfu": (tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
-                            if self.peak_flops else None),
+                    "mfu": mfu(tokens_per_s / self.env.world_size, self.flops_per_token, self.peak_flops),
+                    "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                     "skipped_steps": self.guard.skipped if self.guard and self.guard.skipped else None,
                     "fp16_overflows": self.engine.skipped_steps if self.engine.fp16_enabled() else None,
                 }
@@ -237,7 +245,7 @@ class Trainer:
             saved = ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last) and not in_trouble
             if saved:
                 self.save()
-            if self.preemption.stop_requested(self.device):
+            if self.preemption.stopping:
                 if not saved and not in_trouble:
                     self.save()
                 torch.distributed.barrier()  # every rank's part of the checkpoint is on disk

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from gpt2dist.checkpoint import CHECKPOINTS, complete_tags
 from gpt2dist.config import gpt_config
 from gpt2dist.hf import HFError, hf_tensors, read_hf_config
-from gpt2dist.model import GPT, GPTConfig
+from gpt2dist.model import GPT, GPTConfig, pad_vocab
 from gpt2dist.optim import param_groups
 
 STAGE0_STATES = "mp_rank_00_model_states.pt"
@@ -125,6 +125,8 @@ def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) 
         for name, tensor in tensors:
             if name == "lm_head.weight":  # the token embedding, tied
                 continue
+            if name == "transformer.wte.weight" and model.config.vocab_size <= tensor.shape[0] != targets[name].shape[0]:
+                tensor = pad_vocab(tensor[: model.config.vocab_size], model.config)  # another padding, or none
             if name not in targets or targets[name].shape != tensor.shape:
                 expected = tuple(targets[name].shape) if name in targets else "no such weight"
                 raise WeightsError(f"{source}: {name} {tuple(tensor.shape)} does not fit the model ({expected})")
@@ -168,7 +170,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
 
 
 def load_into(model: GPT, path: str | Path) -> GPT:
-    """Overwrite a model's weights with those at `path` (to start training from them); the shapes must match."""
+    """Overwrite a model's weights with those at `path` (to start training from them); the shapes must match
+    (the vocabulary's padding may differ)."""
     config, tensors, source = open_weights(path)
     keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
     theirs, ours = ({k: getattr(c, k) for k in keys} for c in (config, model.config))

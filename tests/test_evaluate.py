@@ -66,7 +66,7 @@ def test_unknown_facts_are_not_always_right(memorised):
 def test_continuation_logprobs_equal_hf():
     hf = tiny_hf(seed=1)
     ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
     g = torch.Generator().manual_seed(2)
     pairs = [(torch.randint(0, 50257, (c,), generator=g).tolist(), torch.randint(0, 50257, (n,), generator=g).tolist())
              for c, n in ((5, 3), (1, 1), (20, 7), (70, 4))]  # the last is longer than the context: cut at the left

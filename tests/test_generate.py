@@ -54,7 +54,7 @@ def test_each_new_token_runs_one_position():
 def test_greedy_equals_transformers_generate():
     hf = tiny_hf(seed=9)
     ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
     idx = prompt(10, length=6)
     expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=30, do_sample=False,
                            eos_token_id=None, pad_token_id=0)

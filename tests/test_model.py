@@ -39,7 +39,7 @@ def test_all_presets_listed():
 def test_hf_to_ours_logits_match():
     hf = tiny_hf()
     ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
     idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
@@ -62,7 +62,7 @@ def test_ours_to_hf_logits_match():
 def test_loss_is_next_token_cross_entropy_like_hf():
     hf = tiny_hf(seed=4)
     ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
     idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         _, loss = ours(idx[:, :-1], idx[:, 1:])
@@ -90,3 +90,26 @@ def test_init_scales_residual_projections():
     std = model.transformer.h[0].attn.c_proj.weight.std().item()
     assert abs(std - 0.02 / (2 * 8) ** 0.5) < 1e-3
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
+
+
+def test_padded_vocabulary_changes_nothing_but_the_shape():
+    """The embedding has 50304 rows (a multiple of 64); logits, loss and gradients are those of
+    the same model without padding, and the padding rows get no gradient."""
+    hf = tiny_hf(seed=8)
+    padded = GPT(config_from_hf(hf.config)).eval()
+    plain = GPT(GPTConfig(**{**config_from_hf(hf.config).__dict__, "pad_vocab_multiple": 1})).eval()
+    assert padded.transformer.wte.weight.shape[0] == 50304 and plain.transformer.wte.weight.shape[0] == 50257
+    padded.load_state_dict(from_hf_state_dict(hf.state_dict(), padded.config))
+    plain.load_state_dict(from_hf_state_dict(hf.state_dict(), plain.config))
+    assert padded.num_params() == plain.num_params()
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(9))
+    (logits_p, loss_p), (logits_u, loss_u) = (m(idx[:, :-1], idx[:, 1:]) for m in (padded, plain))
+    assert logits_p.shape == logits_u.shape == (2, 32, 50257)
+    torch.testing.assert_close(logits_p, logits_u, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_p, loss_u, atol=1e-6, rtol=0)
+    loss_p.backward(), loss_u.backward()
+    grad = padded.transformer.wte.weight.grad
+    assert torch.count_nonzero(grad[50257:]) == 0
+    torch.testing.assert_close(grad[:50257], plain.transformer.wte.weight.grad, atol=1e-6, rtol=0)
+    assert torch.count_nonzero(GPT(padded.config).transformer.wte.weight[50257:]) == 0  # initialised to zero
+    assert to_hf_state_dict(padded)["transformer.wte.weight"].shape == (50257, 64)

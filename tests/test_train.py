@@ -42,6 +42,17 @@ def test_gradient_checkpointing_does_not_change_the_loss(corpus, tmp_path):
     assert plain == pytest.approx(ckpt, abs=1e-5)
 
 
+def test_compiled_run_matches_eager_and_resumes_eagerly(corpus, tmp_path):
+    """train.compile=true trains the same model (same losses), and its checkpoints keep the
+    parameter names, so a compiled run's step-2 checkpoint continues without compile."""
+    eager = losses(train(corpus, tmp_path / "eager", "train.sample_tokens=0"))
+    compiled = losses(train(corpus, tmp_path / "compiled", "train.compile=true", "train.sample_tokens=0"))
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    shutil.rmtree(tmp_path / "compiled" / CHECKPOINTS / "step_00000004")
+    resumed = losses(train(corpus, tmp_path / "compiled", "train.sample_tokens=0"))
+    assert resumed == pytest.approx(eager, rel=1e-4)
+
+
 def test_metrics_and_schedule(corpus, tmp_path):
     metrics = train(corpus, tmp_path, "train.max_steps=6", "optim.warmup_steps=2", "optim.lr=1e-3",
                     "optim.min_lr=1e-4")
