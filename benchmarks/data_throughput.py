@@ -11,7 +11,6 @@
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,7 @@ from gpt2dist.builtin_corpus import documents  # noqa: E402
 from gpt2dist.loader import SampleStream, Windows, train_loader  # noqa: E402
 from gpt2dist.shards import TokenBlocks  # noqa: E402
 from gpt2dist.tokenizer import get_tokenizer  # noqa: E402
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                platform.processor())
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def tokenization(docs: list[str], work: Path, cores: int) -> dict:
@@ -93,7 +87,7 @@ def main() -> None:
     docs = list(documents("stdlib")) * args.copies
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result = {"machine": f"{cpu_model()}, {cores} cores", "python": platform.python_version(),
+        result = {"machine": machine(),
                   "tokenization": tokenization(docs, work, cores)}
         print(json.dumps(result["tokenization"]), flush=True)
         result["loader"] = loader(work / "corpus", seq_len=1024, micro_batch=16, batches=300)

@@ -1,0 +1,186 @@
+"""One measured training run, for the benchmark drivers: gpt2dist's Trainer, or a minimal
+hand-written PyTorch loop of the same model, batch, precision and data (the baseline).
+
+    python benchmarks/worker.py {trainer|bare} [key=value ...]             # one process
+    torchrun --nproc_per_node=2 benchmarks/worker.py {trainer|bare} ...    # DDP for `bare`
+
+The overrides are train.py's (conf/), and both runs read them, so they cannot differ in what
+they train. Rank 0 prints one line, `RESULT {json}`: steady tokens/s (the first log window,
+which holds start-up and compilation, is left out), and each rank's memory: peak allocated
+GPU memory, or on a CPU the growth of the process's resident memory from just before the
+model was built (peak, and at the end).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2dist.builtin_corpus import builtin_corpus  # noqa: E402
+from gpt2dist.config import CONF_DIR, Precision, check, gpt_config, grad_accum_steps, register  # noqa: E402
+from gpt2dist.loader import Windows  # noqa: E402
+from gpt2dist.metrics import device_peak_flops, flops_per_token, mfu  # noqa: E402
+from gpt2dist.model import GPT  # noqa: E402
+from gpt2dist.optim import lr_scheduler, param_groups  # noqa: E402
+from gpt2dist.shards import TokenBlocks  # noqa: E402
+from gpt2dist.trainer import Trainer  # noqa: E402  (imports DeepSpeed before memory is measured)
+
+GIB = 2**30
+
+
+def resident_gib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process, GiB (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20)
+
+
+def steady_tokens_per_s(window_rates: list[float]) -> float:
+    """Tokens/s over the log windows after the first: equal-token windows, so the harmonic mean."""
+    steady = window_rates[1:] or window_rates
+    return len(steady) / sum(1 / r for r in steady)
+
+
+def corpus_path(cfg) -> Path:
+    return Path(cfg.data.path).expanduser() if cfg.data.path else builtin_corpus(cfg.data.builtin, cfg.data.cache_dir,
+                                                                                 progress=False)
+
+
+def run_trainer(cfg) -> list[float]:
+    """gpt2dist's Trainer, in this process; returns the tokens/s of each log window."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    if trainer.env.rank != 0:
+        return []
+    lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m["tokens_per_s"] for m in lines if "tokens_per_s" in m]
+
+
+def run_bare(cfg) -> list[float]:
+    """The baseline: what one would write by hand (nanoGPT's train.py, reduced to the loop).
+
+    The same GPT, AdamW with the same groups and schedule, gradient clipping, random windows of
+    the same corpus; DDP across ranks (no_sync while accumulating); bf16/fp16 by autocast.
+    """
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    t, o = cfg.train, cfg.optim
+    torch.manual_seed(t.seed)
+    raw = GPT(gpt_config(cfg.model)).to(device)
+    raw.gradient_checkpointing = t.gradient_checkpointing
+    model = torch.compile(raw) if t.compile else raw
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    optimizer = torch.optim.AdamW(param_groups(raw, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=cuda)
+    schedule = lr_scheduler(optimizer, o, t.max_steps)
+    dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(Precision(t.precision))
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    windows = Windows(TokenBlocks(corpus_path(cfg), "train"), cfg.data.seq_len)
+    generator = torch.Generator().manual_seed(t.seed + rank)
+    accum = grad_accum_steps(cfg, world)
+
+    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(len(windows), (t.micro_batch_size,), generator=generator).tolist()
+        tokens = torch.stack([torch.from_numpy(windows.tokens(i).astype("int64")) for i in picks])
+        if cuda:
+            tokens = tokens.pin_memory().to(device, non_blocking=True)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    rates, t0 = [], time.perf_counter()
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    x, y = get_batch()
+    for step in range(1, t.max_steps + 1):
+        for micro in range(accum):
+            sync = micro == accum - 1 or world == 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, y)
+            x, y = get_batch()  # the next batch is fetched while the GPU works on this one
+            scaler.scale(loss / accum).backward()
+        if o.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), o.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.logger.log_interval == 0 or step == t.max_steps:
+            loss.item()  # waits for the GPU, as printing the loss does
+            now = time.perf_counter()
+            rates.append(cfg.logger.log_interval * tokens_per_step / (now - t0))
+            t0 = now
+    return rates
+
+
+def launch(mode: str, overrides: list[str], nproc: int = 1, timeout: int = 3600) -> dict:
+    """Run this worker in a fresh process (under torchrun when nproc > 1); returns its result."""
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    out = subprocess.run([*launcher, __file__, mode, *overrides], capture_output=True, text=True, env=env,
+                         timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    results = [line[len("RESULT "):] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not results:
+        raise RuntimeError(f"{mode} {' '.join(overrides)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    result = json.loads(results[-1])
+    print(f"{mode:8s} {' '.join(overrides)}: {result['tokens_per_s']:,.0f} tokens/s, "
+          + (f"MFU {100 * result['mfu']:.1f}%, " if result["mfu"] else "") +
+          f"memory per rank {[round(r['gpu_peak_gib'] or r['rss_peak_growth_gib'], 2) for r in result['ranks']]} GiB",
+          flush=True)
+    return result
+
+
+def main() -> None:
+    mode, overrides = sys.argv[1], sys.argv[2:]
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"train.run_dir={tempfile.mkdtemp(prefix='gpt2dist-bench-')}",
+                                           "logger.wandb=disabled", "train.sample_tokens=0", "train.eval_interval=0",
+                                           "train.ckpt_interval=0", *overrides])
+    check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if cfg.train.max_steps % cfg.logger.log_interval:
+        sys.exit("error: train.max_steps must be a multiple of logger.log_interval (equal windows)")
+    corpus_path(cfg)  # the built-in corpus is prepared before anything is timed
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    start_rss, _ = resident_gib()
+    rates = run_trainer(cfg) if mode == "trainer" else run_bare(cfg)
+    rss, peak_rss = resident_gib()
+    mine = {"gpu_peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
+            "rss_growth_gib": rss - start_rss, "rss_peak_growth_gib": peak_rss - start_rss}
+    ranks = [mine]
+    if torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, mine)
+    if int(os.environ.get("RANK", 0)) == 0:
+        with torch.device("meta"):
+            n_params = GPT(gpt_config(cfg.model)).num_params()
+        tokens_per_s = steady_tokens_per_s(rates)
+        per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
+        result = {"mode": mode, "overrides": overrides, "world_size": len(ranks), "tokens_per_s": tokens_per_s,
+                  "mfu": mfu(tokens_per_s / len(ranks), per_token, device_peak_flops(cfg.logger.peak_tflops)),
+                  "window_tokens_per_s": rates, "ranks": ranks}
+        print("RESULT " + json.dumps(result), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
