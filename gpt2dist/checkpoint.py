@@ -83,18 +83,21 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
         partial.mkdir(parents=True)
     torch.distributed.barrier()
-    error = None
-    try:
-        torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
-        engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": train_state},
-                               save_latest=False)
-    except (OSError, RuntimeError) as e:  # a full disk, mostly (torch.save reports it as a RuntimeError)
-        error = e
-    if not _all_ok(error is None, engine.device):
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(f"{partial}: saving the checkpoint failed ({error or 'on another rank'}); "
-                              f"the previous checkpoints are untouched")
+    # Ranks agree after each part: a rank that failed alone must not leave the others waiting in
+    # DeepSpeed's collectives.
+    for write in (lambda: torch.save(_rng_state(), partial / f"rng_rank{rank}.pt"),
+                  lambda: engine.save_checkpoint(str(root), tag=partial.name,
+                                                 client_state={"train_state": train_state}, save_latest=False)):
+        error = None
+        try:
+            write()
+        except (OSError, RuntimeError) as e:  # a full disk, mostly (torch.save reports it as a RuntimeError)
+            error = e
+        if not _all_ok(error is None, engine.device):
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(f"{partial}: saving the checkpoint failed ({error or 'on another rank'}); "
+                                  f"the previous checkpoints are untouched")
     if rank == 0:
         try:
             _publish(cfg, root, tag, partial, train_state, world_size)

@@ -14,6 +14,13 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON config for this run, from the Hydra config."""
     z, o, t = cfg.zero, cfg.optim, cfg.train
     zero = {"stage": z.stage}
+    if z.stage == 3:
+        # DeepSpeed's default gradient bucket, 5e8 elements, is allocated whole at stage 3: 1 GB of
+        # bf16 per rank whatever the model (benchmarks/zero.py found it). These sizes follow the
+        # width instead, as Hugging Face's DeepSpeed integration derives them ("auto").
+        h = cfg.model.n_embd
+        zero.update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
+                    stage3_param_persistence_threshold=10 * h)
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if z.offload_param:

@@ -39,6 +39,12 @@ class Trainer:
         check(cfg, self.env.world_size)
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
         self.run_dir = run_directory(cfg)
+        run_dirs = [None] * self.env.world_size
+        torch.distributed.all_gather_object(run_dirs, str(self.run_dir))
+        other = next((r for r, d in enumerate(run_dirs) if d != run_dirs[0]), None)
+        if other is not None:
+            raise ConfigError(f"train.run_dir differs between ranks ({run_dirs[0]} on rank 0, {run_dirs[other]} on "
+                              f"rank {other}): every rank must resolve the same directory")
         self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
 
         tag = checkpoint.latest_tag(self.run_dir)

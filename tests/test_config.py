@@ -69,6 +69,7 @@ def test_deepspeed_config_is_derived():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["reduce_bucket_size"] == cfg.model.n_embd**2  # not DeepSpeed's 5e8 (1 GB)
 
 
 def test_cli_rejects_misspelt_key(tmp_path):

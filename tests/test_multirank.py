@@ -34,3 +34,13 @@ def test_two_ranks_match_one_process(corpus, tmp_path, single_process, stage):
     ckpt = tmp_path / CHECKPOINTS / "step_00000004"
     assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     assert len(list(ckpt.glob("*zero_pp_rank_1_*optim_states.pt"))) == 1  # rank 1 holds its shard
+
+
+def test_ranks_with_different_run_directories_are_refused(corpus, tmp_path):
+    """A run directory that resolves differently per rank (here through $RANK) would scatter one
+    checkpoint over two places; it is refused at start-up instead of hanging at the first save."""
+    result = run_train([*tiny_overrides(corpus, tmp_path, *STEPS), f"train.run_dir={tmp_path}/${{oc.env:RANK}}"],
+                       nproc=2, timeout=300)
+    assert result.returncode != 0
+    assert "error: train.run_dir differs between ranks" in result.stderr
+    assert not list(tmp_path.glob("*/checkpoints/step_*"))
