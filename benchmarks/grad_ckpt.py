@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-interval", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("extra", nargs="*", help="more train.py overrides for every run (after --)")
     args = p.parse_args(argv)
-    base = [*(GPU if args.gpu else CPU), f"train.max_steps={args.steps}", f"logger.log_interval={args.log_interval}"]
+    base = [*(GPU if args.gpu else CPU), f"train.max_steps={args.steps}", f"logger.log_interval={args.log_interval}",
+            *args.extra]
     t0 = time.perf_counter()
     runs = {False: [], True: []}
     for i in range(args.repeats):

@@ -50,16 +50,17 @@ def compare(overrides: list[str], repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the GPU configurations (gpt2, gpt2-medium, bf16, compile)")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 12 CPU, 60 GPU)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 12 CPU, 80 GPU)")
     p.add_argument("--log-interval", type=int, default=0, help="steps per timed window (default: 3 CPU, 10 GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("extra", nargs="*", help="more train.py overrides for every run (after --)")
     args = p.parse_args(argv)
     configs = GPU_CONFIGS if args.gpu else CPU_CONFIGS
-    steps = args.steps or (60 if args.gpu else 12)
+    steps = args.steps or (80 if args.gpu else 12)
     interval = args.log_interval or (10 if args.gpu else 3)
-    timing = [f"train.max_steps={steps}", f"logger.log_interval={interval}", "optim.warmup_steps=2"]
+    timing = [f"train.max_steps={steps}", f"logger.log_interval={interval}", "optim.warmup_steps=2", *args.extra]
     t0 = time.perf_counter()
     result = {"machine": machine(), "steps": steps, "log_interval": interval, "repeats": args.repeats,
               "configs": {name: compare([*overrides, *timing], args.repeats) for name, overrides in configs.items()

@@ -6,13 +6,15 @@ hand-written PyTorch loop of the same model, batch, precision and data (the base
 
 The overrides are train.py's (conf/), and both runs read them, so they cannot differ in what
 they train. Rank 0 prints one line, `RESULT {json}`: steady tokens/s (the first log window,
-which holds start-up and compilation, is left out), and each rank's memory: peak allocated
-GPU memory, or on a CPU the growth of the process's resident memory from just before the
-model was built (peak, and at the end).
+which holds start-up and compilation, is left out), and each rank's memory: the tensors alive
+after the last step (model states and buffers), peak allocated GPU memory, and the growth of the
+process's resident memory from just before the model was built (peak, and at the end).
 """
 
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,23 @@ def resident_gib() -> tuple[float, float]:
     return (int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20)
 
 
+def live_tensor_gib(device: torch.device) -> float:
+    """Bytes of every tensor alive now (each storage once), GiB: model states and buffers
+    between steps. On a GPU, the allocator's count; on a CPU, tensors found by the garbage
+    collector (DeepSpeed keeps its flat buffers and partitions in Python objects)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / GIB
+    storages = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, ReferenceError):  # torch.compile's fake tensors; dead weak proxies
+            continue
+    return sum(storages.values()) / GIB
+
+
 def steady_tokens_per_s(window_rates: list[float]) -> float:
     """Tokens/s over the log windows after the first: equal-token windows, so the harmonic mean."""
     steady = window_rates[1:] or window_rates
@@ -54,20 +73,22 @@ def corpus_path(cfg) -> Path:
                                                                                  progress=False)
 
 
-def run_trainer(cfg) -> list[float]:
-    """gpt2dist's Trainer, in this process; returns the tokens/s of each log window."""
+def run_trainer(cfg) -> tuple[list[float], float]:
+    """gpt2dist's Trainer, in this process; returns the tokens/s of each log window (rank 0) and
+    the live tensor memory after the last step."""
     trainer = Trainer(cfg)
     try:
         trainer.train()
+        live = live_tensor_gib(trainer.device)
     finally:
         trainer.close()
     if trainer.env.rank != 0:
-        return []
+        return [], live
     lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m["tokens_per_s"] for m in lines if "tokens_per_s" in m]
+    return [m["tokens_per_s"] for m in lines if "tokens_per_s" in m], live
 
 
-def run_bare(cfg) -> list[float]:
+def run_bare(cfg) -> tuple[list[float], float]:
     """The baseline: what one would write by hand (nanoGPT's train.py, reduced to the loop).
 
     The same GPT, AdamW with the same groups and schedule, gradient clipping, random windows of
@@ -127,7 +148,7 @@ def run_bare(cfg) -> list[float]:
             now = time.perf_counter()
             rates.append(cfg.logger.log_interval * tokens_per_step / (now - t0))
             t0 = now
-    return rates
+    return rates, live_tensor_gib(device)
 
 
 def launch(mode: str, overrides: list[str], nproc: int = 1, timeout: int = 3600) -> dict:
@@ -135,11 +156,16 @@ def launch(mode: str, overrides: list[str], nproc: int = 1, timeout: int = 3600)
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    out = subprocess.run([*launcher, __file__, mode, *overrides], capture_output=True, text=True, env=env,
-                         timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    run_dir = tempfile.mkdtemp(prefix="gpt2dist-bench-")
+    out = subprocess.run([*launcher, __file__, mode, f"train.run_dir={run_dir}", *overrides], capture_output=True,
+                         text=True, env=env, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
     results = [line[len("RESULT "):] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    shutil.rmtree(run_dir, ignore_errors=True)
     if out.returncode or not results:
-        raise RuntimeError(f"{mode} {' '.join(overrides)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        log = Path(run_dir + ".log")
+        log.write_text(out.stdout + out.stderr)
+        raise RuntimeError(f"{mode} {' '.join(overrides)} failed (exit {out.returncode}), output in {log}:\n"
+                           f"{out.stderr[-3000:]}")
     result = json.loads(results[-1])
     print(f"{mode:8s} {' '.join(overrides)}: {result['tokens_per_s']:,.0f} tokens/s, "
           + (f"MFU {100 * result['mfu']:.1f}%, " if result["mfu"] else "") +
@@ -152,7 +178,9 @@ def main() -> None:
     mode, overrides = sys.argv[1], sys.argv[2:]
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"train.run_dir={tempfile.mkdtemp(prefix='gpt2dist-bench-')}",
+        # The same directory on every rank (torchrun gives them one run id).
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))
+        cfg = compose("config", overrides=[f"train.run_dir={tempfile.gettempdir()}/gpt2dist-bench-{run_id}",
                                            "logger.wandb=disabled", "train.sample_tokens=0", "train.eval_interval=0",
                                            "train.ckpt_interval=0", *overrides])
     check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
@@ -161,10 +189,10 @@ def main() -> None:
     corpus_path(cfg)  # the built-in corpus is prepared before anything is timed
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     start_rss, _ = resident_gib()
-    rates = run_trainer(cfg) if mode == "trainer" else run_bare(cfg)
+    rates, live = run_trainer(cfg) if mode == "trainer" else run_bare(cfg)
     rss, peak_rss = resident_gib()
     mine = {"gpu_peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
-            "rss_growth_gib": rss - start_rss, "rss_peak_growth_gib": peak_rss - start_rss}
+            "live_tensors_gib": live, "rss_growth_gib": rss - start_rss, "rss_peak_growth_gib": peak_rss - start_rss}
     ranks = [mine]
     if torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()

@@ -7,9 +7,10 @@
    bytes of Rajbhandari et al. (2020): mixed-precision Adam keeps 2 (bf16 weights) + 2 (bf16
    gradients) + 12 (fp32 master weights, momentum, variance) = 16 bytes per parameter; stage 1
    partitions the 12 across the N ranks, stage 2 also the gradients, stage 3 also the weights.
-   The model (gpt2, 124M) and a 64-token micro-batch make model states most of the memory. On a
-   GPU the measure is peak allocated memory; on a CPU, growth of resident memory from just
-   before the model is built (where offload moves state within the same memory).
+   The model (gpt2, 124M) and a 64-token micro-batch make model states most of the memory.
+   Measured: the tensors alive after the last step, per rank, and the peak (allocated GPU memory,
+   or on a CPU the growth of resident memory, which also holds start-up copies and freed pages).
+   On a CPU, offload moves state within the same memory.
 
     python benchmarks/zero.py --out benchmarks/results/zero.json
 """
@@ -64,11 +65,11 @@ def memory() -> dict:
     rows = {}
     for name, (mode, extra, bytes_per_param) in MEMORY_RUNS.items():
         r = launch(mode, [*MEMORY, *extra], RANKS)
-        measured = max(rank["gpu_peak_gib"] or rank["rss_peak_growth_gib"] for rank in r["ranks"])
         predicted = n * bytes_per_param / 2**30
-        rows[name] = {"predicted_model_states_gib": predicted, "measured_peak_gib": measured,
-                      "measured_at_end_gib": max(rank["rss_growth_gib"] for rank in r["ranks"]),
-                      "ratio": measured / predicted, "run": r}
+        live = max(rank["live_tensors_gib"] for rank in r["ranks"])
+        rows[name] = {"predicted_model_states_gib": predicted, "live_tensors_gib": live, "ratio": live / predicted,
+                      "peak_gib": max(rank["gpu_peak_gib"] or rank["rss_peak_growth_gib"] for rank in r["ranks"]),
+                      "run": r}
     return {"overrides": MEMORY, "parameters": n, "ranks": RANKS, "rows": rows}
 
 
@@ -77,18 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--log-interval", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--parts", nargs="+", choices=["speed", "memory"], default=["speed", "memory"])
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    result = {"machine": machine(), "speed": speed(args.steps, args.log_interval, args.repeats), "memory": memory()}
-    result["seconds"] = time.perf_counter() - t0
+    # Each part replaces its own entry of an existing result file.
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["machine"] = machine()
+    if "speed" in args.parts:
+        result["speed"] = speed(args.steps, args.log_interval, args.repeats)
+    if "memory" in args.parts:
+        result["memory"] = memory()
+    result[f"seconds_{'_'.join(args.parts)}"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for name, ratio in result["speed"]["ratio_to_ddp"].items():
+    for name, ratio in result.get("speed", {}).get("ratio_to_ddp", {}).items():
         print(f"{name}: {ratio:.3f} of DDP's tokens/s")
-    for name, row in result["memory"]["rows"].items():
-        print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB per rank, model states by the formula "
-              f"{row['predicted_model_states_gib']:.2f} GiB ({row['ratio']:.2f}x)")
+    for name, row in result.get("memory", {}).get("rows", {}).items():
+        print(f"{name}: tensors after a step {row['live_tensors_gib']:.2f} GiB per rank, by the formula "
+              f"{row['predicted_model_states_gib']:.2f} GiB ({row['ratio']:.2f}x); peak {row['peak_gib']:.2f} GiB")
     return 0
 
 

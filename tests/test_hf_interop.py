@@ -120,6 +120,18 @@ def test_export_import_round_trip_is_exact(runs, tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_init_from_another_vocabulary_padding(runs):
+    """A padded run's weights load into an unpadded model, unchanged (HF directories, unpadded, load
+    into padded models: test_init_from_hf_weights_for_continued_training)."""
+    padded = load_model(runs["stage2"])
+    unpadded = load_into(GPT(GPTConfig(**{**padded.config.__dict__, "pad_vocab_multiple": 1})), runs["stage2"])
+    assert unpadded.transformer.wte.weight.shape[0] == 50257 < padded.transformer.wte.weight.shape[0]
+    assert torch.equal(unpadded.transformer.wte.weight, padded.transformer.wte.weight[:50257])
+    idx = tokens(7)
+    with torch.no_grad():
+        torch.testing.assert_close(unpadded.eval()(idx)[0], padded(idx)[0], atol=1e-6, rtol=0)
+
+
 class RunsCode:
     def __reduce__(self):
         return (exec, ("open('pwned', 'w').write('')",))
