@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: under 7 minutes on one H200 (each part has its own time limit).
+# The one prepared GPU check: under 8 minutes on one H200 (each part has its own time limit).
 #
 #   bash benchmarks/gpu_check.sh [extra train.py overrides for every run]
 #
 # Prints, and writes to $OUT (default benchmarks/results/gpu), on one GPU at bf16, sequence 1024:
 #   1. tokens/s and MFU of the Trainer and of the bare PyTorch loop for gpt2 and gpt2-medium,
 #      without and with torch.compile, and their ratio (benchmarks/overhead.py --gpu);
-#   2. gpt2-xl with ZeRO 2 (the Trainer alone): tokens/s, MFU and peak memory;
+#   2. the Trainer alone: gpt2 at ZeRO 1, and gpt2-xl with ZeRO 2: tokens/s, MFU and peak memory;
 # after checking that gpt2's attention runs on PyTorch's flash kernel.
 # (Gradient checkpointing on a GPU, if time is left: python3 benchmarks/grad_ckpt.py --gpu --out ...)
 #
@@ -41,12 +41,16 @@ with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
 print("flash attention: gpt2 forward and backward ran on SDPBackend.FLASH_ATTENTION alone")
 PY
 
+GPU=(train.precision=bf16 data.seq_len=1024 train.micro_batch_size=16 train.global_batch_size=16 data.num_workers=2
+     optim.warmup_steps=2)
 # 1. Without compile first: those numbers come back even if compiling runs out of time.
-timeout 120 $PY benchmarks/overhead.py --gpu --repeats 1 --only gpt2 gpt2-medium \
-    --out "$OUT/overhead.json" -- "$@"
-timeout 90 $PY benchmarks/worker.py trainer model=gpt2-xl zero=stage2 train.precision=bf16 data.seq_len=1024 \
-    train.micro_batch_size=16 train.global_batch_size=16 train.max_steps=20 logger.log_interval=5 \
-    optim.warmup_steps=2 data.num_workers=2 "$@" | tee "$OUT/gpt2-xl-zero2.txt" | grep RESULT
-timeout 200 $PY benchmarks/overhead.py --gpu --repeats 1 --only "gpt2 compiled" "gpt2-medium compiled" \
+timeout 110 $PY benchmarks/overhead.py --gpu --repeats 1 --only gpt2 gpt2-medium --out "$OUT/overhead.json" -- "$@"
+# 2. The Trainer alone. gpt2 at ZeRO 1: DeepSpeed's bf16 optimizer on flat fp32 buffers (ZeRO 0's is per parameter).
+timeout 35 $PY benchmarks/worker.py trainer model=gpt2 zero=stage1 "${GPU[@]}" train.max_steps=80 \
+    logger.log_interval=10 "$@" | tee "$OUT/gpt2-zero1.txt" | grep RESULT
+timeout 85 $PY benchmarks/worker.py trainer model=gpt2-xl zero=stage2 "${GPU[@]}" train.max_steps=20 \
+    logger.log_interval=5 "$@" | tee "$OUT/gpt2-xl-zero2.txt" | grep RESULT
+# 3. Compiled.
+timeout 190 $PY benchmarks/overhead.py --gpu --repeats 1 --only "gpt2 compiled" "gpt2-medium compiled" \
     --out "$OUT/overhead_compiled.json" -- "$@"
 echo "gpu_check: $((SECONDS - start)) s"
