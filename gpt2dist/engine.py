@@ -54,6 +54,10 @@ def build(model: torch.nn.Module, cfg, world_size: int):
         lr_scheduler=functools.partial(lr_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps),
         config=deepspeed_config(cfg, world_size),
     )
+    if world_size == 1 and cfg.zero.stage == 0:
+        # Alone, DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step:
+        # 3.5% of a step of a 30M model on a CPU (ZeRO 1-3 reduce through their optimizers instead).
+        engine.enable_backward_allreduce = False
     return engine
 
 
