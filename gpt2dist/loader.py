@@ -171,7 +171,7 @@ def train_loader(sources: Sequence[Windows], stream: SampleStream, micro_batch: 
 
 class DevicePrefetch:
     """(inputs, targets) already on the device: taking a batch starts copying the next one
-    (from pinned memory, without blocking the host), so a GPU step never waits for its batch."""
+    (from pinned memory, without blocking the host), so that the copy overlaps the GPU's work."""
 
     def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
         self.batches, self.device = iter(batches), device
