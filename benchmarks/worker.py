@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt2dist.builtin_corpus import builtin_corpus  # noqa: E402
 from gpt2dist.config import CONF_DIR, Precision, check, gpt_config, grad_accum_steps, register  # noqa: E402
 from gpt2dist.loader import Windows  # noqa: E402
-from gpt2dist.metrics import device_peak_flops, flops_per_token, mfu  # noqa: E402
+from gpt2dist.metrics import device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib  # noqa: E402
 from gpt2dist.model import GPT  # noqa: E402
 from gpt2dist.optim import lr_scheduler, param_groups  # noqa: E402
 from gpt2dist.shards import TokenBlocks  # noqa: E402
@@ -191,7 +191,7 @@ def main() -> None:
     start_rss, _ = resident_gib()
     rates, live = run_trainer(cfg) if mode == "trainer" else run_bare(cfg)
     rss, peak_rss = resident_gib()
-    mine = {"gpu_peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
+    mine = {"gpu_peak_gib": peak_gpu_memory_gib(),
             "live_tensors_gib": live, "rss_growth_gib": rss - start_rss, "rss_peak_growth_gib": peak_rss - start_rss}
     ranks = [mine]
     if torch.distributed.is_initialized():

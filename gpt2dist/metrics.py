@@ -39,6 +39,11 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak_flops: float 
     return tokens_per_s_per_device * flops_per_token / peak_flops if peak_flops else None
 
 
+def peak_gpu_memory_gib() -> float | None:
+    """Most GPU memory this process's tensors have held at once, GiB; None without a GPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def device_peak_flops(override_tflops: float | None) -> float | None:
     """Peak FLOP/s of this rank's GPU from the table (or the override); None on CPU or unknown GPUs."""
     if override_tflops:

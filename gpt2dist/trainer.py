@@ -16,7 +16,7 @@ from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
 from gpt2dist.loader import DevicePrefetch, SampleStream, Windows, train_loader, val_batches
-from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu
+from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.shards import TokenBlocks, check_tokenizer
@@ -234,7 +234,7 @@ class Trainer:
                     **self.tokens_per_source(),
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu(tokens_per_s / self.env.world_size, self.flops_per_token, self.peak_flops),
-                    "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                    "gpu_mem_gib": peak_gpu_memory_gib(),
                     "skipped_steps": self.guard.skipped if self.guard and self.guard.skipped else None,
                     "fp16_overflows": self.engine.skipped_steps if self.engine.fp16_enabled() else None,
                 }

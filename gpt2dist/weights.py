@@ -125,8 +125,8 @@ def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) 
         for name, tensor in tensors:
             if name == "lm_head.weight":  # the token embedding, tied
                 continue
-            if name == "transformer.wte.weight" and model.config.vocab_size <= tensor.shape[0] != targets[name].shape[0]:
-                tensor = pad_vocab(tensor[: model.config.vocab_size], model.config)  # another padding, or none
+            if name == "transformer.wte.weight" and tensor.shape[0] >= model.config.vocab_size:
+                tensor = pad_vocab(tensor[: model.config.vocab_size], model.config)  # whatever padding it had
             if name not in targets or targets[name].shape != tensor.shape:
                 expected = tuple(targets[name].shape) if name in targets else "no such weight"
                 raise WeightsError(f"{source}: {name} {tuple(tensor.shape)} does not fit the model ({expected})")
