@@ -4,13 +4,22 @@ of the wrong type fails at start-up, naming the key.
 Derived values (gradient accumulation, tokens per step) are computed here and nowhere else.
 """
 
+import contextlib
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gpt2dist.model import GPTConfig
 
@@ -30,6 +39,11 @@ class Precision(str, Enum):
 class Schedule(str, Enum):
     cosine = "cosine"  # warmup, cosine decay to min_lr at train.max_steps
     constant = "constant"  # warmup, constant, linear anneal to min_lr over the last optim.decay_steps
+
+
+class Resume(str, Enum):
+    auto = "auto"  # continue from the newest checkpoint in train.run_dir, if any
+    never = "never"  # refuse a train.run_dir that holds a checkpoint
 
 
 class WandbMode(str, Enum):
@@ -63,7 +77,9 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING  # a label for logs
-    path: Optional[str] = None  # a corpus prepared by `python -m data_tools.prepare`; null: the built-in one
+    # A corpus prepared by `python -m data_tools.prepare`; null: the built-in one. Every data
+    # config says which (a `???` left by data=custom must not be filled by a default).
+    path: Optional[str] = MISSING
     builtin: str = "stdlib"  # with path null: stdlib (both), pydoc (English prose) or pycode (Python source)
     cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
     seq_len: int = 256  # tokens per training sequence
@@ -114,7 +130,7 @@ class TrainConfig:
     eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
     keep_last: int = 0  # keep only the newest N checkpoints (pruned after a new one is complete); 0: all
-    resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
+    resume: Resume = Resume.auto  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
     init_from: Optional[str] = None  # with nothing to resume: start from these weights (a run, checkpoint or HF GPT-2 dir)
     # With init_from a gpt2dist run or checkpoint of the same ZeRO stage (and, stage >= 1, world size): also take
     # its optimizer state (AdamW moments); the learning rate still follows this run's schedule from step 0.
@@ -199,13 +215,74 @@ def grad_accum_steps(cfg, world_size: int) -> int:
     return cfg.train.global_batch_size // per_pass
 
 
+def _schema_field(full_key: str) -> tuple[list[str], str] | None:
+    """For `a.b.c`, the field names of the schema node `a.b` and the last part `c`; None when
+    `a.b` is not a node of the schema."""
+    *path, last = full_key.split(".")
+    schema = Config
+    for part in path:
+        hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+        schema = hints.get(part.split("[")[0])
+        if typing.get_origin(schema) in (list, List):  # data.sources[0]
+            schema = typing.get_args(schema)[0]
+    if not dataclasses.is_dataclass(schema):
+        return None
+    return [f.name for f in dataclasses.fields(schema)], last
+
+
+def unknown_key_message(full_key: str) -> str:
+    """`unknown key optim.lrr (did you mean optim.lr?)`."""
+    message = f"unknown key {full_key}"
+    known = _schema_field(full_key)
+    if known:
+        names, last = known
+        close = difflib.get_close_matches(last, names, n=1)
+        if close:
+            message += f" (did you mean {full_key.rsplit('.', 1)[0] + '.' if '.' in full_key else ''}{close[0]}?)"
+    return message
+
+
+def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
+    """Keys of `node` that its dataclass `schema` does not have, e.g. ones added with `+`."""
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        kind = hints.get(key)
+        if kind is None:
+            unknown.append(full)
+        elif dataclasses.is_dataclass(kind) and isinstance(node[key], DictConfig):
+            unknown += _unknown_keys(node[key], kind, f"{full}.")
+        elif typing.get_origin(kind) in (list, List) and isinstance(node[key], ListConfig):
+            item = typing.get_args(kind)[0]
+            if dataclasses.is_dataclass(item):
+                for i, value in enumerate(node[key]):
+                    unknown += _unknown_keys(value, item, f"{full}[{i}].")
+    return unknown
+
+
+def _missing_message(key: str) -> str:
+    if key == "data.path":
+        return ("data.path is missing: data=custom trains on a corpus you prepared; pass "
+                "data.path=<directory made by python -m data_tools.prepare>")
+    return f"{key} is missing: pass {key}=<value>"
+
+
 def check(cfg, world_size: int) -> None:
-    """Relations between values that the types alone cannot express."""
+    """Keys the schema does not know, values left missing (`???`), and relations between values
+    that the types alone cannot express."""
     t, m, d, z = cfg.train, cfg.model, cfg.data, cfg.zero
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
+
+    unknown = _unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError(unknown_key_message(unknown[0]))
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(_missing_message(missing[0]))
 
     need(m.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple={m.pad_vocab_multiple} must be >= 1")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
@@ -228,7 +305,6 @@ def check(cfg, world_size: int) -> None:
     need(t.max_steps > 0, "train.max_steps must be positive")
     need(t.eval_sequences % per_pass == 0,
          f"train.eval_sequences={t.eval_sequences} must be a multiple of micro-batch x world size = {per_pass}")
-    need(t.resume in ("auto", "never"), f"train.resume={t.resume!r} must be auto or never")
     need(z.stage in (0, 1, 2, 3), f"zero.stage={z.stage} must be 0, 1, 2 or 3")
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
@@ -247,3 +323,44 @@ def check(cfg, world_size: int) -> None:
     need(g.window > 0 and 0 < g.min_history <= g.window,
          f"guard.min_history={g.min_history} must be in 1..guard.window={g.window}")
     need(g.max_skips >= 0, "guard.max_skips must be >= 0")
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a configuration error from Hydra or OmegaConf, whose messages span several
+    lines with hints such as "append with +key", which would be wrong here (unknown keys fail)."""
+    lines = []
+    while e is not None:
+        lines += [line.strip() for line in str(e).splitlines()]
+        e = e.__cause__
+    noise = ("To append", "object_type", "reference_type", "full_key", "Set the environment variable")
+    if "Config search path:" in lines:  # the places Hydra looked for a config group option
+        lines = lines[:lines.index("Config search path:")]
+    lines = [line.rstrip(".") for line in lines if line and not line.startswith(noise)]
+    for i, line in enumerate(lines):  # "Available options in 'data':" and one option per line
+        if line.endswith(":"):
+            lines[i:] = [f"{line} {', '.join(lines[i + 1:])}"]
+            break
+    unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
+    if unknown and any(" not in " in line for line in lines):
+        return unknown_key_message(unknown.group(1))
+    return "; ".join(dict.fromkeys(lines))
+
+
+@contextlib.contextmanager
+def one_line_errors(*expected: type[BaseException]):
+    """A configuration error, or one of the `expected` errors, ends the program with one `error:`
+    line on stderr and exit status 2. Used twice: around the Hydra main (composition errors)
+    and around the work inside it (there Hydra would first print the job's overrides).
+    HYDRA_FULL_ERROR=1 in the environment keeps Hydra's full traceback for its own errors."""
+    full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing two lines
+    try:
+        yield
+    except (ConfigError, *expected) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as e:
+        if full_trace:
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)

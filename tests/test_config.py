@@ -36,6 +36,7 @@ def test_command_line_example_from_readme():
     ("model.n_layr=3", (ConfigCompositionException, ConfigKeyError, ConfigAttributeError)),
     ("train.max_steps=lots", (ConfigCompositionException, ValidationError)),
     ("train.precision=fp8", (ConfigCompositionException, ValidationError)),
+    ("train.resume=sometimes", (ConfigCompositionException, ValidationError)),
 ])
 def test_bad_keys_and_types_fail_at_compose(override, error):
     with pytest.raises(error):
@@ -47,7 +48,6 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["data.seq_len=2048"], "data.seq_len"),
     (["model.n_head=3"], "model.n_embd"),
     (["zero.offload_param=true", "zero.stage=2"], "zero.offload_param"),
-    (["train.resume=sometimes"], "train.resume"),
     (["data.sources=[{name: a, path: x, weight: -1}]"], "data.sources[0].weight"),
     (["data.sources=[{name: a, path: x}, {name: a, builtin: pydoc}]"], "data.sources: names must be unique"),
     (["data.sources=[{name: a, builtin: nope}]"], "data.sources[0].builtin"),
@@ -83,3 +83,35 @@ def test_cli_rejects_bad_batch_arithmetic(tmp_path):
     result = run_train([f"train.run_dir={tmp_path / 'run'}", "train.global_batch_size=12", "logger.wandb=disabled"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: train.global_batch_size=12")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+optim.lrr=1e-3", "error: unknown key optim.lrr (did you mean optim.lr?)"),
+    ("optim.lrr=1e-3", "error: unknown key optim.lrr (did you mean optim.lr?)"),
+    ("+train.foo=1", "error: unknown key train.foo"),
+    ("data=custom", "error: data.path is missing: data=custom trains on a corpus you prepared; "
+                    "pass data.path=<directory made by python -m data_tools.prepare>"),
+    ("train.max_steps=lots", "error: Error merging override train.max_steps=lots; Value 'lots' of type 'str' "
+                             "could not be converted to Integer"),
+])
+def test_cli_config_errors_are_one_line(tmp_path, override, message):
+    """Unknown keys fail with or without `+`, a missing data.path fails, and Hydra's own errors
+    are one line (no second line about HYDRA_FULL_ERROR); nothing is written."""
+    result = run_train([f"train.run_dir={tmp_path / 'run'}", "logger.wandb=disabled", override])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_hydra_full_error_keeps_the_trace(tmp_path):
+    result = run_train([f"train.run_dir={tmp_path}", "train.max_steps=lots"], env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["+optim.lrr=1e-3"], "unknown key optim.lrr (did you mean optim.lr?)"),
+    (["data=custom"], "data.path is missing"),
+])
+def test_check_refuses_unknown_and_missing_keys(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        check(make_cfg(*overrides), world_size=1)
