@@ -50,11 +50,21 @@ def detect() -> DistEnv:
     return DistEnv(0, 0, 1, "plain")
 
 
+# The variables init() may set, and their values before it did; close() puts them back, so
+# that the next job of an in-process sweep (`-m`) detects its own launcher, not ours.
+_EXPORTED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_saved_env: dict[str, str | None] | None = None
+
+
 def init() -> DistEnv:
     """Detect the launcher, export what torch.distributed needs, and join the process group."""
-    import deepspeed  # heavy import, kept out of module import time
+    global _saved_env
+    from gpt2dist import deepspeed_env
 
+    deepspeed = deepspeed_env.load()  # heavy import, kept out of module import time
     dist_env = detect()
+    if _saved_env is None:
+        _saved_env = {k: os.environ.get(k) for k in _EXPORTED}
     os.environ.update(RANK=str(dist_env.rank), LOCAL_RANK=str(dist_env.local_rank),
                       WORLD_SIZE=str(dist_env.world_size))
     if dist_env.launcher == "srun":
@@ -66,5 +76,29 @@ def init() -> DistEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if not torch.cuda.is_available():
+            deepspeed_env.announce_build("ShareMemCommBuilder", "shared-memory collectives", dist_env.is_main)
+        with deepspeed_env.quiet():  # its gcc probes and build lines
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist_env
+
+
+def close() -> None:
+    """Leave the process group and put back the environment init() changed.
+
+    Destroying the group stops its store and communication threads in order: a native thread
+    still running when the interpreter exits aborts it (`terminate called without an active
+    exception`, exit 134), which would replace a clean `error:` line and exit status.
+    """
+    global _saved_env
+    if torch.distributed.is_initialized():
+        from deepspeed import comm
+
+        comm.destroy_process_group()  # also drops DeepSpeed's cached groups; the next init() makes new ones
+    if _saved_env is not None:
+        for key, value in _saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _saved_env = None

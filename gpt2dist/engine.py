@@ -3,11 +3,27 @@
 import contextlib
 import functools
 
-import deepspeed
 import torch
 
-from gpt2dist.config import Precision, grad_accum_steps
+from gpt2dist import deepspeed_env
+from gpt2dist.config import ConfigError, Precision, grad_accum_steps
 from gpt2dist.optim import lr_scheduler, param_groups
+
+deepspeed = deepspeed_env.load()
+
+
+def check_precision(precision: Precision) -> None:
+    """Refuse a precision this machine's accelerator cannot run (DeepSpeed would fail later,
+    with a traceback): CPUs without oneDNN fp16 kernels, for one."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {Precision.fp16: accelerator.is_fp16_supported, Precision.bf16: accelerator.is_bf16_supported}
+    if precision in supported and not supported[precision]():
+        device = accelerator.device_name()
+        other = "bf16" if precision == Precision.fp16 and accelerator.is_bf16_supported() else "fp32"
+        raise ConfigError(f"train.precision={precision.value} is not supported on this {device} device; "
+                          f"use train.precision={other}")
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -46,14 +62,17 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     }
 
 
-def build(model: torch.nn.Module, cfg, world_size: int):
+def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True):
     """Wrap the model in a DeepSpeed engine with AdamW and our schedule."""
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        lr_scheduler=functools.partial(lr_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps),
-        config=deepspeed_config(cfg, world_size),
-    )
+    if cfg.zero.offload_optimizer:
+        deepspeed_env.announce_build("CPUAdamBuilder", "CPU Adam optimizer", is_main)
+    with deepspeed_env.quiet():  # its build and configuration lines
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            lr_scheduler=functools.partial(lr_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps),
+            config=deepspeed_config(cfg, world_size),
+        )
     if world_size == 1 and cfg.zero.stage == 0:
         # Alone, DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step:
         # 3.5% of a step of a 30M model on a CPU (ZeRO 1-3 reduce through their optimizers instead).

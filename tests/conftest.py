@@ -59,12 +59,26 @@ def clean_env() -> dict:
     return env
 
 
-def run_train(overrides: list[str], nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python train.py ...`, or under `torchrun --nproc_per_node=nproc`."""
+def run_train(overrides: list[str], nproc: int = 0, timeout: int = 600, env: dict | None = None
+              ) -> subprocess.CompletedProcess:
+    """`python train.py ...`, or under `torchrun --nproc_per_node=nproc`; `env` adds variables."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
-    return subprocess.run([*launcher, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=clean_env(),
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *overrides], cwd=ROOT, env={**clean_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def fp16_supported() -> bool:
+    """Whether this machine's accelerator runs fp16 (CPUs need oneDNN fp16 kernels, which some lack)."""
+    from gpt2dist import deepspeed_env
+
+    deepspeed_env.load()
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+needs_fp16 = pytest.mark.skipif(not fp16_supported(), reason="this CPU has no oneDNN fp16 kernels: DeepSpeed refuses fp16")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

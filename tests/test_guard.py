@@ -9,7 +9,7 @@ from gpt2dist import dist, engine as ds_engine
 from gpt2dist.config import gpt_config
 from gpt2dist.guard import LossGuard
 from gpt2dist.model import GPT
-from tests.conftest import make_cfg, tiny_overrides
+from tests.conftest import make_cfg, needs_fp16, tiny_overrides
 
 
 def test_nan_inf_and_spikes_are_skipped():
@@ -131,6 +131,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_
     verify(tmp_path / CHECKPOINTS / "step_00000004")
 
 
+@needs_fp16
 def test_fp16_overflows_are_reported(corpus, tmp_path):
     from gpt2dist.trainer import Trainer
     from tests.conftest import read_metrics
