@@ -159,26 +159,29 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     manifest = verify(ckpt_dir)
     saved = OmegaConf.load(ckpt_dir / "config.yaml").model
     theirs, ours = ({k: getattr(gpt_config(m), k) for k in SHAPE_KEYS} for m in (saved, cfg.model))
+    # Resuming takes precedence over init_from in the same run directory: a run with another
+    # shape or layout starts in a new one, from this checkpoint's weights.
+    fresh = f"train.run_dir=<a new directory> train.init_from={ckpt_dir}"
     if theirs != ours:
-        raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}")
+        raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}; "
+                              f"resume with the same model, or start another run from these weights with {fresh}")
     if manifest["tokenizer"] != "gpt2":
         raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's 'gpt2'")
     stage, ranks = manifest["zero_stage"], manifest["world_size"]
     if stage != cfg.zero.stage or (stage > 0 and ranks != world_size):
         same = f"zero.stage={stage}" + (f" on {ranks} ranks" if stage > 0 else "")
         remedy = (f"run with {same}, or without train.init_optimizer (fresh optimizer state)" if init_optimizer else
-                  f"resume with {same}, or start from its weights with train.init_from={ckpt_dir} (fresh optimizer "
-                  "state)")
+                  f"resume with {same}, or start another run from its weights (fresh optimizer state) with {fresh}")
         raise CheckpointError(
             f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at "
             f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: {remedy}")
     return manifest
 
 
-def load(engine, cfg, run_dir: str | Path, tag: str, rank: int, world_size: int) -> dict:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint; returns its train_state."""
+def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint that `check_compatible`
+    accepted; returns its train_state."""
     ckpt_dir = checkpoint_root(run_dir) / tag
-    check_compatible(cfg, ckpt_dir, world_size)
     path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")

@@ -69,7 +69,7 @@ def _format(key: str, value) -> str:
 
 
 class Metrics:
-    def __init__(self, cfg, run_dir: Path, resume_step: int):
+    def __init__(self, cfg, run_dir: Path, resume_step: int, name: str):
         self.max_steps = cfg.train.max_steps
         self.jsonl = None
         if cfg.logger.jsonl:
@@ -84,9 +84,9 @@ class Metrics:
             id_file = run_dir / "wandb_id"  # the same W&B run across resumes
             if not id_file.exists():
                 id_file.write_text(uuid.uuid4().hex[:8])
-            init = dict(project=cfg.logger.wandb_project, name=run_dir.name, id=id_file.read_text().strip(),
+            init = dict(project=cfg.logger.wandb_project, name=name, id=id_file.read_text().strip(),
                         resume="allow", dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
-                        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+                        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True))
             try:
                 self.wandb = wandb.init(mode=mode.value, **init)
             except Exception as e:  # no network, no API key, a server error: never stop training for W&B
@@ -95,6 +95,8 @@ class Metrics:
                 print(f"warning: W&B online failed ({type(e).__name__}: {e}); logging offline instead "
                       f"(upload later with `wandb sync`)", flush=True)
                 self.wandb = wandb.init(mode=WandbMode.offline.value, **init)
+            print(f"W&B: {self.wandb.settings.mode} run {name!r} (id {self.wandb.id}) under {run_dir / 'wandb'}",
+                  flush=True)
 
     def log(self, step: int, values: dict) -> None:
         values = {k: v for k, v in values.items() if v is not None}

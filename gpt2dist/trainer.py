@@ -2,16 +2,19 @@
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from gpt2dist import checkpoint, dist, engine as ds_engine
+from gpt2dist import checkpoint, dist, engine as ds_engine, run_dir
 from gpt2dist.builtin_corpus import builtin_corpus
-from gpt2dist.config import ConfigError, SourceConfig, check, gpt_config, grad_accum_steps
+from gpt2dist.config import ConfigError, Precision, Resume, SourceConfig, check, gpt_config, grad_accum_steps
+from gpt2dist.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
@@ -24,6 +27,20 @@ from gpt2dist.tokenizer import get_tokenizer
 from gpt2dist.weights import find_checkpoint, load_into
 
 
+def run_name(run_dir: Path) -> str:
+    """The run's name in W&B: its directory's; in a sweep (-m), the sweep directory's and the
+    values this job was given for the swept keys, e.g. `lr-sweep: optim.lr=0.001`."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return run_dir.name
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    # The sweeper saved the command line's overrides, sweeps (a,b,c) unexpanded, in multirun.yaml.
+    given = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(given)) if o.is_sweep_override()}
+    mine = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return f"{sweep_dir.name}: {', '.join(mine) or f'job {hydra_cfg.job.num}'}"
+
+
 def run_directory(cfg) -> Path:
     """train.run_dir; in a Hydra sweep (-m), each job's own <train.run_dir>/<job number>."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -31,14 +48,57 @@ def run_directory(cfg) -> Path:
     return Path(cfg.train.run_dir).resolve()
 
 
+@dataclass
+class StepResult:
+    loss: float  # mean over all ranks and micro-batches
+    lr: float  # the learning rate this step's update used
+    grad_norm: torch.Tensor | float | None  # before clipping
+    skipped: str | None  # why the loss guard skipped the update, or None
+
+
 class Trainer:
+    """Everything a run needs, built from the config in `_build`; `train()` runs it.
+
+    Nothing is written to the run directory until every check has passed (config, data, model,
+    checkpoint), so a refused start leaves a previous run's files as they were.
+    """
+
     def __init__(self, cfg):
         self.cfg = cfg
+        self.metrics = self.preemption = None
         self.env = dist.init()
         self.is_main = self.env.is_main
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         check(cfg, self.env.world_size)
+        check_precision(Precision(cfg.train.precision))
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
-        self.run_dir = run_directory(cfg)
+        tag = self._run_directory()
+        self._build_data()
+        self._build_model(tag)
+        guard_state = self._restore(tag)
+        g = cfg.guard
+        self.guard = LossGuard(g.zscore, g.window, g.min_history, g.max_skips, guard_state) if g.enabled else None
+        self._build_batches()
+        self._start_logging()
+        self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
+        self.preemption = PreemptionWatch()
+        if cfg.train.init_from and not tag:
+            self.start_losses = self._val_losses()
+            if self.metrics:
+                self.metrics.log(0, self._val_metrics(self.start_losses))
+
+    def _run_directory(self) -> str | None:
+        """Resolve train.run_dir (the same on every rank) and decide, writing nothing, whether this
+        run resumes from one of its checkpoints (the tag) or starts at step 0 (None)."""
+        self.run_dir = run_directory(self.cfg)
         run_dirs = [None] * self.env.world_size
         torch.distributed.all_gather_object(run_dirs, str(self.run_dir))
         other = next((r for r, d in enumerate(run_dirs) if d != run_dirs[0]), None)
@@ -46,16 +106,14 @@ class Trainer:
             raise ConfigError(f"train.run_dir differs between ranks ({run_dirs[0]} on rank 0, {run_dirs[other]} on "
                               f"rank {other}): every rank must resolve the same directory")
         self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
+        tag = run_dir.plan(self.run_dir, Resume(self.cfg.train.resume))
+        if tag:
+            checkpoint.check_compatible(self.cfg, checkpoint.checkpoint_root(self.run_dir) / tag, self.env.world_size)
+        return tag
 
-        tag = checkpoint.latest_tag(self.run_dir)
-        if tag and cfg.train.resume == "never":
-            raise ConfigError(f"{self.run_dir} already holds checkpoint {tag}; pass train.resume=auto to continue "
-                              "it, or choose another train.run_dir")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
-
-        # The training sources, each a corpus with a weight; the first one's validation split is val_loss.
+    def _build_data(self) -> None:
+        """The training sources, each a corpus with a weight; the first one's validation split is val_loss."""
+        cfg = self.cfg
         self.sources = [(s.name, self._corpus(s.path, s.builtin), s.weight)
                         for s in cfg.data.sources or [SourceConfig(cfg.data.name, cfg.data.path, cfg.data.builtin)]]
         self.train_windows = {name: Windows(TokenBlocks(path, "train"), cfg.data.seq_len)
@@ -65,6 +123,8 @@ class Trainer:
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
                                    cfg.train.seed)
 
+    def _build_model(self, tag: str | None) -> None:
+        cfg = self.cfg
         # TF32 changes fp32 matmuls only (train.precision=fp32); bf16 and fp16 runs are unaffected.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -76,32 +136,33 @@ class Trainer:
         self.n_params = model.num_params()
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
-        self.engine = ds_engine.build(model, cfg, self.env.world_size)
+        self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main)
         if cfg.train.compile:
             self.engine.compile()  # torch.compile, in place: parameter names and checkpoints unchanged
         self.device = self.engine.device
 
+    def _restore(self, tag: str | None) -> dict | None:
+        """Resume from checkpoint `tag`, or take init_from's optimizer state; returns the loss guard's state."""
+        cfg = self.cfg
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
-        guard_state = None
         # With init_from, each source's validation loss before training: forgetting/<name> is measured from it.
         self.start_losses: dict[str, float] = {}
         if tag:
-            state = checkpoint.load(self.engine, cfg, self.run_dir, tag, self.env.rank, self.env.world_size)
-            self.step, self.samples = state["step"], state["samples"]
-            self.start_losses = state.get("start_losses", {})
-            guard_state = state.get("guard")
+            state = checkpoint.load(self.engine, self.run_dir, tag, self.env.rank)
+            self.load_train_state(state)
             self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
-        elif cfg.train.init_optimizer:
+            return state.get("guard")
+        if cfg.train.init_optimizer:
             ckpt_dir = find_checkpoint(cfg.train.init_from)
             if ckpt_dir is None:
                 raise ConfigError(f"train.init_optimizer: {cfg.train.init_from} holds no gpt2dist checkpoint, so no "
                                   "optimizer state to take; drop train.init_optimizer to start from its weights only")
             checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size)
             self.print(f"took the optimizer state of {ckpt_dir}")
+        return None
 
-        g = cfg.guard
-        self.guard = LossGuard(g.zscore, g.window, g.min_history, g.max_skips, guard_state) if g.enabled else None
-
+    def _build_batches(self) -> None:
+        cfg = self.cfg
         self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
                    f"{cfg.train.global_batch_size * cfg.data.seq_len:,} tokens per step")
@@ -111,14 +172,22 @@ class Trainer:
         self.val = {name: val_batches(Windows(TokenBlocks(path, "val"), cfg.data.seq_len), cfg.train.micro_batch_size,
                                       self.env.rank, self.env.world_size, cfg.train.eval_sequences)
                     for name, path, _ in self.sources}
-        self.metrics = Metrics(cfg, self.run_dir, self.step) if self.is_main else None
-        self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
-        self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
-        self.preemption = PreemptionWatch()
-        if cfg.train.init_from and not tag:
-            self.start_losses = self._val_losses()
-            if self.metrics:
-                self.metrics.log(0, self._val_metrics(self.start_losses))
+
+    def _start_logging(self) -> None:
+        """The first writes of the run, after every check: the marker, config.yaml and the metrics."""
+        if self.is_main:
+            run_dir.claim(self.run_dir)
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            self.metrics = Metrics(self.cfg, self.run_dir, self.step, run_name(self.run_dir))
+
+    def train_state(self) -> dict:
+        """What a checkpoint keeps of the loop itself, beside DeepSpeed's state."""
+        return {"step": self.step, "samples": self.samples, "start_losses": self.start_losses,
+                "guard": self.guard.state_dict() if self.guard else None}
+
+    def load_train_state(self, state: dict) -> None:
+        self.step, self.samples = state["step"], state["samples"]
+        self.start_losses = state.get("start_losses", {})
 
     def print(self, *args) -> None:
         if self.is_main:
@@ -137,10 +206,9 @@ class Trainer:
         torch.distributed.all_reduce(values)
         return values.tolist()
 
-    def train_step(self) -> tuple[float, torch.Tensor | float | None, str | None]:
+    def train_step(self) -> StepResult:
         """One optimizer step over grad_accum micro-batches.
 
-        Returns (the step's mean loss over all ranks, grad norm, why the update was skipped or None).
         The guard judges the loss after the last backward and before the update, so a bad batch
         never reaches the weights or the Adam moments.
         """
@@ -159,9 +227,10 @@ class Trainer:
         self.preemption.stopping = votes > 0
         mean = loss_sum / (self.grad_accum * self.env.world_size)
         skip = self.guard.check(mean) if self.guard else None
+        lr = self.engine.get_lr()[0]  # the scheduler moves on inside step()
         with ds_engine.update_skipped(self.engine) if skip else contextlib.nullcontext():
             grad_norm = ds_engine.step(self.engine)
-        return mean, grad_norm, skip
+        return StepResult(mean, lr, grad_norm, skip)
 
     @torch.no_grad()
     def _val_losses(self) -> dict[str, float]:
@@ -194,9 +263,7 @@ class Trainer:
         return {f"tokens/{name}": n * self.cfg.data.seq_len for (name, *_), n in zip(self.sources, drawn)}
 
     def save(self) -> None:
-        train_state = {"step": self.step, "samples": self.samples, "start_losses": self.start_losses,
-                       "guard": self.guard.state_dict() if self.guard else None}
-        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, train_state,
+        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.train_state(),
                               self.env.rank, self.env.world_size, self.cfg.train.keep_last)
         self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
 
@@ -210,7 +277,8 @@ class Trainer:
         self.engine.train()
         t0, steps_since_log = time.perf_counter(), 0
         while self.step < t.max_steps:
-            loss, grad_norm, skipped = self.train_step()
+            result = self.train_step()
+            skipped = result.skipped
             self.step += 1
             self.samples += t.global_batch_size
             steps_since_log += 1
@@ -227,9 +295,9 @@ class Trainer:
                     torch.cuda.synchronize()
                 tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t0)
                 values = {
-                    "loss": loss,
-                    "lr": self.engine.get_lr()[0],
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "loss": result.loss,
+                    "lr": result.lr,
+                    "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
                     "tokens": self.samples * self.cfg.data.seq_len,
                     **self.tokens_per_source(),
                     "tokens_per_s": tokens_per_s,
@@ -276,6 +344,18 @@ class Trainer:
         self.print(f"sample: {enc.decode(out[0].tolist())!r}")
 
     def close(self) -> None:
-        self.preemption.close()
+        """Release everything, also after a failed start: signal handlers, metrics, the process group."""
+        if self.preemption:
+            self.preemption.close()
         if self.metrics:
             self.metrics.close()
+        dist.close()
+
+
+def run(cfg) -> int:
+    """Train one run of `cfg`; returns the exit status (see Trainer.train)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

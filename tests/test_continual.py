@@ -33,7 +33,7 @@ def test_init_optimizer_takes_the_moments_and_keeps_the_new_schedule(corpus, tmp
     assert [m["step"] for m in b] == [0, 1, 2, 3]
     assert b[1]["val_loss"] == pytest.approx(b[0]["val_loss"], abs=1e-5)  # steps at b's lr of ~1e-9
     optim = make_cfg(*tiny_overrides(corpus, tmp_path, "optim.lr=1e-9", "optim.min_lr=1e-10")).optim
-    assert [m["lr"] for m in b[1:]] == pytest.approx([1e-9 * lr_factor(s, optim, 3) for s in (1, 2, 3)])
+    assert [m["lr"] for m in b[1:]] == pytest.approx([1e-9 * lr_factor(s - 1, optim, 3) for s in (1, 2, 3)])
 
     # The same first step at lr 1e-3 from a's moments and from fresh ones.
     taken = train(corpus, tmp_path / "c", *new, "train.init_optimizer=true", "optim.lr=1e-3")

@@ -37,7 +37,8 @@ def slurm_env(tmp_path_factory):
     env = clean_env()
     env.update(SLURM_CONF=str(state / "slurm.conf"), GPT2DIST_PYTHON=sys.executable)
     yield env
-    subprocess.run([str(CLUSTER), "stop", str(state)], check=False)
+    stopped = subprocess.run([str(CLUSTER), "stop", str(state)], capture_output=True, text=True)
+    assert stopped.returncode == 0, f"the test cluster did not stop cleanly: {stopped.stderr}"
 
 
 def submit(env, run_dir, log, *overrides) -> str:
@@ -121,5 +122,5 @@ def test_submitit_sweep(slurm_env, corpus, tmp_path):
         metrics = read_metrics(sweep / job)
         assert [m["step"] for m in metrics] == [1, 2, 3]
         assert (sweep / job / CHECKPOINTS / "step_00000003" / "rng_rank1.pt").exists()  # 2 ranks in each job
-        lrs.append(metrics[0]["lr"])
+        lrs.append(metrics[1]["lr"])  # step 2: warmup (2 steps) done, the peak rate
     assert lrs == [1e-3, 3e-3]

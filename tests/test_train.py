@@ -9,9 +9,10 @@ import torch
 
 from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
 from gpt2dist.config import ConfigError
+from gpt2dist.optim import lr_factor
 from gpt2dist.trainer import Trainer
 from gpt2dist.weights import WeightsError
-from tests.conftest import make_cfg, tiny_overrides, train
+from tests.conftest import fp16_supported, make_cfg, needs_fp16, run_train, tiny_overrides, train
 
 
 def losses(metrics):
@@ -21,7 +22,7 @@ def losses(metrics):
 @pytest.mark.parametrize("extra", [
     ["train.precision=fp32"],
     ["train.precision=bf16"],
-    ["train.precision=fp16", "zero=stage1"],
+    pytest.param(["train.precision=fp16", "zero=stage1"], marks=needs_fp16),
     ["train.gradient_checkpointing=true"],
     ["zero=stage2", "zero.offload_optimizer=true"],
     ["zero=offload"],
@@ -59,10 +60,11 @@ def test_metrics_and_schedule(corpus, tmp_path):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     assert [m["tokens"] for m in steps] == [128 * s for s in range(1, 7)]  # 4 sequences x 32 tokens
-    lrs = [m["lr"] for m in steps]
-    assert lrs[0] == pytest.approx(1e-3)  # after step 1 the schedule is at step 1: warmup done
-    assert lrs[-1] == pytest.approx(1e-4)  # cosine ends at min_lr
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # Each step logs the rate its update used: step 1 is the first of 2 warmup steps, then cosine.
+    optim = make_cfg(*tiny_overrides(corpus, tmp_path, "optim.warmup_steps=2", "optim.lr=1e-3",
+                                     "optim.min_lr=1e-4")).optim
+    assert [m["lr"] for m in steps] == pytest.approx([1e-3 * lr_factor(s - 1, optim, 6) for s in range(1, 7)])
+    assert steps[0]["lr"] == pytest.approx(5e-4) and steps[1]["lr"] == pytest.approx(1e-3)
     assert all(m["tokens_per_s"] > 0 for m in steps)
     saved = (tmp_path / CHECKPOINTS / "step_00000006" / "config.yaml").read_text()
     assert "max_steps: 6" in saved
@@ -90,9 +92,24 @@ def test_resume_never_refuses_existing_checkpoints(corpus, tmp_path):
 
 
 def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
+    """Refused before anything is written: the good run's config and metrics stay as they were,
+    and the message says how to start from its weights (another directory: resuming comes first)."""
     train(corpus, tmp_path)
-    with pytest.raises(CheckpointError, match="n_embd"):
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(CheckpointError, match=r"n_embd.*train.run_dir=<a new directory> train.init_from="):
         Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "model.n_embd=64")))
+    with pytest.raises(ConfigError, match="data.path"):
+        Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "data=custom", "data.path=???")))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.skipif(fp16_supported(), reason="this machine runs fp16; the refusal is for those that cannot")
+def test_fp16_where_unsupported_is_one_error_line_suggesting_bf16(corpus, tmp_path):
+    result = run_train(tiny_overrides(corpus, tmp_path / "run", "train.precision=fp16", "zero=stage1"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: train.precision=fp16 is not supported on this cpu device; use train.precision=bf16"]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_finished_run_does_nothing(corpus, tmp_path, capsys):
@@ -154,7 +171,7 @@ def test_init_from_starts_from_another_runs_weights(corpus, tmp_path):
     # a fresh model would be ~10.8.
     assert second[0]["step"] == 0 and second[0]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-6)
     assert second[1]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-3)
-    assert second[1]["lr"] == pytest.approx(1e-9)  # its own schedule, not the one saved with a
+    assert second[1]["lr"] == pytest.approx(0.5e-9)  # its own schedule (warmup step 1 of 2), not a's
     with pytest.raises(WeightsError, match="does not match"):
         Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "c", f"train.init_from={tmp_path / 'a'}",
                                          "model.n_embd=64")))
