@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2dist.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeat for several); with no prompt at all, unconditional samples")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: 0.8)")
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompts_file:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
-        if not prompts:
-            raise WeightsError("no prompts: pass --prompt or --prompts-file")
+        prompts = prompts or [""]  # no prompt: unconditional samples, each a new document
         model = load_model(args.model, args.device)
     except (OSError, UnicodeDecodeError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

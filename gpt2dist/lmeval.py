@@ -10,6 +10,7 @@ from the Hugging Face hub; tasks of your own can read local files (`dataset_path
 """
 
 import argparse
+import difflib
 import json
 import sys
 
@@ -81,6 +82,16 @@ class GPT2DistLM(TemplateLM):
         return results
 
 
+def check_tasks(tasks: list[str], task_manager: TaskManager) -> None:
+    """Refuse task names lm-eval does not know (its own, or under --include-path), suggesting the nearest."""
+    known = task_manager.all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see `lm-eval ls tasks`, or --include-path)"
+            raise WeightsError(f"--tasks: unknown lm-eval task {task!r}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2dist.lmeval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=default_device())
     p.add_argument("--output", help="write lm-eval's results here as JSON")
     args = p.parse_args(argv)
+    tasks = args.tasks.split(",")
+    task_manager = TaskManager(include_path=args.include_path)
     try:
+        check_tasks(tasks, task_manager)  # before the model is loaded: a typo fails in seconds
         lm = GPT2DistLM(args.model, args.device, args.batch_size)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
-                              task_manager=TaskManager(include_path=args.include_path), log_samples=False)
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                              task_manager=task_manager, log_samples=False)
     print(json.dumps(results["results"], indent=1, default=str))
     if args.output:
         with open(args.output, "w") as f:

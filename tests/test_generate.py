@@ -91,5 +91,8 @@ def test_generate_command(tmp_path, capsys):
     blocks = out.split("-" * 40 + "\n")[:-1]
     starts = ["Hello", "Hello", "Once upon a time", "Once upon a time", "The answer is", "The answer is"]
     assert len(blocks) == 6 and all(b.startswith(p) for b, p in zip(blocks, starts))
+    assert generate_main([str(model_dir), "--max-new-tokens", "5", "--num-samples", "2"]) == 0  # no prompt
+    unprompted = capsys.readouterr().out.split("-" * 40 + "\n")[:-1]
+    assert len(unprompted) == 2  # two unconditional samples (before: "error: no prompts")
     assert generate_main([str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'}: no such file or directory\n"

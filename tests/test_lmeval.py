@@ -87,3 +87,11 @@ def test_adapter_requests_match_gpt2dist(model_dir):
     ours = generate(lm.model, idx, 20, temperature=0.0, stop_token=EOT)[0, idx.size(1):].tolist()
     assert out == enc.decode(ours[: ours.index(EOT)] if EOT in ours else ours).split("river")[0]
     assert out == " green grass in a quiet field by the "
+
+
+def test_unknown_task_is_refused_before_the_model_loads(tmp_path, capsys):
+    """The model path does not exist: the task is what the one error line is about."""
+    assert lmeval_main([str(tmp_path / "no-model"), "--tasks", "hellaswagg", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tasks: unknown lm-eval task 'hellaswagg' (did you mean hellaswag")
+    assert err.count("\n") == 1
