@@ -85,13 +85,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train(corpus: Path, run_dir: Path, *extra: str) -> list[dict]:
-    """Train the tiny model in this process through the real Trainer; returns its metrics."""
-    from gpt2dist.trainer import Trainer
+def train_cfg(overrides: list[str], run_dir: Path) -> list[dict]:
+    """Train in this process through the real Trainer, as train.py does; returns the metrics."""
+    from gpt2dist.trainer import run
 
-    trainer = Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *extra)))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run(make_cfg(*overrides))
     return read_metrics(run_dir)
+
+
+def train(corpus: Path, run_dir: Path, *extra: str) -> list[dict]:
+    """Train the tiny model in this process; returns its metrics."""
+    return train_cfg(tiny_overrides(corpus, run_dir, *extra), run_dir)
