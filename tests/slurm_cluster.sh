@@ -3,13 +3,37 @@
 #
 #   tests/slurm_cluster.sh start DIR    write DIR/slurm.conf, start munged (unless running),
 #                                       slurmctld and slurmd; print the SLURM_CONF to export
-#   tests/slurm_cluster.sh stop DIR     stop only the daemons that `start DIR` started
+#   tests/slurm_cluster.sh stop DIR     cancel this cluster's jobs and wait for their steps, stop
+#                                       the daemons that `start DIR` started, then check that no
+#                                       process of this cluster survives (exit 1 if one did)
 set -euo pipefail
 cmd=$1
 dir=$(mkdir -p "$2" && cd "$2" && pwd)
 host=$(hostname -s)
 
+# Processes of this cluster: the daemons and everything they started (slurmstepd, job steps)
+# carry its SLURM_CONF in their environment.
+cluster_pids() {
+    grep -lzx "SLURM_CONF=$dir/slurm.conf" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | grep -vx -e $$ -e "$PPID" || true
+}
+
+steps_running() {
+    for pid in $(cluster_pids); do
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmstepd ] && return 0
+    done
+    return 1
+}
+
 stop() {
+    # Not exported: the checks below must not find their own commands' environments.
+    local conf=$dir/slurm.conf
+    if [ -f "$dir/slurmctld.started" ]; then  # cancel every job, then wait for its steps to end
+        SLURM_CONF=$conf squeue -h -o %i 2>/dev/null | SLURM_CONF=$conf xargs -r scancel --full 2>/dev/null || true
+        for _ in $(seq 90); do
+            [ -z "$(SLURM_CONF=$conf squeue -h -o %i 2>/dev/null)" ] && ! steps_running && break
+            sleep 1
+        done
+    fi
     for name in slurmd slurmctld munged; do
         if [ -f "$dir/$name.started" ]; then
             pid=$(cat "$dir/$name.pid" 2>/dev/null || true)
@@ -19,9 +43,16 @@ stop() {
             rm -f "$dir/$name.started"
         fi
     done
+    left=$(cluster_pids)
+    if [ -n "$left" ]; then
+        echo "processes of the cluster in $dir survived its stop; killed:" >&2
+        ps -o pid,args -p "$(echo $left | tr ' ' ,)" >&2 || true
+        kill -9 $left 2>/dev/null || true
+        return 1
+    fi
 }
 
-if [ "$cmd" = stop ]; then stop; exit 0; fi
+if [ "$cmd" = stop ]; then stop; exit $?; fi
 [ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 
 mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
