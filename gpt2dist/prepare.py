@@ -6,11 +6,14 @@ the same input and settings whatever the number of workers; at most a few batche
 are in flight, so memory stays bounded whatever the corpus size.
 
 The corpus is written into a temporary directory beside the target and renamed into place
-only when complete, so an interrupted preparation never leaves something that looks done.
+only when complete, so an interrupted preparation never leaves something that looks done. An
+existing output is replaced only if it is a prepared corpus and nothing else (and only when
+asked): a directory gpt2dist did not write is never deleted.
 """
 
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +33,7 @@ BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
+CORPUS_FILE = re.compile(r"(train|val)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -90,6 +94,39 @@ def _tokenized(documents: Iterable[str], val_fraction: float, workers: int) -> I
             yield n, future.result()
 
 
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output we may not replace: anything but a missing or empty directory, or (with
+    `overwrite`) a prepared corpus holding only the files a preparation writes."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+    names = sorted(p.name for p in out_dir.iterdir())
+    if not names:
+        return
+    if not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir}: not empty and not a prepared corpus (no {MANIFEST}); "
+                              "gpt2dist replaces only what it wrote: choose another output directory")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir}: a prepared corpus is already there (pass --overwrite to replace it)")
+    foreign = [name for name in names if not CORPUS_FILE.fullmatch(name)]
+    if foreign:
+        raise FileExistsError(f"{out_dir}: a prepared corpus, but it also holds {', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}: not replacing it")
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished corpus from `tmp` to `out_dir`, the old corpus there (if any) aside first."""
+    check_output(out_dir, overwrite)  # again: the directory may have changed while we tokenized
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = tmp.with_name(tmp.name + "-old")
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old)
+
+
 def prepare_corpus(
     documents: Iterable[str],
     out_dir: str | Path,
@@ -105,9 +142,8 @@ def prepare_corpus(
     """Tokenize `documents` into a corpus at `out_dir` with `workers` processes (default: one per
     core); returns its manifest. `skipped()`, asked once the documents are read, is the number
     of bad inputs the reader skipped, recorded in the manifest."""
-    out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: a prepared corpus is already there (pass --overwrite to replace it)")
+    out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
+    check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)
@@ -147,9 +183,7 @@ def prepare_corpus(
             "splits": splits,
         }
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached with overwrite=True; the new corpus is complete
-        os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, overwrite)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
