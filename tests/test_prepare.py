@@ -169,3 +169,43 @@ def test_overwrite_replaces_only_a_prepared_corpus(tmp_path):
     with pytest.raises(FileExistsError, match="also holds README: not replacing it"):
         prepare(DOCS[:20], overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_symlink_loops_read_each_file_once(tmp_path):
+    from data_tools.sources import input_files
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("a")
+    (tmp_path / "d" / "sub" / "b.txt").write_text("b")
+    (tmp_path / "d" / "sub" / "back").symlink_to(tmp_path / "d")  # a loop (two would grow exponentially)
+    (tmp_path / "d" / "z-link.txt").symlink_to(tmp_path / "d" / "sub" / "b.txt")
+    for spec in (f"{tmp_path}/d/**/*.txt", f"{tmp_path}/d"):
+        files, skips = input_files([spec])
+        assert [f.relative_to(tmp_path).as_posix() for f in files] == ["d/a.txt", "d/sub/b.txt"]
+        assert skips == {"repeated": 2}  # d through back, b.txt through z-link.txt
+
+
+def test_any_text_file_is_a_document_binaries_are_skipped(tmp_path):
+    src = tmp_path / "src"
+    (src / ".git").mkdir(parents=True)
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    files = {"notes.md": "# Notes\n" + DOCS[0], "tool.py": "print('hello')\n" + DOCS[1], "README": DOCS[2],
+             "page.html": "<p>" + DOCS[3] + "</p>", "notes.rst.gz": gzip.compress(DOCS[4].encode(), mtime=0)}
+    for name, content in files.items():
+        (src / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (src / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
+    (src / "docs.jsonl").write_bytes(jsonl(DOCS[5:8]))
+    out = tmp_path / "out"
+    r = run("prepare", str(src), "--exclude", "*.html", "--output", str(out), "--block-tokens", "16",
+            "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["documents"] == 4 + 3
+    assert ("skipped 3 files: 1 hidden (name starts with '.'), 1 excluded by --include/--exclude, "
+            "1 binary (NUL bytes)") in r.stdout
+    r = run("prepare", str(src / "notes.md"), str(src / "README"), "--output", str(tmp_path / "named"),
+            "--block-tokens", "16")
+    assert r.returncode == 0, r.stderr  # named directly, whatever the extension
+    r = run("prepare", str(src), "--include", "*.md", "--output", str(tmp_path / "md"), "--block-tokens", "16",
+            "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "md" / MANIFEST).read_text())["splits"]["train"]["documents"] == 1
