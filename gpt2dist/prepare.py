@@ -141,7 +141,10 @@ def prepare_corpus(
 ) -> dict:
     """Tokenize `documents` into a corpus at `out_dir` with `workers` processes (default: one per
     core); returns its manifest. `skipped()`, asked once the documents are read, is the number
-    of bad inputs the reader skipped, recorded in the manifest."""
+    of bad inputs the reader skipped, recorded in the manifest. The train split must hold at least
+    one block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split."""
+    if not 0 <= val_fraction <= 1:
+        raise ValueError(f"val_fraction={val_fraction} is not between 0 and 1")
     out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -152,22 +155,22 @@ def prepare_corpus(
     try:
         shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
         writers = {s: SplitWriter(tmp, s, block_tokens, shard_blocks) for s in ("train", "val")}
-        start, n_bytes, n_tokens = time.perf_counter(), 0, 0
+        start, n_bytes, split_tokens = time.perf_counter(), 0, {s: 0 for s in writers}
         with tqdm(desc=f"tokenizing {source}", unit=" docs", disable=not progress, mininterval=1.0) as bar:
             for n_docs, result in _tokenized(documents, val_fraction, workers or os.cpu_count() or 1):
                 for split, writer in writers.items():
                     tokens, docs = result[split]
                     writer.add(tokens, docs)
-                    n_tokens += len(tokens)
+                    split_tokens[split] += len(tokens)
                 n_bytes += result["bytes"]
                 secs = max(time.perf_counter() - start, 1e-9)
                 bar.update(n_docs)
-                bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
+                bar.set_postfix_str(f"{sum(split_tokens.values()):,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
         splits = {s: w.close() for s, w in writers.items()}
-        if splits["train"]["blocks"] == 0:
-            raise ValueError(
-                f"{source}: {n_tokens:,} tokens are not enough for one training block of {block_tokens + 1} tokens"
-            )
+        needed = "val" if val_fraction == 1 else "train"
+        if splits[needed]["blocks"] == 0:
+            raise ValueError(f"{source}: the {needed} split's {split_tokens[needed]:,} tokens are not enough for "
+                             f"one block of {block_tokens + 1} tokens")
         manifest = {
             "format": FORMAT,
             "source": source,
@@ -178,7 +181,7 @@ def prepare_corpus(
             "block_tokens": block_tokens,
             "val_fraction": val_fraction,
             "input_bytes": n_bytes,
-            "input_tokens": n_tokens,
+            "input_tokens": sum(split_tokens.values()),
             "skipped_inputs": skipped(),
             "splits": splits,
         }

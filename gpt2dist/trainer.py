@@ -15,7 +15,7 @@ from gpt2dist.config import ConfigError, SourceConfig, check, gpt_config, grad_a
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
-from gpt2dist.loader import DevicePrefetch, SampleStream, Windows, train_loader, val_batches
+from gpt2dist.loader import DevicePrefetch, SampleStream, Windows, train_loader, validation_sets
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
@@ -108,9 +108,11 @@ class Trainer:
         self.batches = DevicePrefetch(train_loader(
             list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size, self.env.rank,
             self.env.world_size, self.samples, cfg.data.num_workers), self.device)
-        self.val = {name: val_batches(Windows(TokenBlocks(path, "val"), cfg.data.seq_len), cfg.train.micro_batch_size,
-                                      self.env.rank, self.env.world_size, cfg.train.eval_sequences)
-                    for name, path, _ in self.sources}
+        self.val, warnings = validation_sets({name: path for name, path, _ in self.sources}, cfg.data.seq_len,
+                                             cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
+                                             cfg.train.eval_sequences)
+        for warning in warnings:
+            self.print(f"warning: {warning}")
         self.metrics = Metrics(cfg, self.run_dir, self.step) if self.is_main else None
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
@@ -177,6 +179,8 @@ class Trainer:
     def _val_metrics(self, losses: dict[str, float]) -> dict[str, float]:
         """val_loss (the first source's); with several sources val/<name> for each; with init_from
         forgetting/<name>, each source's loss now minus its loss before training."""
+        if not losses:  # no source has a validation split
+            return {}
         return {"val_loss": next(iter(losses.values())),
                 **({f"val/{name}": loss for name, loss in losses.items()} if len(losses) > 1 else {}),
                 **{f"forgetting/{name}": loss - self.start_losses[name] for name, loss in losses.items()

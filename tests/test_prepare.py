@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from gpt2dist.shards import MANIFEST
+from gpt2dist.tokenizer import get_tokenizer
 from tests.conftest import ROOT, clean_env
 
 DOCS = [f"Document {i}: " + "Sphinx of black quartz, judge my vow. " * (3 + i % 11) for i in range(300)]
@@ -209,3 +210,25 @@ def test_any_text_file_is_a_document_binaries_are_skipped(tmp_path):
             "--val-fraction", "0")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "md" / MANIFEST).read_text())["splits"]["train"]["documents"] == 1
+
+
+def test_val_fraction_one_and_the_split_the_error_counts(tmp_path):
+    from gpt2dist.prepare import is_validation, prepare_corpus
+
+    def prepare(docs, out, val_fraction):
+        return prepare_corpus(docs, tmp_path / out, source="docs", val_fraction=val_fraction, block_tokens=16,
+                              progress=False, workers=1)
+
+    held_out = prepare(DOCS[:10], "held-out", 1)  # an evaluation corpus: everything to validation
+    assert held_out["splits"]["train"]["documents"] == 0 and held_out["splits"]["val"]["documents"] == 10
+    # Lots of validation text, a few train tokens: the error counts the train split's, not all.
+    enc = get_tokenizer()
+    docs = [d for d in DOCS if is_validation(d, 0.5)][:20] + [
+        d for d in ("a", "b", "c", "d", "e") if not is_validation(d, 0.5)]
+    train_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs if not is_validation(d, 0.5))
+    assert 0 < train_tokens < 17
+    with pytest.raises(ValueError, match=f"^docs: the train split's {train_tokens} tokens are not enough for one "
+                                         "block of 17 tokens$"):
+        prepare(docs, "small", 0.5)
+    with pytest.raises(ValueError, match="val_fraction=1.5 is not between 0 and 1"):
+        prepare(DOCS, "bad", 1.5)
