@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad documents, lines and files (counted in the manifest) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus already at --output (never anything else)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a prepared corpus already at --output (never anything else)")
     args = p.parse_args(argv)
     try:
         files, skips = input_files(args.inputs, args.include, args.exclude)

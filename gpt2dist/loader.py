@@ -59,6 +59,15 @@ class Windows:
         return tokens[:-1], tokens[1:]
 
 
+def train_windows(path: Path, seq_len: int, weight: float) -> Windows:
+    """The training windows of a corpus; an empty train split (a held-out corpus) only with weight 0."""
+    windows = Windows(TokenBlocks(path, "train"), seq_len)
+    if len(windows) == 0 and weight > 0:
+        raise CorpusError(f"{path}: the train split is empty (a held-out corpus, prepared with --val-fraction 1?): "
+                          "give it weight 0 to evaluate it only")
+    return windows
+
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a well-mixed 64-bit hash (uint64 arithmetic wraps)."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

@@ -87,7 +87,8 @@ def hf_tokenizer_files(model_max_length: int) -> dict[str, str]:
 
 @functools.cache
 def _hf_vocab_and_merges() -> tuple[str, str]:
-    """vocab.json (token -> id) and merges.txt (the merges in rank order), tokens spelled as GPT-2's files spell them."""
+    """The text of vocab.json (token -> id) and merges.txt (the merges in rank order), tokens
+    spelled as GPT-2's own files spell them."""
     ranks = bundled_ranks()
     to_unicode = _bytes_to_unicode()
 

@@ -15,11 +15,11 @@ from gpt2dist.config import ConfigError, SourceConfig, check, gpt_config, grad_a
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
-from gpt2dist.loader import DevicePrefetch, SampleStream, Windows, train_loader, validation_sets
+from gpt2dist.loader import DevicePrefetch, SampleStream, train_loader, train_windows, validation_sets
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
-from gpt2dist.shards import TokenBlocks, check_tokenizer
+from gpt2dist.shards import check_tokenizer
 from gpt2dist.tokenizer import get_tokenizer
 from gpt2dist.weights import find_checkpoint, load_into
 
@@ -58,8 +58,8 @@ class Trainer:
         # The training sources, each a corpus with a weight; the first one's validation split is val_loss.
         self.sources = [(s.name, self._corpus(s.path, s.builtin), s.weight)
                         for s in cfg.data.sources or [SourceConfig(cfg.data.name, cfg.data.path, cfg.data.builtin)]]
-        self.train_windows = {name: Windows(TokenBlocks(path, "train"), cfg.data.seq_len)
-                              for name, path, _ in self.sources}
+        self.train_windows = {name: train_windows(path, cfg.data.seq_len, weight)
+                              for name, path, weight in self.sources}
         for name, path, _ in self.sources:
             check_tokenizer(self.train_windows[name].blocks.manifest, path, cfg.model.vocab_size)
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
