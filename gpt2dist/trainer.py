@@ -177,7 +177,7 @@ class Trainer:
         return losses
 
     def _val_metrics(self, losses: dict[str, float]) -> dict[str, float]:
-        """val_loss (the first source's); with several sources val/<name> for each; with init_from
+        """val_loss (the first validated source's); with several sources val/<name> for each; with init_from
         forgetting/<name>, each source's loss now minus its loss before training."""
         if not losses:  # no source has a validation split
             return {}
