@@ -2,16 +2,19 @@
 
     python -m data_tools.prepare --output data/mycorpus texts/ 'more/*.jsonl.zst' dump.parquet
 
-Inputs: `.txt` files (a document each), `.jsonl` files (a document per line, in the field
-named by --text-field), both optionally compressed (`.gz`, `.zst`), and `.parquet` files (a
-document per row, in the column named by --text-field); given as files, directories or glob
-patterns. Tokenization runs on all cores; the same input and settings give byte-identical shards.
+Inputs: `.jsonl` files (a document per line, in the field named by --text-field), `.parquet`
+files (a document per row, in the column named by --text-field), and any other text file (`.txt`,
+`.md`, `.py`, `.html`, no extension, ...: a document each); all but Parquet optionally compressed
+(`.gz`, `.zst`). Given as files, directories or glob patterns (quoted; `**` for any depth), and
+narrowed with --include/--exclude. Binary files, hidden names below an input and files reached
+twice (symbolic links) are skipped, and counted in the summary. Tokenization runs on all cores;
+the same input and settings give byte-identical shards.
 """
 
 import argparse
 import sys
 
-from data_tools.sources import Documents, InputError, input_files
+from data_tools.sources import Documents, InputError, describe_skips, input_files
 from gpt2dist.prepare import prepare_corpus
 from gpt2dist.shards import DEFAULT_BLOCK_TOKENS
 
@@ -21,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="directory to create (manifest.json and shards)")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="read only files whose name or path matches this glob pattern (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="skip files whose name or path matches this glob pattern (repeatable)")
     p.add_argument("--text-field", default="text", help="JSON Lines field or Parquet column holding the text "
                                                         "(default: text)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
@@ -30,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad documents, lines and files (counted in the manifest) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace a corpus already at --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a prepared corpus already at --output (never anything else)")
     args = p.parse_args(argv)
     try:
-        docs = Documents(input_files(args.inputs), args.text_field, args.skip_bad)
+        files, skips = input_files(args.inputs, args.include, args.exclude)
+        docs = Documents(files, args.text_field, args.skip_bad)
         manifest = prepare_corpus(docs, args.output, source=" ".join(args.inputs), val_fraction=args.val_fraction,
                                   block_tokens=args.block_tokens, shard_mb=args.shard_mb, overwrite=args.overwrite,
                                   workers=args.workers, skipped=lambda: docs.skipped)
@@ -42,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for split, s in manifest["splits"].items():
         print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    skips.update(docs.skips)
+    if skips:
+        print(f"skipped {skips.total():,} files: {describe_skips(skips)}")
     if manifest["skipped_inputs"]:
         print(f"skipped {manifest['skipped_inputs']:,} bad inputs (--skip-bad)")
     print(f"wrote {args.output}")

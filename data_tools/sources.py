@@ -1,55 +1,139 @@
-"""Reading raw text, streamed so that memory stays bounded whatever the input size.
+"""Finding input files and reading their text, streamed so that memory stays bounded whatever the input size.
 
-- `.txt`: one document per file.
 - `.jsonl`: one document per line, in a string field (`text` by default); blank lines are ignored.
 - `.parquet`: one document per row, in a string column; read in row batches.
+- any other file (`.txt`, `.md`, `.py`, `.html`, no extension, ...): one document, if it is
+  text; a binary file (a NUL byte near the start) is skipped and counted.
 
-`.txt` and `.jsonl` may be compressed: `.txt.gz`, `.jsonl.gz`, `.txt.zst`, `.jsonl.zst`.
+All but Parquet may be compressed (`.gz`, `.zst`: `notes.md.gz`, `docs.jsonl.zst`). Inputs are
+files, directories (every file below) or glob patterns (`**` for any depth). Symbolic links are
+followed, each real directory entered and each real file read once, so a link loop cannot
+repeat or multiply the input; hidden names (`.git`, `.cache`, ...) below an input are passed over.
 """
 
-import glob
+import fnmatch
 import gzip
 import io
 import json
+import re
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
-SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst", ".parquet")
 PARQUET_BATCH_ROWS = 1024
 SKIPS_SHOWN = 10  # skipped inputs named one by one on stderr; the rest are only counted
+GLOB_MAGIC = re.compile(r"[*?[]")
+BINARY_SNIFF_BYTES = 8000  # a NUL byte among the first this many makes a file binary (as git decides)
+
+# Why an input was passed over, and how the summary says it.
+SKIP_REASONS = {
+    "repeated": "already read under another path (symlinks or overlapping inputs)",
+    "hidden": "hidden (name starts with '.')",
+    "excluded": "excluded by --include/--exclude",
+    "special": "not a regular file (broken link, socket, ...)",
+    "binary": "binary (NUL bytes)",
+}
 
 
 class InputError(ValueError):
     """Unusable input, naming the file (and line)."""
 
 
-def supported(path: Path) -> bool:
-    return path.name.endswith(SUFFIXES)
+class BinaryFile(InputError):
+    """A file that is not text: skipped, not an error."""
 
 
-def input_files(specs: list[str]) -> list[Path]:
-    """Files named directly, found under directories, or matched by glob patterns; sorted."""
-    files: list[Path] = []
+def describe_skips(skips: Counter) -> str:
+    """'3 binary (NUL bytes), 1 hidden (...)': the skip counts, in SKIP_REASONS order."""
+    return ", ".join(f"{skips[r]:,} {why}" for r, why in SKIP_REASONS.items() if skips[r])
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether a relative path matches a glob pattern, part by part; `**` matches any number of parts."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
+def _walk(directory: Path, pattern: tuple[str, ...], skips: Counter, seen: set[Path],
+          parts: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Files under `directory` whose path below it matches `pattern`, entering each real directory
+    once (`seen`), so that symbolic links cannot make a loop; hidden names are passed over."""
+    real = directory.resolve()
+    if real in seen:
+        skips["repeated"] += 1
+        return
+    seen.add(real)
+    deeper = "**" in pattern or len(parts) + 1 < len(pattern)
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as e:
+        raise InputError(f"{directory}: cannot list ({e.strerror or e})") from None
+    for entry in entries:
+        path = parts + (entry.name,)
+        if entry.is_dir():
+            if deeper:
+                if entry.name.startswith("."):
+                    skips["hidden"] += 1
+                else:
+                    yield from _walk(entry, pattern, skips, seen, path)
+        elif _matches(path, pattern):
+            if entry.name.startswith("."):
+                skips["hidden"] += 1
+            elif entry.is_file():
+                yield entry
+            else:
+                skips["special"] += 1
+
+
+def _found(spec: str, skips: Counter) -> list[Path]:
+    """The files one input names: itself, every file under a directory, or those matching a glob pattern."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return list(_walk(path, ("**", "*"), skips, set()))
+    if not GLOB_MAGIC.search(spec):
+        raise InputError(f"{spec}: no such file or directory")
+    parts = path.parts
+    fixed = next(i for i, part in enumerate(parts) if GLOB_MAGIC.search(part))  # the pattern starts below here
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    return list(_walk(root, parts[fixed:], skips, set())) if root.is_dir() else []
+
+
+def _selected(path: Path, include: list[str], exclude: list[str]) -> bool:
+    """Whether the --include/--exclude patterns keep a file: each is matched against its name and its path."""
+    def matches(pattern: str) -> bool:
+        return fnmatch.fnmatchcase(path.name, pattern) or fnmatch.fnmatchcase(str(path), pattern)
+
+    return (not include or any(map(matches, include))) and not any(map(matches, exclude))
+
+
+def input_files(specs: list[str], include: list[str] = (), exclude: list[str] = ()) -> tuple[list[Path], Counter]:
+    """The files to read, in order (each input's sorted), each real file once, those the
+    `include` patterns (if any) name and the `exclude` patterns do not; and the number of files
+    passed over, by reason (see SKIP_REASONS)."""
+    files, skips, seen = [], Counter(), set()
     for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and supported(p))
-        elif path.is_file():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        found = _found(spec, skips)
         if not found:
-            raise InputError(f"{spec}: no such file, or no {', '.join(SUFFIXES)} files there")
-        files.extend(found)
-    for f in files:
-        if not supported(f):
-            raise InputError(f"{f}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
-    return files
+            raise InputError(f"{spec}: no input files there")
+        for f in sorted(found):
+            if not _selected(f, include, exclude):
+                skips["excluded"] += 1
+            elif f.resolve() in seen:
+                skips["repeated"] += 1
+            else:
+                seen.add(f.resolve())
+                files.append(f)
+    return files, skips
 
 
 def _open(path: Path) -> BinaryIO:
@@ -74,7 +158,10 @@ def _decode(data: bytes, where: str) -> str:
 
 def _txt(path: Path, text_field: str) -> Iterator[str | InputError]:
     with _open(path) as f:
-        text = _decode(f.read(), str(path))
+        head = f.read(BINARY_SNIFF_BYTES)
+        if b"\0" in head:
+            raise BinaryFile(f"{path}: binary")
+        text = _decode(head + f.read(), str(path))
     if text.strip():
         yield text
 
@@ -128,7 +215,7 @@ def _parquet(path: Path, text_field: str) -> Iterator[str | InputError]:
 def _reader(path: Path):
     if path.name.endswith(".parquet"):
         return _parquet
-    return _jsonl if ".jsonl" in path.name else _txt
+    return _jsonl if path.name.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl") else _txt
 
 
 class Documents:
@@ -137,11 +224,13 @@ class Documents:
     Bad input (an unreadable or empty file, invalid UTF-8, a malformed JSON line, a missing
     text field) raises InputError, or with `skip_bad` is skipped: counted in `skipped`, and
     the first few named on stderr. A file that fails part-way keeps the documents before it.
+    Binary files are skipped and counted in `skips["binary"]`.
     """
 
     def __init__(self, files: list[Path], text_field: str = "text", skip_bad: bool = False):
         self.files, self.text_field, self.skip_bad = files, text_field, skip_bad
         self.skipped = 0
+        self.skips = Counter()
 
     def _bad(self, error: InputError) -> None:
         if not self.skip_bad:
@@ -163,6 +252,8 @@ class Documents:
                         yield item
                 if not seen:
                     raise InputError(f"{path}: empty file (no documents)")
+            except BinaryFile:
+                self.skips["binary"] += 1
             except READ_ERRORS as e:
                 self._bad(InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})"))
             except InputError as e:  # a whole-file error (with skip_bad: the rest of the file is skipped)

@@ -1,6 +1,7 @@
 """Evaluation: loss and perplexity on a prepared corpus, and zero- or few-shot multiple choice.
 
     python -m gpt2dist.evaluate runs/gpt2 --corpus data/owt
+    python -m gpt2dist.evaluate runs/gpt2 --text held_out/ 'more/*.md'
     python -m gpt2dist.evaluate runs/gpt2 --choices hellaswag_val.jsonl --fewshot-file hellaswag_train.jsonl --fewshot-k 5
 
 Multiple-choice files are JSON Lines in HellaSwag's format, one question a line:
@@ -9,6 +10,9 @@ Multiple-choice files are JSON Lines in HellaSwag's format, one question a line:
 (prefixed with a space); `acc` takes the ending with the highest sum, `acc_norm` the highest
 mean per token, which does not favour short endings. Few-shot prompting prepends k solved
 questions from another file, each "context ending" followed by a blank line.
+
+Raw text (`--text`: files, directories or glob patterns, read as `data_tools.prepare` reads
+them) is tokenized into a temporary held-out corpus and scored whole, in windows of `--seq-len`.
 
 `run_evals` runs the evaluations an `EvalConfig` asks for; the trainer calls it every
 `interval` steps.
@@ -19,6 +23,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 
 from gpt2dist.config import EvalConfig
 from gpt2dist.loader import Windows
+from gpt2dist.prepare import prepare_corpus
 from gpt2dist.shards import CorpusError, TokenBlocks
 from gpt2dist.tokenizer import get_tokenizer
 
@@ -64,6 +70,22 @@ def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", 
         total += loss.item() * len(xs) * windows.seq_len
         count += len(xs) * windows.seq_len
     return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def text_loss(model: torch.nn.Module, inputs: list[str], seq_len: int | None = None, batch_size: int = 8,
+              max_sequences: int | None = None) -> dict[str, float]:
+    """`corpus_loss` of raw text files (files, directories or glob patterns), every document held out."""
+    from data_tools.sources import Documents, input_files
+
+    seq_len = seq_len or getattr(model, "module", model).config.block_size
+    with tempfile.TemporaryDirectory(prefix="gpt2dist-text-") as tmp:
+        try:
+            corpus = Path(tmp) / "text"
+            prepare_corpus(Documents(input_files(inputs)[0]), corpus, source=" ".join(inputs), val_fraction=1,
+                           block_tokens=seq_len, progress=False, workers=1)
+        except ValueError as e:  # unreadable input, or too little text for one window
+            raise EvalError(str(e)) from None
+        return corpus_loss(model, corpus, "val", seq_len, batch_size, max_sequences)
 
 
 @torch.no_grad()
@@ -108,6 +130,8 @@ def read_choices(path: str | Path) -> list[MultipleChoice]:
             q = MultipleChoice(raw["ctx"] if "ctx" in raw else raw["context"], list(raw["endings"]), int(raw["label"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise EvalError(f"{path}:{number}: not a question with ctx, endings and label ({e!r})") from None
+        if not isinstance(q.context, str) or not q.context:
+            raise EvalError(f"{path}:{number}: empty ctx (the endings are scored after it)")
         if not 0 <= q.label < len(q.endings) or not all(isinstance(e, str) for e in q.endings):
             raise EvalError(f"{path}:{number}: label {q.label} is not the index of one of the endings")
         questions.append(q)
@@ -172,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     p.add_argument("--corpus", help="a prepared corpus (python -m data_tools.prepare) to score")
+    p.add_argument("--text", nargs="+", metavar="INPUT",
+                   help="raw text to score whole: files, directories or glob patterns (as data_tools.prepare reads)")
     p.add_argument("--split", default="val", help="corpus split (default: val)")
     p.add_argument("--seq-len", type=int, help="tokens per scored window (default: the model's context)")
     p.add_argument("--max-sequences", type=int, help="score only the first N windows")
@@ -183,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=default_device())
     args = p.parse_args(argv)
-    if not args.corpus and not args.choices:
-        p.error("nothing to evaluate: pass --corpus and/or --choices")
+    if not args.corpus and not args.text and not args.choices:
+        p.error("nothing to evaluate: pass --corpus, --text and/or --choices")
     if args.fewshot_k and not args.fewshot_file:
         p.error("--fewshot-k needs --fewshot-file")
     try:
@@ -195,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.corpus:
             results[args.split] = corpus_loss(model, args.corpus, args.split, args.seq_len, args.batch_size,
                                               args.max_sequences)
+        if args.text:
+            results["text"] = text_loss(model, args.text, args.seq_len, args.batch_size, args.max_sequences)
         if questions:
             results["multiple_choice"] = multiple_choice(model, questions, shots, args.fewshot_k, args.seed)
     except (WeightsError, CorpusError, EvalError) as e:

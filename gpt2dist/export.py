@@ -1,7 +1,9 @@
-"""Export a gpt2dist checkpoint as a Hugging Face GPT-2 directory (config.json + model.safetensors).
+"""Export a gpt2dist checkpoint as a Hugging Face GPT-2 directory: config.json, model.safetensors,
+and GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json).
 
     python -m gpt2dist.export runs/gpt2 exported/gpt2
-    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('exported/gpt2')"
+    # in Python: transformers.GPT2LMHeadModel.from_pretrained("exported/gpt2"),
+    #            transformers.AutoTokenizer.from_pretrained("exported/gpt2")
 
 The source is a run directory (its newest checkpoint) or one checkpoint directory, of any ZeRO
 stage. Weights are consolidated and written one tensor at a time.

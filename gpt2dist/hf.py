@@ -1,5 +1,5 @@
 """Weight mapping between gpt2dist's GPT and Hugging Face's `GPT2LMHeadModel`, and Hugging Face
-model directories (config.json + model.safetensors) in and out.
+model directories (config.json + model.safetensors, and on the way out the tokenizer files) in and out.
 
 Names are the same on both sides; Hugging Face keeps the four linear layers of each block as
 `Conv1D`, whose weights are stored (in, out), so those are transposed. Attention masks
@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from gpt2dist.model import GPT, GPTConfig, pad_vocab
+from gpt2dist.tokenizer import hf_tokenizer_files
 
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -183,7 +184,8 @@ def write_safetensors(path: Path, shapes: dict[str, torch.Size], tensor: Callabl
 def save_hf_dir(config: GPTConfig, shapes: dict[str, torch.Size], tensor: Callable[[str], torch.Tensor],
                 out_dir: str | Path) -> Path:
     """Write a Hugging Face directory from our weights: `shapes` and `tensor(name)` give each of
-    our parameters (lm_head.weight excluded: it is the token embedding, and from_pretrained ties it).
+    our parameters (lm_head.weight excluded: it is the token embedding, and from_pretrained ties it),
+    and GPT-2's tokenizer files, so that AutoTokenizer loads from the same directory.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +193,8 @@ def save_hf_dir(config: GPTConfig, shapes: dict[str, torch.Size], tensor: Callab
                  for name, s in shapes.items() if name != "lm_head.weight"}
     write_safetensors(out_dir / "model.safetensors", hf_shapes, lambda name: to_hf_tensor(name, tensor(name), config))
     (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    for name, text in hf_tokenizer_files(config.block_size).items():
+        (out_dir / name).write_text(text, encoding="utf-8")
     return out_dir
 
 

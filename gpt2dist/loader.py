@@ -17,8 +17,9 @@ run resumes, on any number of ranks, by starting at the number of samples consum
 same cost at step 10 as at step 100,000.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import count
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,6 +57,15 @@ class Windows:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.from_numpy(self.tokens(i).astype(np.int64))
         return tokens[:-1], tokens[1:]
+
+
+def train_windows(path: Path, seq_len: int, weight: float) -> Windows:
+    """The training windows of a corpus; an empty train split (a held-out corpus) only with weight 0."""
+    windows = Windows(TokenBlocks(path, "train"), seq_len)
+    if len(windows) == 0 and weight > 0:
+        raise CorpusError(f"{path}: the train split is empty (a held-out corpus, prepared with --val-fraction 1?): "
+                          "give it weight 0 to evaluate it only")
+    return windows
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -205,3 +215,20 @@ def val_batches(windows: Windows, micro_batch: int, rank: int, world_size: int,
                                   .astype(np.int64))
         batches.append((tokens[:, :-1], tokens[:, 1:]))
     return batches
+
+
+def validation_sets(corpora: Mapping[str, Path], seq_len: int, micro_batch: int, rank: int, world_size: int,
+                    sequences: int) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], list[str]]:
+    """Each corpus's validation batches (`val_batches`), by name, and a warning for each corpus
+    left out because its validation split has no window of `seq_len` tokens (prepared with
+    --val-fraction 0, or too small): such a corpus still trains, without validation.
+    """
+    sets, warnings = {}, []
+    for name, path in corpora.items():
+        windows = Windows(TokenBlocks(path, "val"), seq_len)
+        if len(windows) == 0:
+            warnings.append(f"{path}: the val split has no window of {seq_len} tokens: validation of "
+                            f"{name} is off (prepare it with --val-fraction > 0 for a val_loss)")
+        else:
+            sets[name] = val_batches(windows, micro_batch, rank, world_size, sequences)
+    return sets, warnings

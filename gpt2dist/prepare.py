@@ -6,11 +6,14 @@ the same input and settings whatever the number of workers; at most a few batche
 are in flight, so memory stays bounded whatever the corpus size.
 
 The corpus is written into a temporary directory beside the target and renamed into place
-only when complete, so an interrupted preparation never leaves something that looks done.
+only when complete, so an interrupted preparation never leaves something that looks done. An
+existing output is replaced only if it is a prepared corpus and nothing else (and only when
+asked): a directory gpt2dist did not write is never deleted.
 """
 
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +33,7 @@ BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
+CORPUS_FILE = re.compile(r"(train|val)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -90,6 +94,39 @@ def _tokenized(documents: Iterable[str], val_fraction: float, workers: int) -> I
             yield n, future.result()
 
 
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output we may not replace: anything but a missing or empty directory, or (with
+    `overwrite`) a prepared corpus holding only the files a preparation writes."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+    names = sorted(p.name for p in out_dir.iterdir())
+    if not names:
+        return
+    if not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir}: not empty and not a prepared corpus (no {MANIFEST}); "
+                              "gpt2dist replaces only what it wrote: choose another output directory")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir}: a prepared corpus is already there (pass --overwrite to replace it)")
+    foreign = [name for name in names if not CORPUS_FILE.fullmatch(name)]
+    if foreign:
+        raise FileExistsError(f"{out_dir}: a prepared corpus, but it also holds {', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}: not replacing it")
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished corpus from `tmp` to `out_dir`, the old corpus there (if any) aside first."""
+    check_output(out_dir, overwrite)  # again: the directory may have changed while we tokenized
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = tmp.with_name(tmp.name + "-old")
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old)
+
+
 def prepare_corpus(
     documents: Iterable[str],
     out_dir: str | Path,
@@ -104,10 +141,12 @@ def prepare_corpus(
 ) -> dict:
     """Tokenize `documents` into a corpus at `out_dir` with `workers` processes (default: one per
     core); returns its manifest. `skipped()`, asked once the documents are read, is the number
-    of bad inputs the reader skipped, recorded in the manifest."""
-    out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: a prepared corpus is already there (pass --overwrite to replace it)")
+    of bad inputs the reader skipped, recorded in the manifest. The train split must hold at least
+    one block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split."""
+    if not 0 <= val_fraction <= 1:
+        raise ValueError(f"val_fraction={val_fraction} is not between 0 and 1")
+    out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
+    check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)
@@ -116,22 +155,22 @@ def prepare_corpus(
     try:
         shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
         writers = {s: SplitWriter(tmp, s, block_tokens, shard_blocks) for s in ("train", "val")}
-        start, n_bytes, n_tokens = time.perf_counter(), 0, 0
+        start, n_bytes, split_tokens = time.perf_counter(), 0, {s: 0 for s in writers}
         with tqdm(desc=f"tokenizing {source}", unit=" docs", disable=not progress, mininterval=1.0) as bar:
             for n_docs, result in _tokenized(documents, val_fraction, workers or os.cpu_count() or 1):
                 for split, writer in writers.items():
                     tokens, docs = result[split]
                     writer.add(tokens, docs)
-                    n_tokens += len(tokens)
+                    split_tokens[split] += len(tokens)
                 n_bytes += result["bytes"]
                 secs = max(time.perf_counter() - start, 1e-9)
                 bar.update(n_docs)
-                bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
+                bar.set_postfix_str(f"{sum(split_tokens.values()):,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
         splits = {s: w.close() for s, w in writers.items()}
-        if splits["train"]["blocks"] == 0:
-            raise ValueError(
-                f"{source}: {n_tokens:,} tokens are not enough for one training block of {block_tokens + 1} tokens"
-            )
+        needed = "val" if val_fraction == 1 else "train"
+        if splits[needed]["blocks"] == 0:
+            raise ValueError(f"{source}: the {needed} split's {split_tokens[needed]:,} tokens are not enough for "
+                             f"one block of {block_tokens + 1} tokens")
         manifest = {
             "format": FORMAT,
             "source": source,
@@ -142,14 +181,12 @@ def prepare_corpus(
             "block_tokens": block_tokens,
             "val_fraction": val_fraction,
             "input_bytes": n_bytes,
-            "input_tokens": n_tokens,
+            "input_tokens": sum(split_tokens.values()),
             "skipped_inputs": skipped(),
             "splits": splits,
         }
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached with overwrite=True; the new corpus is complete
-        os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, overwrite)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,11 +18,11 @@ from gpt2dist.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
-from gpt2dist.loader import DevicePrefetch, SampleStream, Windows, train_loader, val_batches
+from gpt2dist.loader import DevicePrefetch, SampleStream, train_loader, train_windows, validation_sets
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
-from gpt2dist.shards import TokenBlocks, check_tokenizer
+from gpt2dist.shards import check_tokenizer
 from gpt2dist.tokenizer import get_tokenizer
 from gpt2dist.weights import find_checkpoint, load_into
 
@@ -116,8 +116,8 @@ class Trainer:
         cfg = self.cfg
         self.sources = [(s.name, self._corpus(s.path, s.builtin), s.weight)
                         for s in cfg.data.sources or [SourceConfig(cfg.data.name, cfg.data.path, cfg.data.builtin)]]
-        self.train_windows = {name: Windows(TokenBlocks(path, "train"), cfg.data.seq_len)
-                              for name, path, _ in self.sources}
+        self.train_windows = {name: train_windows(path, cfg.data.seq_len, weight)
+                              for name, path, weight in self.sources}
         for name, path, _ in self.sources:
             check_tokenizer(self.train_windows[name].blocks.manifest, path, cfg.model.vocab_size)
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
@@ -169,9 +169,11 @@ class Trainer:
         self.batches = DevicePrefetch(train_loader(
             list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size, self.env.rank,
             self.env.world_size, self.samples, cfg.data.num_workers), self.device)
-        self.val = {name: val_batches(Windows(TokenBlocks(path, "val"), cfg.data.seq_len), cfg.train.micro_batch_size,
-                                      self.env.rank, self.env.world_size, cfg.train.eval_sequences)
-                    for name, path, _ in self.sources}
+        self.val, warnings = validation_sets({name: path for name, path, _ in self.sources}, cfg.data.seq_len,
+                                             cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
+                                             cfg.train.eval_sequences)
+        for warning in warnings:
+            self.print(f"warning: {warning}")
 
     def _start_logging(self) -> None:
         """The first writes of the run, after every check: the marker, config.yaml and the metrics."""
@@ -244,8 +246,10 @@ class Trainer:
         return losses
 
     def _val_metrics(self, losses: dict[str, float]) -> dict[str, float]:
-        """val_loss (the first source's); with several sources val/<name> for each; with init_from
+        """val_loss (the first validated source's); with several sources val/<name> for each; with init_from
         forgetting/<name>, each source's loss now minus its loss before training."""
+        if not losses:  # no source has a validation split
+            return {}
         return {"val_loss": next(iter(losses.values())),
                 **({f"val/{name}": loss for name, loss in losses.items()} if len(losses) > 1 else {}),
                 **{f"forgetting/{name}": loss - self.start_losses[name] for name, loss in losses.items()

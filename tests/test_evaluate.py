@@ -132,3 +132,37 @@ def test_bad_files_are_named(memorised, tmp_path, capsys):
     model_dir = export_hf(memorised, tmp_path / "hf")
     assert evaluate_main([str(model_dir), "--corpus", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere' / 'manifest.json'}: no manifest")
+
+
+def test_raw_text_is_scored_whole(memorised, tmp_path, capsys):
+    """--text takes text files as they are: every token after the first of each window of
+    --seq-len is scored once, in the order the files are read."""
+    enc = get_tokenizer()
+    texts = {"a.md": "# Alice\nAlice likes deep red paint on the door. " * 3, "b": "Bob likes a blue sky.\n" * 4}
+    (tmp_path / "text").mkdir()
+    for name, text in texts.items():
+        (tmp_path / "text" / name).write_text(text)
+    model_dir = export_hf(memorised, tmp_path / "hf")
+    assert evaluate_main([str(model_dir), "--text", str(tmp_path / "text"), "--seq-len", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)["text"]
+    stream = torch.tensor([t for name in sorted(texts) for t in enc.encode_ordinary(texts[name]) + [EOT]])
+    n = (len(stream) - 1) // 16
+    windows = stream[: n * 16 + 1].unfold(0, 17, 16)  # (n, 17), overlapping by one token
+    with torch.no_grad():
+        _, loss = memorised(windows[:, :-1], windows[:, 1:])
+    assert result["tokens"] == n * 16
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert evaluate_main([str(model_dir), "--text", str(tmp_path / "text" / "b"), "--seq-len", "64"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'text' / 'b'}: the val split's {len(enc.encode_ordinary(texts['b'])) + 1} "
+        "tokens are not enough for one block of 65 tokens"]
+
+
+def test_empty_context_is_one_error_line(memorised, tmp_path, capsys):
+    choices = tmp_path / "q.jsonl"
+    choices.write_text('{"ctx": "Alice likes", "endings": ["b", "c"], "label": 1}\n'
+                       '{"ctx": "", "endings": ["b", "c"], "label": 0}\n')
+    model_dir = export_hf(memorised, tmp_path / "hf")
+    assert evaluate_main([str(model_dir), "--choices", str(choices)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {choices}:2: empty ctx (the endings are scored after it)"]

@@ -171,3 +171,25 @@ def test_other_architectures_and_bad_paths_are_refused(tmp_path, capsys):
         load_model(tmp_path / "missing")
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}: not a gpt2dist run")
+
+
+def test_exported_tokenizer_encodes_as_tiktoken(tmp_path):
+    """AutoTokenizer loads from an exported directory and encodes raw text exactly as tiktoken's
+    encode_ordinary (a literal <|endoftext|> is text, as in data preparation)."""
+    from transformers import AutoTokenizer
+
+    from gpt2dist.builtin_corpus import documents
+    from gpt2dist.hf import export_hf
+    from gpt2dist.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+
+    export_hf(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    GPT2LMHeadModel.from_pretrained(tmp_path)  # the model from the same directory
+    enc = get_tokenizer()
+    texts = ["Héllo wörld 🤖 — 你好 ﬁ\r\n\n\n   spaces\t\ttabs  trailing   ", " it's 1234567 <|endoftext|>x",
+             *(d for _, d in zip(range(40), documents("pydoc")))]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids == enc.encode_ordinary(text), text[:80]
+        assert tok.decode(ids) == text
+    assert tok.eos_token_id == EOT and len(tok) == VOCAB_SIZE and tok.model_max_length == 64

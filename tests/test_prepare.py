@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from gpt2dist.shards import MANIFEST
+from gpt2dist.tokenizer import get_tokenizer
 from tests.conftest import ROOT, clean_env
 
 DOCS = [f"Document {i}: " + "Sphinx of black quartz, judge my vow. " * (3 + i % 11) for i in range(300)]
@@ -135,3 +136,99 @@ def test_verify_finds_damaged_shards(tmp_path):
     (corpus / MANIFEST).write_text("{")
     r = run("verify", str(corpus))
     assert r.returncode == 2 and "manifest.json: corrupt manifest" in r.stderr
+
+
+def test_an_output_gpt2dist_did_not_write_is_never_deleted(tmp_path):
+    """A non-empty directory without a manifest (here: the inputs' own directory, as `--output .`
+    would be) is refused with one line, with or without --overwrite, and left as it was."""
+    (tmp_path / "docs.jsonl").write_bytes(jsonl(DOCS[:20]))
+    (tmp_path / "notes.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        r = run("prepare", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path), "--block-tokens", "16", *extra)
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines() == [f"error: {tmp_path}: not empty and not a prepared corpus (no "
+                                                 f"{MANIFEST}); gpt2dist replaces only what it wrote: choose "
+                                                 "another output directory"]
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_overwrite_replaces_only_a_prepared_corpus(tmp_path):
+    from gpt2dist.prepare import prepare_corpus
+
+    def prepare(docs, **kw):
+        return prepare_corpus(docs, out, source="docs", block_tokens=16, progress=False, workers=1, **kw)
+
+    out = tmp_path / "corpus"
+    out.mkdir()  # an empty directory is fine
+    prepare(DOCS[:20])
+    prepare(DOCS[20:60], overwrite=True)
+    assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["documents"] > 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary or old copy left
+    (out / "README").write_text("my notes about this corpus")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="also holds README: not replacing it"):
+        prepare(DOCS[:20], overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_symlink_loops_read_each_file_once(tmp_path):
+    from data_tools.sources import input_files
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("a")
+    (tmp_path / "d" / "sub" / "b.txt").write_text("b")
+    (tmp_path / "d" / "sub" / "back").symlink_to(tmp_path / "d")  # a loop (two would grow exponentially)
+    (tmp_path / "d" / "z-link.txt").symlink_to(tmp_path / "d" / "sub" / "b.txt")
+    for spec in (f"{tmp_path}/d/**/*.txt", f"{tmp_path}/d"):
+        files, skips = input_files([spec])
+        assert [f.relative_to(tmp_path).as_posix() for f in files] == ["d/a.txt", "d/sub/b.txt"]
+        assert skips == {"repeated": 2}  # d through back, b.txt through z-link.txt
+
+
+def test_any_text_file_is_a_document_binaries_are_skipped(tmp_path):
+    src = tmp_path / "src"
+    (src / ".git").mkdir(parents=True)
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    files = {"notes.md": "# Notes\n" + DOCS[0], "tool.py": "print('hello')\n" + DOCS[1], "README": DOCS[2],
+             "page.html": "<p>" + DOCS[3] + "</p>", "notes.rst.gz": gzip.compress(DOCS[4].encode(), mtime=0)}
+    for name, content in files.items():
+        (src / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (src / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
+    (src / "docs.jsonl").write_bytes(jsonl(DOCS[5:8]))
+    out = tmp_path / "out"
+    r = run("prepare", str(src), "--exclude", "*.html", "--output", str(out), "--block-tokens", "16",
+            "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["documents"] == 4 + 3
+    assert ("skipped 3 files: 1 hidden (name starts with '.'), 1 excluded by --include/--exclude, "
+            "1 binary (NUL bytes)") in r.stdout
+    r = run("prepare", str(src / "notes.md"), str(src / "README"), "--output", str(tmp_path / "named"),
+            "--block-tokens", "16")
+    assert r.returncode == 0, r.stderr  # named directly, whatever the extension
+    r = run("prepare", str(src), "--include", "*.md", "--output", str(tmp_path / "md"), "--block-tokens", "16",
+            "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "md" / MANIFEST).read_text())["splits"]["train"]["documents"] == 1
+
+
+def test_val_fraction_one_and_the_split_the_error_counts(tmp_path):
+    from gpt2dist.prepare import is_validation, prepare_corpus
+
+    def prepare(docs, out, val_fraction):
+        return prepare_corpus(docs, tmp_path / out, source="docs", val_fraction=val_fraction, block_tokens=16,
+                              progress=False, workers=1)
+
+    held_out = prepare(DOCS[:10], "held-out", 1)  # an evaluation corpus: everything to validation
+    assert held_out["splits"]["train"]["documents"] == 0 and held_out["splits"]["val"]["documents"] == 10
+    # Lots of validation text, a few train tokens: the error counts the train split's, not all.
+    enc = get_tokenizer()
+    docs = [d for d in DOCS if is_validation(d, 0.5)][:20] + [
+        d for d in ("a", "b", "c", "d", "e") if not is_validation(d, 0.5)]
+    train_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs if not is_validation(d, 0.5))
+    assert 0 < train_tokens < 17
+    with pytest.raises(ValueError, match=f"^docs: the train split's {train_tokens} tokens are not enough for one "
+                                         "block of 17 tokens$"):
+        prepare(docs, "small", 0.5)
+    with pytest.raises(ValueError, match="val_fraction=1.5 is not between 0 and 1"):
+        prepare(DOCS, "bad", 1.5)

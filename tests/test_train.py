@@ -195,3 +195,33 @@ def test_wandb_online_without_network_falls_back_to_offline(corpus, tmp_path, mo
     metrics = train(corpus, tmp_path, "logger.wandb=online")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_corpus_without_validation_trains_with_validation_off(tmp_path, capsys):
+    """A corpus prepared with --val-fraction 0 has an empty val split: it trains, without val_loss, with a warning."""
+    from gpt2dist.builtin_corpus import documents
+    from gpt2dist.prepare import prepare_corpus
+
+    docs = [d for _, d in zip(range(30), documents("pydoc"))]
+    prepare_corpus(docs, tmp_path / "corpus", source="pydoc", val_fraction=0, block_tokens=256, progress=False,
+                   workers=1)
+    metrics = train(tmp_path / "corpus", tmp_path / "run")
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert not any("val_loss" in m for m in metrics)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: {tmp_path / 'corpus'}: the val split has no window of 32 tokens: "
+                                  "validation of ") and " is off " in warnings[0]
+
+
+def test_held_out_corpus_is_refused_for_training(tmp_path):
+    """A corpus prepared with --val-fraction 1 has no training text: one clear error, not an assertion."""
+    from gpt2dist.builtin_corpus import documents
+    from gpt2dist.prepare import prepare_corpus
+    from gpt2dist.shards import CorpusError
+
+    docs = [d for _, d in zip(range(10), documents("pydoc"))]
+    prepare_corpus(docs, tmp_path / "held-out", source="pydoc", val_fraction=1, block_tokens=256, progress=False,
+                   workers=1)
+    with pytest.raises(CorpusError, match="held-out: the train split is empty .* give it weight 0 to evaluate it"):
+        Trainer(make_cfg(*tiny_overrides(tmp_path / "held-out", tmp_path / "run")))
