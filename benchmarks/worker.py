@@ -32,7 +32,7 @@ from gpt2dist.config import CONF_DIR, Precision, check, gpt_config, grad_accum_s
 from gpt2dist.loader import Windows  # noqa: E402
 from gpt2dist.metrics import device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib  # noqa: E402
 from gpt2dist.model import GPT  # noqa: E402
-from gpt2dist.optim import lr_scheduler, param_groups  # noqa: E402
+from gpt2dist.optim import build_optimizer, lr_scheduler, param_groups  # noqa: E402
 from gpt2dist.shards import TokenBlocks  # noqa: E402
 from gpt2dist.trainer import Trainer  # noqa: E402  (imports DeepSpeed before memory is measured)
 
@@ -91,7 +91,7 @@ def run_trainer(cfg) -> tuple[list[float], float]:
 def run_bare(cfg) -> tuple[list[float], float]:
     """The baseline: what one would write by hand (nanoGPT's train.py, reduced to the loop).
 
-    The same GPT, AdamW with the same groups and schedule, gradient clipping, random windows of
+    The same GPT, the same optimizer (optim.build_optimizer), groups and schedule, gradient clipping, random windows of
     the same corpus; DDP across ranks (no_sync while accumulating); bf16/fp16 by autocast.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -109,8 +109,7 @@ def run_bare(cfg) -> tuple[list[float], float]:
     model = torch.compile(raw) if t.compile else raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    optimizer = torch.optim.AdamW(param_groups(raw, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  fused=cuda)
+    optimizer = build_optimizer(param_groups(raw, o.weight_decay), o, offload=False, is_main=rank == 0)
     schedule = lr_scheduler(optimizer, o, t.max_steps)
     dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(Precision(t.precision))
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

@@ -165,6 +165,11 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     if theirs != ours:
         raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}; "
                               f"resume with the same model, or start another run from these weights with {fresh}")
+    saved_optimizer = OmegaConf.load(ckpt_dir / "config.yaml").optim.get("name", "adamw")  # before Lion: AdamW
+    if saved_optimizer != cfg.optim.name:
+        raise CheckpointError(f"{ckpt_dir}: its optimizer state is {saved_optimizer}'s, this run's optimizer is "
+                              f"optim.name={cfg.optim.name}; use optim={saved_optimizer}, or start another run from its "
+                              f"weights with {fresh}")
     if manifest["tokenizer"] != "gpt2":
         raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's 'gpt2'")
     stage, ranks = manifest["zero_stage"], manifest["world_size"]

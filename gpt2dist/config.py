@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2dist.model import GPTConfig
+from gpt2dist.optim import Optimizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -97,6 +98,7 @@ class ZeroConfig:
 
 @dataclass
 class OptimConfig:
+    name: Optimizer = Optimizer.adamw  # built in gpt2dist/optim.py; defaults per optimizer in conf/optim/
     lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # the schedule ends at this at train.max_steps
     warmup_steps: int = 100
@@ -105,7 +107,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # on weight matrices and embeddings; none on biases and LayerNorms
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1e-8
+    eps: float = 1e-8  # AdamW only
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 

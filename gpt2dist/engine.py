@@ -7,7 +7,7 @@ import torch
 
 from gpt2dist import deepspeed_env
 from gpt2dist.config import ConfigError, Precision, grad_accum_steps
-from gpt2dist.optim import lr_scheduler, param_groups
+from gpt2dist.optim import build_optimizer, lr_scheduler, param_groups
 
 deepspeed = deepspeed_env.load()
 
@@ -41,20 +41,13 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if z.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    adamw = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
-    if not z.offload_optimizer:
-        # torch's AdamW (fused kernel on GPUs); with offload DeepSpeed uses its CPU Adam.
-        adamw["torch_adam"] = True
-        if torch.cuda.is_available():
-            adamw["fused"] = True
     precision = Precision(t.precision)
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": adamw},
+        "zero_optimization": zero,  # the optimizer itself is ours (optim.build_optimizer), passed in
         "bf16": {"enabled": precision == Precision.bf16},
         "fp16": {"enabled": precision == Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**62,  # our metrics print progress
@@ -63,13 +56,13 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 
 
 def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True):
-    """Wrap the model in a DeepSpeed engine with AdamW and our schedule."""
-    if cfg.zero.offload_optimizer:
-        deepspeed_env.announce_build("CPUAdamBuilder", "CPU Adam optimizer", is_main)
+    """Wrap the model in a DeepSpeed engine with our optimizer and schedule."""
+    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, cfg.zero.offload_optimizer,
+                                is_main)
     with deepspeed_env.quiet():  # its build and configuration lines
         engine, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            optimizer=optimizer,
             lr_scheduler=functools.partial(lr_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps),
             config=deepspeed_config(cfg, world_size),
         )

@@ -1,4 +1,8 @@
-"""AdamW parameter groups and the learning-rate schedule.
+"""The optimizer (`optim.name`), its parameter groups, and the learning-rate schedule.
+
+The optimizer is built here and only here, for the DeepSpeed engine and the bare-loop
+benchmark alike. Adding one: a member of `Optimizer`, its branch in `build_optimizer`, and
+`conf/optim/<name>.yaml` with its defaults.
 
 Both shapes start with a linear warmup to the peak (`optim.lr`):
 - cosine: cosine decay to `optim.min_lr` at `train.max_steps`;
@@ -9,8 +13,43 @@ Both shapes start with a linear warmup to the peak (`optim.lr`):
 """
 
 import math
+from enum import Enum
 
 import torch
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"  # AdamW: torch's (fused on GPUs); DeepSpeed's CPU Adam under ZeRO-Offload
+    lion = "lion"  # Lion (Chen et al. 2023): DeepSpeed's FusedLion on GPUs, its CPU Lion on CPUs and under offload
+
+
+def build_optimizer(groups: list[dict], optim_cfg, offload: bool, is_main: bool = True) -> torch.optim.Optimizer:
+    """The optimizer `optim_cfg.name` over `groups` (see param_groups). `offload`: its state and
+    step live on the CPU (ZeRO-Offload), where DeepSpeed needs its own CPU optimizers."""
+    from gpt2dist import deepspeed_env
+
+    o = optim_cfg
+    betas = (o.beta1, o.beta2)
+    name = Optimizer(o.name)
+    if name == Optimizer.adamw:
+        if offload:
+            deepspeed_env.announce_build("CPUAdamBuilder", "CPU Adam optimizer", is_main)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay,
+                                    adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay,
+                                 fused=True if torch.cuda.is_available() else None)
+    if name == Optimizer.lion:  # no eps: Lion's update is the sign of an interpolated momentum
+        if offload or not torch.cuda.is_available():
+            deepspeed_env.announce_build("CPULionBuilder", "CPU Lion optimizer", is_main)
+            from deepspeed.ops.lion import DeepSpeedCPULion
+
+            return DeepSpeedCPULion(groups, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+        from deepspeed.ops.lion import FusedLion
+
+        return FusedLion(groups, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+    raise AssertionError(f"no builder for optimizer {name}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

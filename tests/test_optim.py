@@ -1,10 +1,14 @@
-"""The learning-rate schedule's shapes, value by value."""
+"""The optimizer, built by name, and the learning-rate schedule's shapes, value by value."""
+
+import shutil
 
 import pytest
+import torch
 
+from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError
 from gpt2dist.config import ConfigError, check
-from gpt2dist.optim import lr_factor
-from tests.conftest import make_cfg
+from gpt2dist.optim import build_optimizer, lr_factor, param_groups
+from tests.conftest import make_cfg, train
 
 
 def factors(*overrides: str, max_steps: int = 10) -> list[float]:
@@ -41,3 +45,38 @@ def test_constant_without_decay_stays_at_the_peak():
 def test_bad_schedules_are_refused(overrides, key):
     with pytest.raises(ConfigError, match=key):
         check(make_cfg(*overrides), world_size=1)
+
+
+@pytest.mark.parametrize("extra", [
+    ["optim=lion"],
+    ["optim=lion", "zero=stage2", "zero.offload_optimizer=true"],
+], ids=["lion", "lion-offload"])
+def test_each_optimizer_trains_and_resumes_exactly(corpus, tmp_path, extra):
+    """Lion (AdamW: tests/test_train.py) learns, and resuming from the step-3 checkpoint
+    reproduces steps 4-6 of the uninterrupted run bit for bit, its moment included."""
+    lr = ("optim.lr=1e-3", "optim.min_lr=1e-3")  # Lion's steps are lr-sized: a high rate shows in 6 steps
+    full = train(corpus, tmp_path / "full", "train.max_steps=6", "train.ckpt_interval=3", *lr, *extra)
+    losses = [m["loss"] for m in full if "loss" in m]
+    assert min(losses[3:]) < losses[0] - 0.2, losses
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    shutil.rmtree(resumed_dir / CHECKPOINTS / "step_00000006")
+    resumed = train(corpus, resumed_dir, "train.max_steps=6", "train.ckpt_interval=3", *lr, *extra)
+    assert [(m["step"], m.get("loss"), m.get("val_loss")) for m in resumed] == \
+        [(m["step"], m.get("loss"), m.get("val_loss")) for m in full]
+
+
+def test_resume_with_another_optimizer_is_refused(corpus, tmp_path):
+    train(corpus, tmp_path, "train.max_steps=2")
+    with pytest.raises(CheckpointError, match=r"AdamW|adamw.*optim=adamw"):
+        train(corpus, tmp_path, "train.max_steps=4", "optim=lion")
+
+
+def test_the_optimizer_is_built_by_name():
+    from deepspeed.ops.lion import DeepSpeedCPULion
+
+    model = torch.nn.Linear(4, 4)
+    adamw = build_optimizer(param_groups(model, 0.1), make_cfg().optim, offload=False)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.9, 0.95)
+    lion = build_optimizer(param_groups(model, 1.0), make_cfg("optim=lion").optim, offload=True)
+    assert isinstance(lion, DeepSpeedCPULion) and lion.param_groups[0]["weight_decay"] == 1.0
