@@ -10,7 +10,6 @@ reads a checkpoint, `only_weights` holds it to the same rule.
 
 import contextlib
 import pickle
-import re
 from pathlib import Path
 
 import torch
@@ -41,9 +40,9 @@ def _load_weights(f, error_cls: type[Exception], *args, **kwargs):
     try:
         with torch.serialization.safe_globals(allowed_classes()):
             return _torch_load(f, *args, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
-        raise error_cls(_refusal(f, found[1] if found else "pickled code")) from None
+    except pickle.UnpicklingError:
+        check(f, error_cls)  # names the class or function it holds
+        raise error_cls(_refusal(f, "objects that weights_only refuses to build")) from None
 
 
 def load(path: str | Path, error_cls: type[Exception], **kwargs):
