@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from gpt2dist import safe_load
-from gpt2dist.checkpoint import MANIFEST
+from gpt2dist.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError
 from gpt2dist.evaluate import main as evaluate_main
 from gpt2dist.export import main as export_main
 from gpt2dist.generate import main as generate_main
 from gpt2dist.lmeval import main as lmeval_main
 from gpt2dist.shards import sha256_of
 from gpt2dist.weights import find_checkpoint
-from tests.conftest import read_metrics, run_train, tiny_overrides, train
+from gpt2dist.trainer import Trainer
+from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides, train
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RANK1_OPTIM_STATES = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -118,3 +119,27 @@ def test_commands_refuse(corpus, runs, tmp_path, capsys, command, run, name):
     status = COMMANDS[command](str(run_dir), tmp_path, corpus)
     assert_refused(status, capsys.readouterr().err, path, tmp_path)
     assert not (tmp_path / "exported").exists()
+
+
+def test_deepspeed_reads_a_checkpoint_only_as_weights(corpus, tmp_path):
+    """Behind the check of every file on resume, DeepSpeed's own reads are held to weights_only as well."""
+    trainer = Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "genuine", "train.max_steps=2", "zero=stage1")))
+    try:
+        trainer.train()
+        run_dir, path = poison(tmp_path / "genuine", "zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path)
+        with pytest.raises(CheckpointError, match=f"{path}: refused: it holds builtins.exec"):
+            with safe_load.only_weights(CheckpointError):
+                trainer.engine.load_checkpoint(str(run_dir / CHECKPOINTS), tag=path.parent.name)
+    finally:
+        trainer.close()
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("zero", [["zero=stage1"], ["zero=stage3", "train.precision=bf16"], ["zero=offload"]],
+                         ids=["stage1", "stage3-bf16", "offload"])
+def test_genuine_checkpoints_still_resume(corpus, tmp_path, zero):
+    """Every DeepSpeed class a real checkpoint holds is allowed (stage 0 resumes in test_train and test_faults;
+    stage 2 saves through the same optimizer as stage 1)."""
+    train(corpus, tmp_path, "train.max_steps=2", "train.sample_tokens=0", *zero)
+    metrics = train(corpus, tmp_path, "train.max_steps=3", "train.sample_tokens=0", *zero)
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
