@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from gpt2dist import safe_load
 from gpt2dist.config import gpt_config
 from gpt2dist.shards import sha256_of
 
@@ -143,13 +144,16 @@ def read_manifest(ckpt_dir: Path) -> dict:
 
 
 def verify(ckpt_dir: Path) -> dict:
-    """Check every file of a checkpoint against its manifest; returns the manifest."""
+    """Check every file of a checkpoint against its manifest, and that its torch files hold no code; returns
+    the manifest."""
     manifest = read_manifest(ckpt_dir)
     for name, expected in manifest["files"].items():
         path = ckpt_dir / name
         if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: missing or corrupt (size or SHA-256 differs from {MANIFEST}); "
                                   f"remove {ckpt_dir} to resume from the checkpoint before it")
+        if path.suffix == ".pt":
+            safe_load.check(path, CheckpointError)
     return manifest
 
 
@@ -187,12 +191,13 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     """Restore model, optimizer, scheduler and RNG from a checkpoint that `check_compatible`
     accepted; returns its train_state."""
     ckpt_dir = checkpoint_root(run_dir) / tag
-    path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+    with safe_load.only_weights(CheckpointError):
+        path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     rng_path = ckpt_dir / f"rng_rank{rank}.pt"
     if rng_path.is_file():  # absent when resuming on more ranks than saved
-        rng = torch.load(rng_path, weights_only=True)
+        rng = safe_load.load(rng_path, CheckpointError)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
@@ -206,8 +211,9 @@ def load_optimizer(engine, cfg, ckpt_dir: Path, world_size: int) -> None:
     # Loading an optimizer state also restores its param groups, whose lr is where the old schedule
     # ended; this run's values go back on afterwards, so its first step already follows its schedule.
     ours = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
-    path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False, load_module_only=False)
+    with safe_load.only_weights(CheckpointError):
+        path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False, load_module_only=False)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     for group, values in zip(engine.optimizer.param_groups, ours):

@@ -7,8 +7,8 @@ Names are the same on both sides; Hugging Face keeps the four linear layers of e
 weights, and are skipped.
 
 Directories are read and written without transformers: config.json is plain JSON, and weights
-are read from safetensors, or from `pytorch_model.bin` with `torch.load(weights_only=True)`, so
-a downloaded checkpoint cannot run code.
+are read from safetensors, or from `pytorch_model.bin` through `gpt2dist.safe_load`, so a
+downloaded checkpoint cannot run code.
 """
 
 import json
@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
+from gpt2dist import safe_load
 from gpt2dist.model import GPT, GPTConfig, pad_vocab
 from gpt2dist.tokenizer import hf_tokenizer_files
 
@@ -137,11 +138,7 @@ def hf_tensors(hf_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise HFError(f"{index}: unreadable ({e})") from None
     elif (hf_dir / "pytorch_model.bin").is_file():
         path = hf_dir / "pytorch_model.bin"
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # weights_only refuses code with an UnpicklingError, a bad file with others
-            raise HFError(f"{path}: not a plain tensor checkpoint ({e})") from None
-        for name, tensor in state.items():
+        for name, tensor in safe_load.load(path, HFError, map_location="cpu", mmap=True).items():
             mapped = from_hf_tensor(name, tensor)
             if mapped:
                 yield mapped[0], mapped[1].float()

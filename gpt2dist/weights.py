@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from gpt2dist import deepspeed_env, safe_load
 from gpt2dist.checkpoint import CHECKPOINTS, complete_tags
 from gpt2dist.config import gpt_config
 from gpt2dist.hf import HFError, hf_tensors, read_hf_config
@@ -67,20 +68,19 @@ def checkpoint_weights(ckpt_dir: str | Path) -> CheckpointWeights:
     config = gpt_config(saved.model)
     if saved.zero.stage == 0:
         path = ckpt_dir / STAGE0_STATES
-        try:
-            # Written by gpt2dist; weights_only still suffices and refuses anything else.
-            states = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # an absent, truncated or foreign file: each raises its own type
-            raise WeightsError(f"{path}: cannot read the model weights ({e})") from None
-        state = _stage0_state(config, states, path)
+        state = _stage0_state(config, safe_load.load(path, WeightsError, map_location="cpu", mmap=True), path)
     else:
+        deepspeed_env.load()  # the accelerator named, not detected with a warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # its progress notes are not our output
+            # DeepSpeed's progress notes are not our output.
+            with contextlib.redirect_stdout(sys.stderr), safe_load.only_weights(WeightsError):
                 # lazy_mode: ZeRO-3 shards are gathered per tensor on request, from memory-mapped files.
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
                                                                  lazy_mode=True)
+        except WeightsError:
+            raise
         except Exception as e:  # missing or truncated shards: DeepSpeed and torch.load raise many types
             raise WeightsError(f"{ckpt_dir}: cannot consolidate the ZeRO-{saved.zero.stage} checkpoint ({e})") from None
     shapes = {name: torch.Size(t.shape) for name, t in state.items()}

@@ -126,7 +126,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_
     with pytest.raises(TrainingDiverged, match="4 bad steps in a row up to step 8.*step_00000004"):
         _train(trainer)
     assert latest_tag(tmp_path) == "step_00000004"  # no checkpoint of the NaN weights (steps 6 and 8)
-    state = torch.load(tmp_path / CHECKPOINTS / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = torch.load(tmp_path / CHECKPOINTS / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["module"].values())
     verify(tmp_path / CHECKPOINTS / "step_00000004")
 
