@@ -22,18 +22,19 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2dist.builtin_corpus import builtin_corpus  # noqa: E402
-from gpt2dist.config import CONF_DIR, Precision, check, gpt_config, grad_accum_steps, register  # noqa: E402
-from gpt2dist.loader import Windows  # noqa: E402
+from gpt2dist.builtin_corpus import source_corpus  # noqa: E402
+from gpt2dist.config import (CONF_DIR, Precision, check, data_sources, gpt_config, grad_accum_steps,  # noqa: E402
+                             register, tokens_per_step)
+from gpt2dist.loader import SampleStream, Windows, train_windows  # noqa: E402
 from gpt2dist.metrics import device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib  # noqa: E402
 from gpt2dist.model import GPT  # noqa: E402
 from gpt2dist.optim import build_optimizer, lr_scheduler, param_groups  # noqa: E402
-from gpt2dist.shards import TokenBlocks  # noqa: E402
 from gpt2dist.trainer import Trainer  # noqa: E402  (imports DeepSpeed before memory is measured)
 
 GIB = 2**30
@@ -68,9 +69,12 @@ def steady_tokens_per_s(window_rates: list[float]) -> float:
     return len(steady) / sum(1 / r for r in steady)
 
 
-def corpus_path(cfg) -> Path:
-    return Path(cfg.data.path).expanduser() if cfg.data.path else builtin_corpus(cfg.data.builtin, cfg.data.cache_dir,
-                                                                                 progress=False)
+def source_windows(cfg) -> tuple[list[Windows], list[float]]:
+    """Each training source's windows and weight (config.data_sources), as the trainer reads them."""
+    sources = data_sources(cfg)
+    corpora = [source_corpus(s.path, s.builtin, cfg.data.cache_dir, progress=False) for s in sources]
+    return ([train_windows(c, cfg.data.seq_len, s.weight) for c, s in zip(corpora, sources)],
+            [s.weight for s in sources])
 
 
 def run_trainer(cfg) -> tuple[list[float], float]:
@@ -114,19 +118,21 @@ def run_bare(cfg) -> tuple[list[float], float]:
     dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(Precision(t.precision))
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    windows = Windows(TokenBlocks(corpus_path(cfg), "train"), cfg.data.seq_len)
-    generator = torch.Generator().manual_seed(t.seed + rank)
+    windows, weights = source_windows(cfg)
+    stream = SampleStream([len(w) for w in windows], weights, t.seed)  # the trainer's order, mixtures included
+    position = rank * t.micro_batch_size
     accum = grad_accum_steps(cfg, world)
 
     def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        picks = torch.randint(len(windows), (t.micro_batch_size,), generator=generator).tolist()
-        tokens = torch.stack([torch.from_numpy(windows.tokens(i).astype("int64")) for i in picks])
+        nonlocal position
+        sources, picks = stream.locate(np.arange(position, position + t.micro_batch_size, dtype=np.int64))
+        position += t.micro_batch_size * world
+        tokens = torch.stack([torch.from_numpy(windows[s].tokens(i).astype("int64")) for s, i in zip(sources, picks)])
         if cuda:
             tokens = tokens.pin_memory().to(device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
 
     rates, t0 = [], time.perf_counter()
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
     x, y = get_batch()
     for step in range(1, t.max_steps + 1):
         for micro in range(accum):
@@ -145,7 +151,7 @@ def run_bare(cfg) -> tuple[list[float], float]:
         if step % cfg.logger.log_interval == 0 or step == t.max_steps:
             loss.item()  # waits for the GPU, as printing the loss does
             now = time.perf_counter()
-            rates.append(cfg.logger.log_interval * tokens_per_step / (now - t0))
+            rates.append(cfg.logger.log_interval * tokens_per_step(cfg) / (now - t0))
             t0 = now
     return rates, live_tensor_gib(device)
 
@@ -185,7 +191,7 @@ def main() -> None:
     check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if cfg.train.max_steps % cfg.logger.log_interval:
         sys.exit("error: train.max_steps must be a multiple of logger.log_interval (equal windows)")
-    corpus_path(cfg)  # the built-in corpus is prepared before anything is timed
+    source_windows(cfg)  # built-in corpora are prepared before anything is timed
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     start_rss, _ = resident_gib()
     rates, live = run_trainer(cfg) if mode == "trainer" else run_bare(cfg)

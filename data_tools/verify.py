@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2dist.shards import CorpusError, read_manifest, sha256_of, shard_offsets
+from gpt2dist.fileio import sha256_of
+from gpt2dist.shards import CorpusError, read_manifest, shard_offsets
 
 
 def problems(corpus_dir: Path) -> list[str]:

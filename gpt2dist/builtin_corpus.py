@@ -11,15 +11,24 @@ shard format has changed since).
 import sys
 import sysconfig
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 
 from gpt2dist.prepare import prepare_corpus
 from gpt2dist.shards import CorpusError, read_manifest
 
-KINDS = ("stdlib", "pydoc", "pycode")
+class Builtin(str, Enum):
+    """The built-in corpora (`data.builtin`); a new kind is a member here and its documents below."""
+
+    stdlib = "stdlib"
+    pydoc = "pydoc"
+    pycode = "pycode"
+
+    def __str__(self) -> str:  # in interpolations: data.name is builtin-${data.builtin}
+        return self.value
 
 
-def documents(kind: str) -> Iterator[str]:
+def documents(kind: Builtin | str) -> Iterator[str]:
     if kind in ("stdlib", "pydoc"):
         from pydoc_data.topics import topics
 
@@ -30,10 +39,14 @@ def documents(kind: str) -> Iterator[str]:
             yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def builtin_corpus(kind: str, cache_dir: str | Path, progress: bool = True) -> Path:
+def source_corpus(path: str | None, builtin: Builtin, cache_dir: str | Path, progress: bool = True) -> Path:
+    """A training source's prepared corpus: its `path`, or else the built-in corpus `builtin`."""
+    return Path(path).expanduser() if path else builtin_corpus(builtin, cache_dir, progress)
+
+
+def builtin_corpus(kind: Builtin | str, cache_dir: str | Path, progress: bool = True) -> Path:
     """The prepared built-in corpus of this kind, preparing it on first use."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown built-in corpus {kind!r}; choose one of {', '.join(KINDS)}")
+    kind = Builtin(kind).value
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     out = Path(cache_dir).expanduser() / f"builtin-{kind}-py{version}"
     try:

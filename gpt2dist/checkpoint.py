@@ -24,12 +24,13 @@ from omegaconf import OmegaConf
 
 from gpt2dist import safe_load
 from gpt2dist.config import gpt_config
-from gpt2dist.shards import sha256_of
+from gpt2dist.fileio import fsync_dir, sha256_of
+from gpt2dist.shards import MANIFEST as CORPUS_MANIFEST
+from gpt2dist.tokenizer import TOKENIZER
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 PARTIAL = ".partial-"
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
 
 
 class CheckpointError(RuntimeError):
@@ -51,14 +52,6 @@ def latest_tag(run_dir: str | Path) -> str | None:
     """Tag of the newest complete checkpoint in the run directory, or None."""
     tags = complete_tags(checkpoint_root(run_dir))
     return tags[-1] if tags else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rng_state() -> dict:
@@ -120,12 +113,12 @@ def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_
     OmegaConf.save(cfg, partial / "config.yaml", resolve=True)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(partial.iterdir())}
     manifest = {"train_state": train_state, "world_size": world_size, "zero_stage": cfg.zero.stage,
-                "tokenizer": "gpt2", "files": files}
+                "tokenizer": TOKENIZER, "files": files}
     with open(partial / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(partial)
+    fsync_dir(partial)
     final = root / tag
     if final.exists():  # the same step saved again (a resumed run reaching it once more)
         shutil.rmtree(final)
@@ -133,7 +126,7 @@ def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_
     latest = root / "latest.tmp"
     latest.write_text(tag)
     os.replace(latest, root / "latest")
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
@@ -162,7 +155,9 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     the optimizer state of); returns its manifest."""
     manifest = verify(ckpt_dir)
     saved = OmegaConf.load(ckpt_dir / "config.yaml").model
-    theirs, ours = ({k: getattr(gpt_config(m), k) for k in SHAPE_KEYS} for m in (saved, cfg.model))
+    # The padding too: it sets the layout of the flat optimizer state.
+    theirs, ours = ({**c.shape(), "pad_vocab_multiple": c.pad_vocab_multiple}
+                    for c in (gpt_config(saved), gpt_config(cfg.model)))
     # Resuming takes precedence over init_from in the same run directory: a run with another
     # shape or layout starts in a new one, from this checkpoint's weights.
     fresh = f"train.run_dir=<a new directory> train.init_from={ckpt_dir}"
@@ -174,8 +169,9 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
         raise CheckpointError(f"{ckpt_dir}: its optimizer state is {saved_optimizer}'s, this run's optimizer is "
                               f"optim.name={cfg.optim.name}; use optim={saved_optimizer}, or start another run from its "
                               f"weights with {fresh}")
-    if manifest["tokenizer"] != "gpt2":
-        raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's 'gpt2'")
+    if manifest["tokenizer"] != TOKENIZER:
+        raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's "
+                              f"{TOKENIZER!r}")
     stage, ranks = manifest["zero_stage"], manifest["world_size"]
     if stage != cfg.zero.stage or (stage > 0 and ranks != world_size):
         same = f"zero.stage={stage}" + (f" on {ranks} ranks" if stage > 0 else "")
@@ -185,6 +181,30 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
             f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at "
             f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: {remedy}")
     return manifest
+
+
+def data_signature(sources: list[tuple[str, Path, float]], seq_len: int, seed: int) -> dict:
+    """What decides the training data stream: each source's name, weight and corpus (by the
+    SHA-256 of its manifest, which holds every shard's: a moved corpus is the same corpus),
+    the window length and the seed. Saved with each checkpoint's train state."""
+    return {"seq_len": seq_len, "seed": seed,
+            "sources": [{"name": name, "weight": weight, "corpus": sha256_of(Path(path) / CORPUS_MANIFEST)}
+                        for name, path, weight in sources]}
+
+
+def check_same_data(ckpt_dir: Path, data: dict) -> None:
+    """Refuse to resume a checkpoint over other data than it was trained on: the sample count it
+    saved would point into another stream. Checkpoints from before the signature pass."""
+    saved = read_manifest(ckpt_dir)["train_state"].get("data")
+    if saved is None or saved == data:
+        return
+    changed = [k for k in ("seq_len", "seed") if saved[k] != data[k]]
+    if saved["sources"] != data["sources"]:
+        changed.append("sources (names, weights or corpora)")
+    raise CheckpointError(
+        f"{ckpt_dir}: this run's data differs from the checkpoint's in {', '.join(changed)}; resume with the same "
+        f"data, start another run from its weights with train.run_dir=<a new directory> train.init_from={ckpt_dir}, "
+        "or pass train.allow_data_change=true to continue this run on the new data")
 
 
 def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:

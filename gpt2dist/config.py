@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gpt2dist.builtin_corpus import Builtin
 from gpt2dist.model import GPTConfig
 from gpt2dist.optim import Optimizer
 
@@ -71,7 +72,7 @@ class SourceConfig:
 
     name: str = MISSING  # logged as tokens/<name> and val/<name>
     path: Optional[str] = None  # a corpus prepared by `python -m data_tools.prepare`; null: the built-in `builtin`
-    builtin: str = "stdlib"  # with path null: stdlib, pydoc or pycode
+    builtin: Builtin = Builtin.stdlib  # with path null: stdlib, pydoc or pycode
     weight: float = 1.0  # share of training samples (normalised over the sources); 0: evaluated, never trained on
 
 
@@ -81,7 +82,7 @@ class DataConfig:
     # A corpus prepared by `python -m data_tools.prepare`; null: the built-in one. Every data
     # config says which (a `???` left by data=custom must not be filled by a default).
     path: Optional[str] = MISSING
-    builtin: str = "stdlib"  # with path null: stdlib (both), pydoc (English prose) or pycode (Python source)
+    builtin: Builtin = Builtin.stdlib  # with path null: stdlib (both), pydoc (English prose) or pycode (Python source)
     cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
     seq_len: int = 256  # tokens per training sequence
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -137,6 +138,9 @@ class TrainConfig:
     # With init_from a gpt2dist run or checkpoint of the same ZeRO stage (and, stage >= 1, world size): also take
     # its optimizer state (AdamW moments); the learning rate still follows this run's schedule from step 0.
     init_optimizer: bool = False
+    # Resume although the data (sources, weights, corpora, seq_len, seed) differs from the checkpoint's:
+    # the stream goes on at the same sample count, over the new data.
+    allow_data_change: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     compile: bool = False  # torch.compile the model (slower start, faster steps; mostly for GPUs)
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on TF32 tensor cores (Ampere and newer)
@@ -209,6 +213,21 @@ def load_model_preset(name: str) -> GPTConfig:
     """The GPTConfig of conf/model/<name>.yaml, checked against the schema."""
     model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))
     return gpt_config(model)
+
+
+def data_sources(cfg) -> list:
+    """The training sources, each a corpus (path, or built-in kind) with a name and a weight.
+    `data.sources` is the general form; `data.path` / `data.builtin` are the shorthand for one
+    source, read here and nowhere else."""
+    d = cfg.data
+    if d.sources:
+        return list(d.sources)
+    return [OmegaConf.structured(SourceConfig(name=d.name, path=d.path, builtin=d.builtin))]
+
+
+def tokens_per_step(cfg) -> int:
+    """Tokens of one optimizer step, all ranks and micro-batches together."""
+    return cfg.train.global_batch_size * cfg.data.seq_len
 
 
 def grad_accum_steps(cfg, world_size: int) -> int:
@@ -289,13 +308,12 @@ def check(cfg, world_size: int) -> None:
     need(m.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple={m.pad_vocab_multiple} must be >= 1")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     need(0 < d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} must be in 1..model.block_size={m.block_size}")
-    need(d.builtin in ("stdlib", "pydoc", "pycode"), f"data.builtin={d.builtin!r} must be stdlib, pydoc or pycode")
+    need(not (d.sources and d.path), f"data.path={d.path} and data.sources are both set: use one (data.path is the "
+                                       "shorthand for a single source)")
     names = [s.name for s in d.sources]
     need(len(set(names)) == len(names) and all(names), f"data.sources: names must be unique and non-empty: {names}")
     for i, s in enumerate(d.sources):
         need(s.weight >= 0, f"data.sources[{i}].weight={s.weight} must be >= 0")
-        need(s.path or s.builtin in ("stdlib", "pydoc", "pycode"),
-             f"data.sources[{i}].builtin={s.builtin!r} must be stdlib, pydoc or pycode")
     need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources: some weight must be positive")
     need(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
     per_pass = t.micro_batch_size * world_size
@@ -312,7 +330,8 @@ def check(cfg, world_size: int) -> None:
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
     need(t.keep_last >= 0, "train.keep_last must be >= 0")
     o = cfg.optim
-    need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    need(0 <= o.warmup_steps <= t.max_steps,
+         f"optim.warmup_steps={o.warmup_steps} must be in 0..train.max_steps={t.max_steps}")
     need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in 0..optim.lr={o.lr}")
     if o.schedule == Schedule.constant:
         need(0 <= o.decay_steps <= t.max_steps - o.warmup_steps,

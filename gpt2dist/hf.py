@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from gpt2dist import safe_load
 from gpt2dist.model import GPT, GPTConfig, pad_vocab
-from gpt2dist.tokenizer import hf_tokenizer_files
+from gpt2dist.tokenizer import EOT, hf_tokenizer_files
 
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -61,8 +61,8 @@ def hf_config_dict(config: GPTConfig) -> dict:
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }

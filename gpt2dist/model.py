@@ -33,6 +33,10 @@ class GPTConfig:
     # GPU matrix multiplies run at full speed only on such shapes. The extra rows are zero and unused.
     pad_vocab_multiple: int = 64
 
+    def shape(self) -> dict:
+        """What decides whether weights fit this network (the vocabulary's padding aside)."""
+        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple

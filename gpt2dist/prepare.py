@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2dist.shards import DEFAULT_BLOCK_TOKENS, FORMAT, MANIFEST, TOKEN_DTYPE, SplitWriter, write_manifest
-from gpt2dist.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+from gpt2dist.tokenizer import EOT, TOKENIZER, VOCAB_SIZE, get_tokenizer
 
 BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
@@ -174,7 +174,7 @@ def prepare_corpus(
         manifest = {
             "format": FORMAT,
             "source": source,
-            "tokenizer": "gpt2",
+            "tokenizer": TOKENIZER,
             "vocab_size": VOCAB_SIZE,
             "eot_token": EOT,
             "dtype": TOKEN_DTYPE.str,

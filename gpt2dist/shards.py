@@ -22,7 +22,6 @@ records each shard's size and SHA-256: `TokenBlocks` checks sizes and tar struct
 opens a corpus (cheap), `python -m data_tools.verify` checks the checksums (reads everything).
 """
 
-import hashlib
 import io
 import json
 import os
@@ -30,6 +29,9 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from gpt2dist.fileio import sha256_of
+from gpt2dist.tokenizer import TOKENIZER
 
 FORMAT = "gpt2dist-tokens-v2"  # v2: shard sizes in the manifest
 MANIFEST = "manifest.json"
@@ -39,14 +41,6 @@ DEFAULT_BLOCK_TOKENS = 8192  # the longest training sequence a prepared corpus s
 
 class CorpusError(RuntimeError):
     """A prepared corpus that is missing, incomplete or inconsistent (names the file)."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class SplitWriter:
@@ -126,9 +120,9 @@ def read_manifest(corpus_dir: str | Path) -> dict:
 
 def check_tokenizer(manifest: dict, corpus_dir: str | Path, vocab_size: int) -> None:
     """A corpus tokenized with another tokenizer would train on meaningless ids: refuse it."""
-    if manifest["tokenizer"] != "gpt2" or manifest["vocab_size"] > vocab_size:
+    if manifest["tokenizer"] != TOKENIZER or manifest["vocab_size"] > vocab_size:
         raise CorpusError(f"{Path(corpus_dir) / MANIFEST}: tokenized with {manifest['tokenizer']} "
-                          f"({manifest['vocab_size']} tokens), but the model expects gpt2 ({vocab_size})")
+                          f"({manifest['vocab_size']} tokens), but the model expects {TOKENIZER} ({vocab_size})")
 
 
 def shard_offsets(path: Path, blocks: int, block_tokens: int) -> list[int]:

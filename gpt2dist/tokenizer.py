@@ -14,6 +14,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
+TOKENIZER = "gpt2"  # the name corpora and checkpoints record
 EOT = 50256  # <|endoftext|>: separates documents
 VOCAB_SIZE = 50257
 BUNDLED_RANKS = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
@@ -28,7 +29,7 @@ def bundled_ranks() -> dict[bytes, int]:
 def bundled_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoding from the bundled ranks file, without any network access."""
     return tiktoken.Encoding(
-        name="gpt2",
+        name=TOKENIZER,
         pat_str=r50k_pat_str,
         mergeable_ranks=bundled_ranks(),
         special_tokens={"<|endoftext|>": EOT},
@@ -40,7 +41,7 @@ def bundled_encoding() -> tiktoken.Encoding:
 def get_tokenizer() -> tiktoken.Encoding:
     """tiktoken's own GPT-2 encoding where it can be had, else the bundled identical copy."""
     try:
-        return tiktoken.get_encoding("gpt2")
+        return tiktoken.get_encoding(TOKENIZER)
     except Exception:  # offline: tiktoken raises whatever its HTTP client raises
         return bundled_encoding()
 

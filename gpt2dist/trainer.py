@@ -12,8 +12,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from gpt2dist import checkpoint, dist, engine as ds_engine, run_dir
-from gpt2dist.builtin_corpus import builtin_corpus
-from gpt2dist.config import ConfigError, Precision, Resume, SourceConfig, check, gpt_config, grad_accum_steps
+from gpt2dist.builtin_corpus import source_corpus
+from gpt2dist.config import (ConfigError, Precision, Resume, check, data_sources, gpt_config, grad_accum_steps,
+                             tokens_per_step)
 from gpt2dist.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
@@ -80,7 +81,7 @@ class Trainer:
         check_precision(Precision(cfg.train.precision))
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
         tag = self._run_directory()
-        self._build_data()
+        self._build_data(tag)
         self._build_model(tag)
         guard_state = self._restore(tag)
         g = cfg.guard
@@ -108,14 +109,20 @@ class Trainer:
         self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
         tag = run_dir.plan(self.run_dir, Resume(self.cfg.train.resume))
         if tag:
-            checkpoint.check_compatible(self.cfg, checkpoint.checkpoint_root(self.run_dir) / tag, self.env.world_size)
+            checkpoint.check_compatible(self.cfg, self._checkpoint_dir(tag), self.env.world_size)
         return tag
 
-    def _build_data(self) -> None:
-        """The training sources, each a corpus with a weight; the first one's validation split is val_loss."""
+    def _checkpoint_dir(self, tag: str) -> Path:
+        return checkpoint.checkpoint_root(self.run_dir) / tag
+
+    def _build_data(self, tag: str | None) -> None:
+        """The training sources, each a corpus with a weight; the first one's validation split is val_loss.
+        A resumed run must read the same data as the checkpoint's (or say train.allow_data_change)."""
         cfg = self.cfg
-        self.sources = [(s.name, self._corpus(s.path, s.builtin), s.weight)
-                        for s in cfg.data.sources or [SourceConfig(cfg.data.name, cfg.data.path, cfg.data.builtin)]]
+        self.sources = [(s.name, self._corpus(s), s.weight) for s in data_sources(cfg)]
+        self.data = checkpoint.data_signature(self.sources, cfg.data.seq_len, cfg.train.seed)
+        if tag and not cfg.train.allow_data_change:
+            checkpoint.check_same_data(self._checkpoint_dir(tag), self.data)
         self.train_windows = {name: train_windows(path, cfg.data.seq_len, weight)
                               for name, path, weight in self.sources}
         for name, path, _ in self.sources:
@@ -165,7 +172,7 @@ class Trainer:
         cfg = self.cfg
         self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
-                   f"{cfg.train.global_batch_size * cfg.data.seq_len:,} tokens per step")
+                   f"{tokens_per_step(cfg):,} tokens per step")
         self.batches = DevicePrefetch(train_loader(
             list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size, self.env.rank,
             self.env.world_size, self.samples, cfg.data.num_workers), self.device)
@@ -185,7 +192,7 @@ class Trainer:
     def train_state(self) -> dict:
         """What a checkpoint keeps of the loop itself, beside DeepSpeed's state."""
         return {"step": self.step, "samples": self.samples, "start_losses": self.start_losses,
-                "guard": self.guard.state_dict() if self.guard else None}
+                "guard": self.guard.state_dict() if self.guard else None, "data": self.data}
 
     def load_train_state(self, state: dict) -> None:
         self.step, self.samples = state["step"], state["samples"]
@@ -195,14 +202,12 @@ class Trainer:
         if self.is_main:
             print(*args, flush=True)
 
-    def _corpus(self, path: str | None, builtin: str) -> Path:
-        """The corpus at `path`, or the built-in one of that kind."""
-        if path:
-            return Path(path).expanduser()
-        if self.is_main:  # prepared once, by rank 0, while the others wait
-            builtin_corpus(builtin, self.cfg.data.cache_dir)
+    def _corpus(self, source) -> Path:
+        """A source's corpus; a built-in one is prepared once, by rank 0, while the others wait."""
+        if self.is_main:
+            source_corpus(source.path, source.builtin, self.cfg.data.cache_dir)
         torch.distributed.barrier()
-        return builtin_corpus(builtin, self.cfg.data.cache_dir, progress=False)
+        return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress=False)
 
     def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
         torch.distributed.all_reduce(values)
@@ -277,7 +282,6 @@ class Trainer:
         if self.step >= t.max_steps:
             self.print(f"run already complete at step {self.step} (train.max_steps={t.max_steps})")
             return 0
-        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
         self.engine.train()
         t0, steps_since_log = time.perf_counter(), 0
         while self.step < t.max_steps:
@@ -297,7 +301,7 @@ class Trainer:
             if self.step % self.cfg.logger.log_interval == 0 or last:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t0)
+                tokens_per_s = steps_since_log * tokens_per_step(self.cfg) / (time.perf_counter() - t0)
                 values = {
                     "loss": result.loss,
                     "lr": result.lr,

@@ -173,8 +173,7 @@ def load_into(model: GPT, path: str | Path) -> GPT:
     """Overwrite a model's weights with those at `path` (to start training from them); the shapes must match
     (the vocabulary's padding may differ)."""
     config, tensors, source = open_weights(path)
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    theirs, ours = ({k: getattr(c, k) for k in keys} for c in (config, model.config))
+    theirs, ours = config.shape(), model.config.shape()
     if theirs != ours:
         raise WeightsError(f"{source}: model {theirs} does not match {ours}")
     return fill(model, tensors, source)

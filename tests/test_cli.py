@@ -33,7 +33,7 @@ def test_local_sweep_jobs_each_see_their_own_launcher(corpus, tmp_path):
     """`-m` runs the jobs one after another in one process: the second must not take the rank
     variables the first one's start set for torchrun's, and W&B names say what each job is."""
     sweep = tmp_path / "lr-sweep"
-    result = run_train(["-m", *tiny_overrides(corpus, sweep, "train.max_steps=1", "train.sample_tokens=0",
+    result = run_train(["-m", *tiny_overrides(corpus, sweep, "train.max_steps=1", "optim.warmup_steps=1", "train.sample_tokens=0",
                                               "logger.wandb=offline"), "optim.lr=1e-3,2e-3"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("launcher plain: rank 0 of 1") == 2, result.stdout

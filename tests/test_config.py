@@ -37,6 +37,8 @@ def test_command_line_example_from_readme():
     ("train.max_steps=lots", (ConfigCompositionException, ValidationError)),
     ("train.precision=fp8", (ConfigCompositionException, ValidationError)),
     ("train.resume=sometimes", (ConfigCompositionException, ValidationError)),
+    ("data.builtin=nope", (ConfigCompositionException, ValidationError)),
+    ("data.sources=[{name: a, builtin: nope}]", (ConfigCompositionException, ValidationError)),
 ])
 def test_bad_keys_and_types_fail_at_compose(override, error):
     with pytest.raises(error):
@@ -46,11 +48,12 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
 @pytest.mark.parametrize("overrides,key", [
     (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
     (["data.seq_len=2048"], "data.seq_len"),
+    (["optim.warmup_steps=300", "train.max_steps=200"], "optim.warmup_steps=300 must be in 0..train.max_steps=200"),
+    (["data.path=/some/corpus", "data.sources=[{name: a, builtin: pydoc}]"], "data.sources are both set"),
     (["model.n_head=3"], "model.n_embd"),
     (["zero.offload_param=true", "zero.stage=2"], "zero.offload_param"),
     (["data.sources=[{name: a, path: x, weight: -1}]"], "data.sources[0].weight"),
     (["data.sources=[{name: a, path: x}, {name: a, builtin: pydoc}]"], "data.sources: names must be unique"),
-    (["data.sources=[{name: a, builtin: nope}]"], "data.sources[0].builtin"),
     (["data.sources=[{name: a, path: x, weight: 0}]"], "data.sources: some weight must be positive"),
 ])
 def test_check_names_the_key(overrides, key):

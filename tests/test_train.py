@@ -12,7 +12,7 @@ from gpt2dist.config import ConfigError
 from gpt2dist.optim import lr_factor
 from gpt2dist.trainer import Trainer
 from gpt2dist.weights import WeightsError
-from tests.conftest import fp16_supported, make_cfg, needs_fp16, run_train, tiny_overrides, train
+from tests.conftest import TINY, fp16_supported, make_cfg, needs_fp16, run_train, tiny_overrides, train
 
 
 def losses(metrics):
@@ -225,3 +225,19 @@ def test_held_out_corpus_is_refused_for_training(tmp_path):
                    workers=1)
     with pytest.raises(CorpusError, match="held-out: the train split is empty .* give it weight 0 to evaluate it"):
         Trainer(make_cfg(*tiny_overrides(tmp_path / "held-out", tmp_path / "run")))
+
+
+def test_resume_over_other_data_is_refused_unless_allowed(corpus, code_corpus, tmp_path):
+    """The checkpoint's sample count points into its own data stream: another corpus, window
+    length or seed is refused (before anything is written); the same corpus moved elsewhere is not."""
+    run_dir = tmp_path / "run"
+    train(corpus, run_dir, "train.max_steps=2")
+    for change in ([f"data.path={code_corpus}"], ["data.seq_len=16"], ["train.seed=7"]):
+        overrides = [*TINY, f"data.path={corpus}", f"train.run_dir={run_dir}", "train.max_steps=4", *change]
+        with pytest.raises(CheckpointError, match=r"data differs from the checkpoint's in .*allow_data_change=true"):
+            Trainer(make_cfg(*overrides))
+    moved = tmp_path / "moved"
+    shutil.copytree(corpus, moved)
+    assert [m["step"] for m in train(moved, run_dir, "train.max_steps=3")] == [1, 2, 3]
+    changed = train(moved, run_dir, "train.max_steps=4", "data.seq_len=16", "train.allow_data_change=true")
+    assert [m["step"] for m in changed] == [1, 2, 3, 4]
