@@ -19,7 +19,7 @@ import pytest
 
 ASSET = Path(__file__).resolve().parent / "assets" / "golden_loss.json"
 # Only what a test must change: the corpus, the run directory, the length, and what is logged.
-OVERRIDES = ["train.max_steps=6", "train.eval_interval=3", "train.ckpt_interval=0", "logger.log_interval=1",
+OVERRIDES = ["train.max_steps=6", "optim.warmup_steps=2", "train.eval_interval=3", "train.ckpt_interval=0", "logger.log_interval=1",
              "logger.wandb=disabled", "train.sample_tokens=0"]
 KEYS = ("loss", "lr", "grad_norm", "val_loss")
 RELATIVE = 1e-5
