@@ -204,11 +204,6 @@ def gpt_config(model: ModelConfig) -> GPTConfig:
     )
 
 
-def model_presets() -> list[str]:
-    """Names of the model sizes in conf/model."""
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-
-
 def load_model_preset(name: str) -> GPTConfig:
     """The GPTConfig of conf/model/<name>.yaml, checked against the schema."""
     model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))
@@ -217,8 +212,8 @@ def load_model_preset(name: str) -> GPTConfig:
 
 def data_sources(cfg) -> list:
     """The training sources, each a corpus (path, or built-in kind) with a name and a weight.
-    `data.sources` is the general form; `data.path` / `data.builtin` are the shorthand for one
-    source, read here and nowhere else."""
+    `data.sources` is the general form (it replaces the shorthand when both are set);
+    `data.path` / `data.builtin` are the shorthand for one source, read here and nowhere else."""
     d = cfg.data
     if d.sources:
         return list(d.sources)
@@ -308,8 +303,6 @@ def check(cfg, world_size: int) -> None:
     need(m.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple={m.pad_vocab_multiple} must be >= 1")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     need(0 < d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} must be in 1..model.block_size={m.block_size}")
-    need(not (d.sources and d.path), f"data.path={d.path} and data.sources are both set: use one (data.path is the "
-                                       "shorthand for a single source)")
     names = [s.name for s in d.sources]
     need(len(set(names)) == len(names) and all(names), f"data.sources: names must be unique and non-empty: {names}")
     for i, s in enumerate(d.sources):

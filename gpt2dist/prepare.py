@@ -36,12 +36,9 @@ EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
 CORPUS_FILE = re.compile(r"(train|val)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
-def is_validation(text: str, val_fraction: float) -> bool:
-    """A stable per-document choice: the same document lands in the same split every time."""
-    return _hash_is_validation(text.encode("utf-8", "surrogatepass"), val_fraction)
-
-
-def _hash_is_validation(utf8: bytes, val_fraction: float) -> bool:
+def is_validation(utf8: bytes, val_fraction: float) -> bool:
+    """A stable per-document choice, from the document's UTF-8 bytes: the same document lands
+    in the same split every time."""
     return zlib.crc32(utf8) % 1_000_000 < val_fraction * 1_000_000
 
 
@@ -67,7 +64,7 @@ def tokenize_batch(texts: list[str], val_fraction: float) -> dict:
         utf8 = text.encode("utf-8", "surrogatepass")
         # = encode_ordinary (no special tokens recognised in the text), without a Python list per document
         ids = enc.encode_to_numpy(text, disallowed_special=())
-        parts["val" if _hash_is_validation(utf8, val_fraction) else "train"] += [ids, EOT_ARRAY]
+        parts["val" if is_validation(utf8, val_fraction) else "train"] += [ids, EOT_ARRAY]
         out["bytes"] += len(utf8)
     for split, arrays in parts.items():
         tokens = np.concatenate(arrays, dtype=TOKEN_DTYPE, casting="unsafe") if arrays else EOT_ARRAY[:0]

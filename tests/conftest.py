@@ -85,6 +85,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_to_end(trainer):
+    """Train a Trainer a test has built (and perhaps reached into) to its end, then close it."""
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
 def train_cfg(overrides: list[str], run_dir: Path) -> list[dict]:
     """Train in this process through the real Trainer, as train.py does; returns the metrics."""
     from gpt2dist.trainer import run

@@ -49,7 +49,6 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
     (["data.seq_len=2048"], "data.seq_len"),
     (["optim.warmup_steps=300", "train.max_steps=200"], "optim.warmup_steps=300 must be in 0..train.max_steps=200"),
-    (["data.path=/some/corpus", "data.sources=[{name: a, builtin: pydoc}]"], "data.sources are both set"),
     (["model.n_head=3"], "model.n_embd"),
     (["zero.offload_param=true", "zero.stage=2"], "zero.offload_param"),
     (["data.sources=[{name: a, path: x, weight: -1}]"], "data.sources[0].weight"),

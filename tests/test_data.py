@@ -53,7 +53,7 @@ def test_prepare_txt_and_jsonl(tmp_path, text_inputs):
 
 def _val_docs(out, docs):
     from gpt2dist.prepare import is_validation
-    return {d for d in docs if is_validation(d, json.loads((out / MANIFEST).read_text())["val_fraction"])}
+    return {d for d in docs if is_validation(d.encode(), json.loads((out / MANIFEST).read_text())["val_fraction"])}
 
 
 def test_blocks_rebuild_the_token_stream(tmp_path, text_inputs):

@@ -7,7 +7,7 @@ import pytest
 
 from gpt2dist.checkpoint import CHECKPOINTS
 from gpt2dist.trainer import Trainer
-from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides
+from tests.conftest import make_cfg, read_metrics, run_to_end, run_train, tiny_overrides
 
 
 def mixture(corpus, code_corpus) -> str:
@@ -16,11 +16,9 @@ def mixture(corpus, code_corpus) -> str:
 
 
 def train(overrides):
+    """Train in this process; the Trainer is returned for its data stream."""
     trainer = Trainer(make_cfg(*overrides))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run_to_end(trainer)
     return trainer
 
 

@@ -9,7 +9,7 @@ from gpt2dist import dist, engine as ds_engine
 from gpt2dist.config import gpt_config
 from gpt2dist.guard import LossGuard
 from gpt2dist.model import GPT
-from tests.conftest import make_cfg, needs_fp16, tiny_overrides
+from tests.conftest import make_cfg, needs_fp16, run_to_end, tiny_overrides
 
 
 def test_nan_inf_and_spikes_are_skipped():
@@ -84,13 +84,6 @@ def _fault_at(trainer, step: int, fault) -> None:
     model.transformer.wte.register_forward_pre_hook(hook)
 
 
-def _train(trainer) -> None:
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-
-
 def test_a_spike_is_skipped_and_training_goes_on(corpus, tmp_path):
     from gpt2dist.trainer import Trainer
     from tests.conftest import read_metrics
@@ -104,7 +97,7 @@ def test_a_spike_is_skipped_and_training_goes_on(corpus, tmp_path):
     _fault_at(trainer, 6, lambda model: before.update({k: v.clone() for k, v in model.state_dict().items()}))
     after = {}
     _fault_at(trainer, 7, lambda model: after.update({k: v.clone() for k, v in model.state_dict().items()}))
-    _train(trainer)
+    run_to_end(trainer)
     handle.remove()
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 9))
@@ -124,7 +117,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_
     # Step 5: a weight goes NaN (a hardware fault, a bad kernel): every later loss is NaN.
     _fault_at(trainer, 5, lambda model: model.transformer.h[0].mlp.c_fc.weight.data.fill_(float("nan")))
     with pytest.raises(TrainingDiverged, match="4 bad steps in a row up to step 8.*step_00000004"):
-        _train(trainer)
+        run_to_end(trainer)
     assert latest_tag(tmp_path) == "step_00000004"  # no checkpoint of the NaN weights (steps 6 and 8)
     state = torch.load(tmp_path / CHECKPOINTS / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["module"].values())
@@ -136,7 +129,7 @@ def test_fp16_overflows_are_reported(corpus, tmp_path):
     from gpt2dist.trainer import Trainer
     from tests.conftest import read_metrics
 
-    _train(Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "train.precision=fp16", "zero.stage=1",
+    run_to_end(Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "train.precision=fp16", "zero.stage=1",
                                             "train.max_steps=4"))))
     counts = [m["fp16_overflows"] for m in read_metrics(tmp_path)]
     assert len(counts) == 4 and all(isinstance(c, int) for c in counts)

@@ -13,9 +13,8 @@ from gpt2dist.evaluate import corpus_loss
 from gpt2dist.export import main as export_main
 from gpt2dist.hf import config_from_hf
 from gpt2dist.model import GPT, GPTConfig
-from gpt2dist.trainer import Trainer
 from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint, load_into, load_model
-from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides
+from tests.conftest import read_metrics, run_train, tiny_overrides, train
 from tests.test_model import tiny_hf
 
 RUNS = {
@@ -31,11 +30,7 @@ def runs(corpus, tmp_path_factory) -> dict:
     dirs = {}
     for name, extra in RUNS.items():
         dirs[name] = tmp_path_factory.mktemp(name)
-        trainer = Trainer(make_cfg(*tiny_overrides(corpus, dirs[name], *extra, "optim.lr=3e-3")))
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+        train(corpus, dirs[name], *extra, "optim.lr=3e-3")
     dirs["stage3-2ranks"] = tmp_path_factory.mktemp("stage3")
     result = run_train(tiny_overrides(corpus, dirs["stage3-2ranks"], "train.max_steps=2", "zero=stage3",
                                       "optim.lr=3e-3"), nproc=2)

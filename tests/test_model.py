@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2dist.config import load_model_preset, model_presets
+from gpt2dist.config import CONF_DIR, load_model_preset
 from gpt2dist.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
 from gpt2dist.model import GPT, GPTConfig
 
@@ -33,7 +33,7 @@ def test_parameter_count_matches_gpt2(name):
 
 
 def test_all_presets_listed():
-    assert set(PUBLISHED) | {"gpt2-tiny"} == set(model_presets())
+    assert set(PUBLISHED) | {"gpt2-tiny"} == {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
 
 
 def test_hf_to_ours_logits_match():

@@ -223,9 +223,9 @@ def test_val_fraction_one_and_the_split_the_error_counts(tmp_path):
     assert held_out["splits"]["train"]["documents"] == 0 and held_out["splits"]["val"]["documents"] == 10
     # Lots of validation text, a few train tokens: the error counts the train split's, not all.
     enc = get_tokenizer()
-    docs = [d for d in DOCS if is_validation(d, 0.5)][:20] + [
-        d for d in ("a", "b", "c", "d", "e") if not is_validation(d, 0.5)]
-    train_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs if not is_validation(d, 0.5))
+    docs = [d for d in DOCS if is_validation(d.encode(), 0.5)][:20] + [
+        d for d in ("a", "b", "c", "d", "e") if not is_validation(d.encode(), 0.5)]
+    train_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs if not is_validation(d.encode(), 0.5))
     assert 0 < train_tokens < 17
     with pytest.raises(ValueError, match=f"^docs: the train split's {train_tokens} tokens are not enough for one "
                                          "block of 17 tokens$"):
