@@ -1,5 +1,5 @@
-"""Metrics backends: TensorBoard's event files, read back with TensorBoard's own reader, hold
-the numbers of metrics.jsonl, also across a resume."""
+"""Metrics backends: the console line, and TensorBoard's event files, read back with TensorBoard's
+own reader, holding the numbers of metrics.jsonl, also across a resume."""
 
 import shutil
 
@@ -7,7 +7,8 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt2dist.checkpoint import CHECKPOINTS
-from tests.conftest import train
+from gpt2dist.metrics import Metrics
+from tests.conftest import make_cfg, train
 
 BACKENDS = "logger.backends=[console,jsonl,tensorboard]"
 
@@ -48,3 +49,14 @@ def test_tensorboard_matches_metrics_jsonl_across_a_resume(corpus, tmp_path):
     assert shown == jsonl_scalars(resumed)
     assert sorted(shown["val_loss"]) == [1, 2, 4]
     assert shown["tokens_per_s"][4] != jsonl_scalars(first)["tokens_per_s"][4]  # the resumed run's timing
+
+
+def test_console_line(tmp_path, capsys):
+    """The console backend's one line per step: None values left out, each number in its format."""
+    metrics = Metrics(make_cfg("logger.backends=[console]", "train.max_steps=200"), tmp_path, 0, "run")
+    metrics.log(10, {"loss": 5.12345, "lr": 6e-4, "grad_norm": None, "tokens": 40960, "tokens_per_s": 1234.4,
+                     "mfu": 0.4123, "skipped_steps": 2})
+    metrics.close()
+    assert capsys.readouterr().out == (
+        "step 10/200 | loss 5.1235 | lr 6.00e-04 | tokens 40,960 | tokens_per_s 1,234 | mfu 41.2% | skipped_steps 2\n")
+    assert not any(tmp_path.iterdir())  # console only: nothing written
