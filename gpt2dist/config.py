@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2dist.builtin_corpus import Builtin
+from gpt2dist.metric_backends import BACKENDS, WandbMode
 from gpt2dist.model import GPTConfig
 from gpt2dist.optim import Optimizer
 
@@ -46,12 +47,6 @@ class Schedule(str, Enum):
 class Resume(str, Enum):
     auto = "auto"  # continue from the newest checkpoint in train.run_dir, if any
     never = "never"  # refuse a train.run_dir that holds a checkpoint
-
-
-class WandbMode(str, Enum):
-    offline = "offline"  # written under the run directory; `wandb sync` uploads later
-    online = "online"
-    disabled = "disabled"
 
 
 @dataclass
@@ -115,8 +110,9 @@ class OptimConfig:
 @dataclass
 class LoggerConfig:
     log_interval: int = 10  # optimizer steps between metric lines
-    jsonl: bool = True  # metrics.jsonl in the run directory
-    wandb: WandbMode = WandbMode.offline
+    # Where metrics go (gpt2dist/metric_backends.py): console, jsonl (run_dir/metrics.jsonl), wandb, tensorboard
+    backends: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
+    wandb: WandbMode = WandbMode.offline  # the wandb backend's mode
     wandb_project: str = "gpt2dist"
     peak_tflops: Optional[float] = None  # per-GPU peak for MFU; null: looked up from the GPU's name
 
@@ -333,6 +329,9 @@ def check(cfg, world_size: int) -> None:
     else:
         need(o.decay_steps == 0, "optim.decay_steps is for optim.schedule=constant (cosine decays over the whole run)")
     need(not t.init_optimizer or t.init_from, "train.init_optimizer needs train.init_from")
+    backends = list(cfg.logger.backends)
+    need(set(backends) <= BACKENDS.keys() and len(set(backends)) == len(backends),
+         f"logger.backends=[{','.join(backends)}]: each must be one of {', '.join(BACKENDS)}, at most once")
     g = cfg.guard
     need(g.window > 0 and 0 < g.min_history <= g.window,
          f"guard.min_history={g.min_history} must be in 1..guard.window={g.window}")

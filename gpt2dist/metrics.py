@@ -1,19 +1,14 @@
-"""Metrics: computed once here, sent to every backend (console, metrics.jsonl, W&B).
+"""Metrics: computed once here, sent to every backend of `logger.backends` (console, metrics.jsonl,
+W&B, TensorBoard; see gpt2dist/metric_backends.py).
 
 Only rank 0 builds a `Metrics`; other ranks get `None` and log nothing.
 """
 
-import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from gpt2dist.config import WandbMode
-
-WANDB_INIT_TIMEOUT_S = 60  # an unreachable W&B server costs at most this once, at start-up
+from gpt2dist.metric_backends import BACKENDS
 
 # Dense bf16 tensor-core peak of one device, FLOP/s (without sparsity).
 PEAK_BF16_FLOPS = {
@@ -54,81 +49,18 @@ def device_peak_flops(override_tflops: float | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def _format(key: str, value) -> str:
-    if isinstance(value, float):
-        if key == "lr":
-            return f"{key} {value:.2e}"
-        if key == "mfu":
-            return f"{key} {100 * value:.1f}%"
-        if key in ("tokens_per_s", "tokens"):
-            return f"{key} {value:,.0f}"
-        return f"{key} {value:.4f}"
-    if isinstance(value, int):
-        return f"{key} {value:,}"
-    return f"{key} {value}"
-
-
 class Metrics:
-    def __init__(self, cfg, run_dir: Path, resume_step: int, name: str):
-        self.max_steps = cfg.train.max_steps
-        self.jsonl = None
-        if cfg.logger.jsonl:
-            path = run_dir / "metrics.jsonl"
-            _truncate_after(path, resume_step)
-            self.jsonl = open(path, "a")
-        self.wandb = None
-        mode = WandbMode(cfg.logger.wandb)
-        if mode != WandbMode.disabled:
-            import wandb
+    """Sends each logged step's numbers to every backend named in `logger.backends`
+    (gpt2dist/metric_backends.py)."""
 
-            id_file = run_dir / "wandb_id"  # the same W&B run across resumes
-            if not id_file.exists():
-                id_file.write_text(uuid.uuid4().hex[:8])
-            init = dict(project=cfg.logger.wandb_project, name=name, id=id_file.read_text().strip(),
-                        resume="allow", dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
-                        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True))
-            try:
-                self.wandb = wandb.init(mode=mode.value, **init)
-            except Exception as e:  # no network, no API key, a server error: never stop training for W&B
-                if mode != WandbMode.online:
-                    raise
-                print(f"warning: W&B online failed ({type(e).__name__}: {e}); logging offline instead "
-                      f"(upload later with `wandb sync`)", flush=True)
-                self.wandb = wandb.init(mode=WandbMode.offline.value, **init)
-            print(f"W&B: {self.wandb.settings.mode} run {name!r} (id {self.wandb.id}) under {run_dir / 'wandb'}",
-                  flush=True)
+    def __init__(self, cfg, run_dir: Path, resume_step: int, name: str):
+        self.backends = [BACKENDS[b](cfg, run_dir, resume_step, name) for b in cfg.logger.backends]
 
     def log(self, step: int, values: dict) -> None:
         values = {k: v for k, v in values.items() if v is not None}
-        print(f"step {step}/{self.max_steps} | " + " | ".join(_format(k, v) for k, v in values.items()), flush=True)
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-            self.jsonl.flush()
-        if self.wandb:
-            self.wandb.log(values, step=step)
+        for backend in self.backends:
+            backend.log(step, values)
 
     def close(self) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None  # a line cut short by a crash
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (a resumed run logs those steps again) and any line a
-    crash cut short."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        for backend in self.backends:
+            backend.close()

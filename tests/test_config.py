@@ -54,6 +54,9 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["data.sources=[{name: a, path: x, weight: -1}]"], "data.sources[0].weight"),
     (["data.sources=[{name: a, path: x}, {name: a, builtin: pydoc}]"], "data.sources: names must be unique"),
     (["data.sources=[{name: a, path: x, weight: 0}]"], "data.sources: some weight must be positive"),
+    (["logger.backends=[console,tensorbord]"],
+     "logger.backends=[console,tensorbord]: each must be one of console, jsonl, wandb, tensorboard, at most once"),
+    (["logger.backends=[jsonl,jsonl]"], "logger.backends=[jsonl,jsonl]"),
 ])
 def test_check_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

@@ -99,7 +99,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):
         run_dir = mount / "run"
         # A checkpoint of this model is ~20 MB (weights and Adam state): the second does not fit.
         result = run_train(tiny_overrides(corpus, run_dir, "train.max_steps=6", "train.ckpt_interval=2",
-                                          "logger.jsonl=false"))
+                                          "logger.backends=[console]"))
         assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
         error = result.stderr.strip().splitlines()[-1]
         assert error.startswith("error: ") and ".partial-step_" in error and "previous checkpoints are untouched" in error
