@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
-from gpt2dist.evaluate import corpus_loss
 from gpt2dist.export import main as export_main
 from gpt2dist.hf import config_from_hf
 from gpt2dist.model import GPT, GPTConfig
 from gpt2dist.trainer import Trainer
+from gpt2dist.validation import corpus_loss
 from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint, load_into, load_model
 from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides
 from tests.test_model import tiny_hf
