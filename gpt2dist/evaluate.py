@@ -35,11 +35,10 @@ import torch
 
 from gpt2dist import dist
 from gpt2dist.config import EvalConfig
-from gpt2dist.loader import Windows
 from gpt2dist.prepare import prepare_corpus
-from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.shards import CorpusError
 from gpt2dist.tokenizer import get_tokenizer
-from gpt2dist.validation import corpus_loss
+from gpt2dist.validation import corpus_loss, model_device
 
 
 class EvalError(ValueError):
@@ -51,10 +50,6 @@ class MultipleChoice:
     context: str
     endings: list[str]
     label: int  # index of the right ending
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return getattr(model, "device", None) or next(model.parameters()).device
 
 
 def text_loss(model: torch.nn.Module, inputs: list[str], seq_len: int | None = None, batch_size: int = 8,
@@ -81,7 +76,7 @@ def continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], l
     the model's context loses tokens from the start of its context.
     """
     block_size = getattr(model, "module", model).config.block_size
-    device, results = _device(model), []
+    device, results = model_device(model), []
     if any(len(cont) > block_size for _, cont in pairs):
         raise EvalError(f"a continuation is longer than the model's context of {block_size} tokens")
     for start in range(0, len(pairs), batch_size):

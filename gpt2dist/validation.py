@@ -32,6 +32,11 @@ def rank_batches(windows: Windows, n: int, batch_size: int, rank: int = 0, world
         yield tokens[:, :-1], tokens[:, 1:]
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a GPT's or a DeepSpeed engine's parameters are."""
+    return getattr(model, "device", None) or next(model.parameters()).device
+
+
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, batches: Iterable[Batch], world_size: int = 1) -> tuple[float, int]:
     """Mean next-token loss over every rank's `batches`, and the number of tokens scored.
@@ -40,7 +45,7 @@ def mean_loss(model: torch.nn.Module, batches: Iterable[Batch], world_size: int 
     rank, every rank must call this (the sums are all-reduced). `model` is a GPT or a DeepSpeed
     engine; its mode (eval or train) is the caller's.
     """
-    device = getattr(model, "device", None) or next(model.parameters()).device
+    device = model_device(model)
     # Summed on the device: one host sync at the end, not one per batch.
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for x, y in batches:
