@@ -146,7 +146,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Extra evaluations during training (`gpt2dist.evaluate.run_evals`), logged with the metrics."""
+    """Downstream evaluations during training (`gpt2dist.evaluate.run_evals`), logged with the metrics
+    beside the periodic validation loss (train.eval_interval)."""
 
     interval: int = 0  # optimizer steps between these evaluations (and at the last step); 0: never
     corpus: Optional[str] = None  # a prepared corpus whose `split` is scored for loss and perplexity

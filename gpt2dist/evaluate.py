@@ -1,4 +1,5 @@
-"""Evaluation: loss and perplexity on a prepared corpus, and zero- or few-shot multiple choice.
+"""Evaluation of a trained model: loss and perplexity on a prepared corpus or raw text, and zero-
+or few-shot multiple choice; the same, chosen by `evals.*`, as downstream evaluations during training.
 
     python -m gpt2dist.evaluate runs/gpt2 --corpus data/owt
     python -m gpt2dist.evaluate runs/gpt2 --text held_out/ 'more/*.md'
@@ -13,14 +14,17 @@ questions from another file, each "context ending" followed by a blank line.
 
 Raw text (`--text`: files, directories or glob patterns, read as `data_tools.prepare` reads
 them) is tokenized into a temporary held-out corpus and scored whole, in windows of `--seq-len`.
+Loss and perplexity are `gpt2dist.validation`'s, the implementation behind the validation loss
+of training: under `torchrun --nproc_per_node=N -m gpt2dist.evaluate ...` (or srun) each rank
+scores its share of the windows and rank 0 prints the result, the same as one process's.
+Multiple choice is scored whole on every rank.
 
-`run_evals` runs the evaluations an `EvalConfig` asks for; the trainer calls it every
-`interval` steps.
+`run_evals` runs the downstream evaluations an `EvalConfig` (`evals.*`) asks for; the trainer
+calls it every `evals.interval` steps, beside its periodic validation loss (`val_loss`).
 """
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -29,11 +33,12 @@ from pathlib import Path
 
 import torch
 
+from gpt2dist import dist
 from gpt2dist.config import EvalConfig
-from gpt2dist.loader import Windows
 from gpt2dist.prepare import prepare_corpus
-from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.shards import CorpusError
 from gpt2dist.tokenizer import get_tokenizer
+from gpt2dist.validation import corpus_loss, model_device
 
 
 class EvalError(ValueError):
@@ -47,33 +52,8 @@ class MultipleChoice:
     label: int  # index of the right ending
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return getattr(model, "device", None) or next(model.parameters()).device
-
-
-@torch.no_grad()
-def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", seq_len: int | None = None,
-                batch_size: int = 8, max_sequences: int | None = None) -> dict[str, float]:
-    """Mean next-token loss and perplexity over the first `max_sequences` windows (all by default)
-    of one split. `seq_len` defaults to the model's context, capped by the corpus block size.
-    """
-    gpt = getattr(model, "module", model)
-    blocks = TokenBlocks(corpus, split)
-    windows = Windows(blocks, seq_len or min(gpt.config.block_size, blocks.block_tokens))
-    n = len(windows) if max_sequences is None else min(max_sequences, len(windows))
-    if n == 0:
-        raise CorpusError(f"{blocks.dir}: the {split} split has no window of {windows.seq_len} tokens")
-    device, total, count = _device(model), 0.0, 0
-    for start in range(0, n, batch_size):
-        xs, ys = zip(*(windows[i] for i in range(start, min(start + batch_size, n))))
-        _, loss = model(torch.stack(xs).to(device), torch.stack(ys).to(device))
-        total += loss.item() * len(xs) * windows.seq_len
-        count += len(xs) * windows.seq_len
-    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
-
-
 def text_loss(model: torch.nn.Module, inputs: list[str], seq_len: int | None = None, batch_size: int = 8,
-              max_sequences: int | None = None) -> dict[str, float]:
+              max_sequences: int | None = None, rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """`corpus_loss` of raw text files (files, directories or glob patterns), every document held out."""
     from data_tools.sources import Documents, input_files
 
@@ -85,7 +65,7 @@ def text_loss(model: torch.nn.Module, inputs: list[str], seq_len: int | None = N
                            block_tokens=seq_len, progress=False, workers=1)
         except ValueError as e:  # unreadable input, or too little text for one window
             raise EvalError(str(e)) from None
-        return corpus_loss(model, corpus, "val", seq_len, batch_size, max_sequences)
+        return corpus_loss(model, corpus, "val", seq_len, batch_size, max_sequences, rank, world_size)
 
 
 @torch.no_grad()
@@ -96,7 +76,7 @@ def continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], l
     the model's context loses tokens from the start of its context.
     """
     block_size = getattr(model, "module", model).config.block_size
-    device, results = _device(model), []
+    device, results = model_device(model), []
     if any(len(cont) > block_size for _, cont in pairs):
         raise EvalError(f"a continuation is longer than the model's context of {block_size} tokens")
     for start in range(0, len(pairs), batch_size):
@@ -168,10 +148,12 @@ def multiple_choice(model: torch.nn.Module, questions: list[MultipleChoice], few
 
 def run_evals(model: torch.nn.Module, cfg: EvalConfig, seq_len: int | None = None,
               batch_size: int = 8) -> dict[str, float]:
-    """The evaluations `cfg` asks for, as metrics: eval_loss, eval_perplexity, mc_acc, mc_acc_norm.
+    """The downstream evaluations `cfg` (`evals.*`) asks for, as metrics: eval_loss, eval_perplexity,
+    mc_acc, mc_acc_norm.
 
     `model` is a GPT or a DeepSpeed engine; under ZeRO-3 every rank must call this, and each
-    computes the whole (identical) result. Puts the model in eval mode and back.
+    computes the whole (identical) result: a share of uneven size would leave ranks waiting on
+    each other's forward passes. Puts the model in eval mode and back.
     """
     was_training, values = model.training, {}
     model.eval()
@@ -207,28 +189,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fewshot-k", type=int, default=0, help="examples prepended to each question (default: 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", help="default: cuda (under torchrun or srun, this rank's GPU) if there is one, else cpu")
     args = p.parse_args(argv)
     if not args.corpus and not args.text and not args.choices:
         p.error("nothing to evaluate: pass --corpus, --text and/or --choices")
     if args.fewshot_k and not args.fewshot_file:
         p.error("--fewshot-k needs --fewshot-file")
+    env = dist.detect()
+    if env.world_size > 1:  # launched as several ranks: join them, as training does (one process needs no group)
+        env = dist.init()
     try:
         questions = read_choices(args.choices)[: args.limit] if args.choices else []
         shots = read_choices(args.fewshot_file) if args.fewshot_file else []
-        model = load_model(args.model, args.device)
+        device = args.device or (f"cuda:{env.local_rank}" if default_device() == "cuda" else "cpu")
+        model = load_model(args.model, device)
         results = {}
         if args.corpus:
             results[args.split] = corpus_loss(model, args.corpus, args.split, args.seq_len, args.batch_size,
-                                              args.max_sequences)
+                                              args.max_sequences, env.rank, env.world_size)
         if args.text:
-            results["text"] = text_loss(model, args.text, args.seq_len, args.batch_size, args.max_sequences)
+            results["text"] = text_loss(model, args.text, args.seq_len, args.batch_size, args.max_sequences,
+                                        env.rank, env.world_size)
         if questions:
             results["multiple_choice"] = multiple_choice(model, questions, shots, args.fewshot_k, args.seed)
     except (WeightsError, CorpusError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(results, indent=1))
+    finally:
+        if env.world_size > 1:
+            dist.close()
+    if env.is_main:
+        print(json.dumps(results, indent=1))
     return 0
 
 

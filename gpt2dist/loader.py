@@ -1,4 +1,5 @@
-"""Training and validation batches from one or several prepared corpora (sources).
+"""Training batches from one or several prepared corpora (sources); validation takes its
+batches from the same `Windows` (`gpt2dist.validation`).
 
 Samples are windows of `seq_len + 1` tokens cut from the corpus blocks (`gpt2dist.shards`).
 All training samples form one global stream, independent of the number of ranks and workers:
@@ -17,7 +18,7 @@ run resumes, on any number of ranks, by starting at the number of samples consum
 same cost at step 10 as at step 100,000.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import count
 from pathlib import Path
 
@@ -196,39 +197,3 @@ class DevicePrefetch:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch, self.ready = self.ready, self._copy(next(self.batches))
         return batch
-
-
-def val_batches(windows: Windows, micro_batch: int, rank: int, world_size: int,
-                sequences: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed validation set: the first `sequences` windows of the unshuffled split, dealt
-    out in micro-batches to the ranks. The same set for any world size, and at every evaluation.
-    """
-    assert sequences % (micro_batch * world_size) == 0
-    if sequences > len(windows):
-        raise CorpusError(
-            f"{windows.blocks.dir}: the {windows.blocks.split} split has {len(windows)} windows of "
-            f"{windows.seq_len} tokens, fewer than train.eval_sequences={sequences}"
-        )
-    batches = []
-    for c in range(rank, sequences // micro_batch, world_size):
-        tokens = torch.from_numpy(np.stack([windows.tokens(i) for i in range(c * micro_batch, (c + 1) * micro_batch)])
-                                  .astype(np.int64))
-        batches.append((tokens[:, :-1], tokens[:, 1:]))
-    return batches
-
-
-def validation_sets(corpora: Mapping[str, Path], seq_len: int, micro_batch: int, rank: int, world_size: int,
-                    sequences: int) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], list[str]]:
-    """Each corpus's validation batches (`val_batches`), by name, and a warning for each corpus
-    left out because its validation split has no window of `seq_len` tokens (prepared with
-    --val-fraction 0, or too small): such a corpus still trains, without validation.
-    """
-    sets, warnings = {}, []
-    for name, path in corpora.items():
-        windows = Windows(TokenBlocks(path, "val"), seq_len)
-        if len(windows) == 0:
-            warnings.append(f"{path}: the val split has no window of {seq_len} tokens: validation of "
-                            f"{name} is off (prepare it with --val-fraction > 0 for a val_loss)")
-        else:
-            sets[name] = val_batches(windows, micro_batch, rank, world_size, sequences)
-    return sets, warnings

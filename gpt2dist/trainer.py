@@ -19,12 +19,13 @@ from gpt2dist.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
 from gpt2dist.guard import LossGuard, TrainingDiverged
-from gpt2dist.loader import DevicePrefetch, SampleStream, train_loader, train_windows, validation_sets
+from gpt2dist.loader import DevicePrefetch, SampleStream, train_loader, train_windows
 from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.model import GPT
 from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.shards import check_tokenizer
 from gpt2dist.tokenizer import get_tokenizer
+from gpt2dist.validation import mean_loss, validation_sets
 from gpt2dist.weights import find_checkpoint, load_into
 
 
@@ -239,14 +240,10 @@ class Trainer:
             grad_norm = ds_engine.step(self.engine)
         return StepResult(mean, lr, grad_norm, skip)
 
-    @torch.no_grad()
     def _val_losses(self) -> dict[str, float]:
         """Each source's validation loss, by name."""
         self.engine.eval()
-        losses = {}
-        for name, batches in self.val.items():
-            mine = torch.stack([self.engine(x.to(self.device), y.to(self.device))[1].double() for x, y in batches])
-            losses[name] = self._sum_over_ranks(mine.mean().view(1))[0] / self.env.world_size
+        losses = {name: mean_loss(self.engine, batches, self.env.world_size)[0] for name, batches in self.val.items()}
         self.engine.train()
         return losses
 
@@ -260,8 +257,9 @@ class Trainer:
                 **{f"forgetting/{name}": loss - self.start_losses[name] for name, loss in losses.items()
                    if name in self.start_losses}}
 
-    def evaluate(self) -> dict[str, float]:
-        """The validation metrics of this step (see _val_metrics)."""
+    def validate(self) -> dict[str, float]:
+        """The periodic validation metrics of this step (see _val_metrics); the downstream evaluations
+        `evals.*` are run_evals'."""
         return self._val_metrics(self._val_losses())
 
     def tokens_per_source(self) -> dict[str, int]:
@@ -315,7 +313,7 @@ class Trainer:
                     "fp16_overflows": self.engine.skipped_steps if self.engine.fp16_enabled() else None,
                 }
             if (t.eval_interval and self.step % t.eval_interval == 0) or last:
-                values.update(self.evaluate())
+                values.update(self.validate())
             evals = self.cfg.evals
             if evals.interval and (self.step % evals.interval == 0 or last):
                 values.update(run_evals(self.engine, evals, seq_len=self.cfg.data.seq_len,

@@ -59,13 +59,20 @@ def clean_env() -> dict:
     return env
 
 
+def run_python(args: list[str], nproc: int = 0, timeout: int = 600, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script or `-m module`, with its arguments), or under `torchrun
+    --nproc_per_node=nproc`; `env` adds variables."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    return subprocess.run([*launcher, *args], cwd=ROOT, env={**clean_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_train(overrides: list[str], nproc: int = 0, timeout: int = 600, env: dict | None = None
               ) -> subprocess.CompletedProcess:
     """`python train.py ...`, or under `torchrun --nproc_per_node=nproc`; `env` adds variables."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    return subprocess.run([*launcher, str(ROOT / "train.py"), *overrides], cwd=ROOT, env={**clean_env(), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return run_python([str(ROOT / "train.py"), *overrides], nproc, timeout, env)
 
 
 def fp16_supported() -> bool:

@@ -9,9 +9,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from gpt2dist.loader import MIX_PERIOD, Permutation, SampleStream, Windows, train_loader, val_batches
+from gpt2dist.loader import MIX_PERIOD, Permutation, SampleStream, Windows, train_loader
 from gpt2dist.shards import MANIFEST, CorpusError, TokenBlocks
 from gpt2dist.tokenizer import EOT, get_tokenizer
+from gpt2dist.validation import rank_batches, val_batches
 from tests.conftest import ROOT, clean_env
 
 DOCS = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i % 7) for i in range(60)]
@@ -208,3 +209,12 @@ def test_val_batches_split_across_ranks(corpus):
     assert torch.equal(whole[0][0][1], windows[1][0])
     with pytest.raises(CorpusError, match="eval_sequences=100000"):
         val_batches(windows, 10, rank=0, world_size=1, sequences=100_000)
+
+
+def test_rank_batches_deal_every_window_once(corpus):
+    """evaluate's shares need not be even: 7 windows in batches of 2 are dealt 4 to rank 0, 3 to rank 1."""
+    windows = Windows(TokenBlocks(corpus, "val"), 32)
+    shares = [list(rank_batches(windows, 7, 2, rank=r, world_size=2)) for r in (0, 1)]
+    assert [[len(x) for x, _ in share] for share in shares] == [[2, 2], [2, 1]]
+    order = [shares[0][0], shares[1][0], shares[0][1], shares[1][1]]
+    assert torch.equal(torch.cat([x for x, _ in order]), torch.stack([windows[i][0] for i in range(7)]))

@@ -12,6 +12,7 @@ from gpt2dist.evaluate import (EvalConfig, EvalError, MultipleChoice, continuati
 from gpt2dist.hf import config_from_hf, export_hf, from_hf_state_dict
 from gpt2dist.model import GPT, GPTConfig
 from gpt2dist.tokenizer import EOT, get_tokenizer
+from tests.conftest import run_python
 from tests.test_model import tiny_hf
 
 ENDINGS = ["deep red paint on the door.", "a blue sky.", "green grass in a quiet field by the river.", "yellow."]
@@ -109,6 +110,27 @@ def test_evaluate_command(memorised, corpus, tmp_path, capsys):
     assert results["val"]["tokens"] == 6 * 32
     assert results["val"]["perplexity"] == pytest.approx(math.exp(results["val"]["loss"]))
     assert results["multiple_choice"]["questions"] == 4
+
+
+def test_ranks_share_the_scoring(memorised, corpus, tmp_path, capsys):
+    """Under torchrun each rank scores its share of the windows (7 windows in batches of 2: 4 on
+    rank 0, 3 on rank 1), and rank 0 alone prints what one process prints."""
+    model_dir = export_hf(memorised, tmp_path / "hf")
+    text = tmp_path / "held_out.md"
+    text.write_text("Alice likes deep red paint on the door. Bob likes a blue sky.\n" * 10)
+    args = [str(model_dir), "--corpus", str(corpus), "--text", str(text), "--seq-len", "32", "--max-sequences", "7",
+            "--batch-size", "2"]
+    assert evaluate_main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    result = run_python(["-m", "gpt2dist.evaluate", *args], nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(result.stdout)  # a single JSON document: one rank printed
+    assert one.keys() == two.keys() == {"val", "text"}
+    assert one["val"]["tokens"] == 7 * 32 and one["text"]["tokens"] >= 3 * 32  # both split unevenly
+    for name in one:
+        assert two[name]["tokens"] == one[name]["tokens"]
+        assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-6)
+        assert two[name]["perplexity"] == pytest.approx(one[name]["perplexity"], rel=1e-6)
 
 
 def test_run_evals_for_the_trainer(memorised, corpus, tmp_path):
