@@ -7,12 +7,12 @@ import sys
 
 import hydra
 
-from gpt2dist.checkpoint import CheckpointError
+from gpt2dist.training.checkpoint import CheckpointError
 from gpt2dist.config import one_line_errors, register
-from gpt2dist.guard import TrainingDiverged
-from gpt2dist.shards import CorpusError
-from gpt2dist.trainer import run
-from gpt2dist.weights import WeightsError
+from gpt2dist.training.guard import TrainingDiverged
+from gpt2dist.data.shards import CorpusError
+from gpt2dist.training.trainer import run
+from gpt2dist.models.weights import WeightsError
 
 register()
 

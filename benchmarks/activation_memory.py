@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gpt2dist.config import load_model_preset
-from gpt2dist.model import GPT, GPTConfig
+from gpt2dist.models.gpt import GPT, GPTConfig
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GIB = 2**30

@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpt2dist.builtin_corpus import documents  # noqa: E402
-from gpt2dist.loader import SampleStream, Windows, train_loader  # noqa: E402
-from gpt2dist.shards import TokenBlocks  # noqa: E402
-from gpt2dist.tokenizer import get_tokenizer  # noqa: E402
+from gpt2dist.data.builtin_corpus import documents  # noqa: E402
+from gpt2dist.data.loader import SampleStream, Windows, train_loader  # noqa: E402
+from gpt2dist.data.shards import TokenBlocks  # noqa: E402
+from gpt2dist.data.tokenizer import get_tokenizer  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 

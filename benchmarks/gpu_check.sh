@@ -33,7 +33,7 @@ $PY - <<'PY'
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from gpt2dist.config import load_model_preset
-from gpt2dist.model import GPT
+from gpt2dist.models.gpt import GPT
 model = GPT(load_model_preset("gpt2")).cuda().to(torch.bfloat16)
 idx = torch.randint(0, 50257, (2, 1024), device="cuda")
 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):

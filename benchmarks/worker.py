@@ -28,14 +28,14 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2dist.builtin_corpus import source_corpus  # noqa: E402
+from gpt2dist.data.builtin_corpus import source_corpus  # noqa: E402
 from gpt2dist.config import (CONF_DIR, Precision, check, data_sources, gpt_config, grad_accum_steps,  # noqa: E402
                              register, tokens_per_step)
-from gpt2dist.loader import SampleStream, Windows, train_windows  # noqa: E402
-from gpt2dist.metrics import device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib  # noqa: E402
-from gpt2dist.model import GPT  # noqa: E402
-from gpt2dist.optim import build_optimizer, lr_scheduler, param_groups  # noqa: E402
-from gpt2dist.trainer import Trainer  # noqa: E402  (imports DeepSpeed before memory is measured)
+from gpt2dist.data.loader import SampleStream, Windows, train_windows  # noqa: E402
+from gpt2dist.training.metrics import device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib  # noqa: E402
+from gpt2dist.models.gpt import GPT  # noqa: E402
+from gpt2dist.training.optim import build_optimizer, lr_scheduler, param_groups  # noqa: E402
+from gpt2dist.training.trainer import Trainer  # noqa: E402  (imports DeepSpeed before memory is measured)
 
 GIB = 2**30
 

@@ -29,7 +29,7 @@ from worker import launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt2dist.config import load_model_preset  # noqa: E402
-from gpt2dist.model import GPT  # noqa: E402
+from gpt2dist.models.gpt import GPT  # noqa: E402
 
 RANKS = 2
 SPEED = ["model=gpt2-tiny", "data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=16",

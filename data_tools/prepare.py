@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from data_tools.sources import Documents, InputError, describe_skips, input_files
-from gpt2dist.prepare import prepare_corpus
-from gpt2dist.shards import DEFAULT_BLOCK_TOKENS
+from gpt2dist.data.prepare import prepare_corpus
+from gpt2dist.data.shards import DEFAULT_BLOCK_TOKENS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from gpt2dist.fileio import sha256_of
-from gpt2dist.shards import CorpusError, read_manifest, shard_offsets
+from gpt2dist.data.shards import CorpusError, read_manifest, shard_offsets
 
 
 def problems(corpus_dir: Path) -> list[str]:

@@ -21,10 +21,10 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2dist.builtin_corpus import Builtin
-from gpt2dist.metric_backends import BACKENDS, WandbMode
-from gpt2dist.model import GPTConfig
-from gpt2dist.optim import Optimizer
+from gpt2dist.data.builtin_corpus import Builtin
+from gpt2dist.training.metric_backends import BACKENDS, WandbMode
+from gpt2dist.models.gpt import GPTConfig
+from gpt2dist.training.optim import Optimizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -94,11 +94,11 @@ class ZeroConfig:
 
 @dataclass
 class OptimConfig:
-    name: Optimizer = Optimizer.adamw  # built in gpt2dist/optim.py; defaults per optimizer in conf/optim/
+    name: Optimizer = Optimizer.adamw  # built in gpt2dist/training/optim.py; defaults per optimizer in conf/optim/
     lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # the schedule ends at this at train.max_steps
     warmup_steps: int = 100
-    schedule: Schedule = Schedule.cosine  # the shape after warmup (gpt2dist/optim.py)
+    schedule: Schedule = Schedule.cosine  # the shape after warmup (gpt2dist/training/optim.py)
     decay_steps: int = 0  # schedule=constant: anneal over these last steps; 0: stay at lr to the end
     weight_decay: float = 0.1  # on weight matrices and embeddings; none on biases and LayerNorms
     beta1: float = 0.9
@@ -110,7 +110,7 @@ class OptimConfig:
 @dataclass
 class LoggerConfig:
     log_interval: int = 10  # optimizer steps between metric lines
-    # Where metrics go (gpt2dist/metric_backends.py): console, jsonl (run_dir/metrics.jsonl), wandb, tensorboard
+    # Where metrics go (gpt2dist/training/metric_backends.py): console, jsonl (run_dir/metrics.jsonl), wandb, tensorboard
     backends: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbMode = WandbMode.offline  # the wandb backend's mode
     wandb_project: str = "gpt2dist"
@@ -162,7 +162,7 @@ class EvalConfig:
 
 @dataclass
 class GuardConfig:
-    """The loss guard (gpt2dist/guard.py): bad steps are not applied."""
+    """The loss guard (gpt2dist/training/guard.py): bad steps are not applied."""
 
     enabled: bool = True
     zscore: float = 6.0  # a loss this many standard deviations above the recent mean is a spike

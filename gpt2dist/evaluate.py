@@ -14,7 +14,7 @@ questions from another file, each "context ending" followed by a blank line.
 
 Raw text (`--text`: files, directories or glob patterns, read as `data_tools.prepare` reads
 them) is tokenized into a temporary held-out corpus and scored whole, in windows of `--seq-len`.
-Loss and perplexity are `gpt2dist.validation`'s, the implementation behind the validation loss
+Loss and perplexity are `gpt2dist.training.validation`'s, the implementation behind the validation loss
 of training: under `torchrun --nproc_per_node=N -m gpt2dist.evaluate ...` (or srun) each rank
 scores its share of the windows and rank 0 prints the result, the same as one process's.
 Multiple choice is scored whole on every rank.
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from gpt2dist import dist
+from gpt2dist.training import dist
 from gpt2dist.config import EvalConfig
-from gpt2dist.prepare import prepare_corpus
-from gpt2dist.shards import CorpusError
-from gpt2dist.tokenizer import get_tokenizer
-from gpt2dist.validation import corpus_loss, model_device
+from gpt2dist.data.prepare import prepare_corpus
+from gpt2dist.data.shards import CorpusError
+from gpt2dist.data.tokenizer import get_tokenizer
+from gpt2dist.training.validation import corpus_loss, model_device
 
 
 class EvalError(ValueError):
@@ -172,7 +172,7 @@ def run_evals(model: torch.nn.Module, cfg: EvalConfig, seq_len: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2dist.weights import WeightsError, default_device, load_model
+    from gpt2dist.models.weights import WeightsError, default_device, load_model
 
     p = argparse.ArgumentParser(prog="python -m gpt2dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

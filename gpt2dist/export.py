@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2dist.hf import save_hf_dir
-from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint
+from gpt2dist.models.hf import save_hf_dir
+from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint that `source` names (see `gpt2dist.weights.find_checkpoint`) to out_dir."""
+    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`) to out_dir."""
     ckpt_dir = find_checkpoint(source)
     if ckpt_dir is None:
         raise WeightsError(f"{source}: not a gpt2dist run or checkpoint directory (no checkpoints/latest, "

@@ -3,7 +3,7 @@
     python -m gpt2dist.generate runs/gpt2-tiny --prompt "The meaning of" --max-new-tokens 40
 
 The model is a gpt2dist run or checkpoint directory, or a Hugging Face GPT-2 directory
-(see `gpt2dist.weights`). Each prompt is generated on its own; `--num-samples` continuations
+(see `gpt2dist.models.weights`). Each prompt is generated on its own; `--num-samples` continuations
 of one prompt run as one batch.
 """
 
@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from gpt2dist.model import KVCache
-from gpt2dist.tokenizer import EOT, get_tokenizer
+from gpt2dist.models.gpt import KVCache
+from gpt2dist.data.tokenizer import EOT, get_tokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -89,7 +89,7 @@ def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_toke
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2dist.weights import WeightsError, default_device, load_model
+    from gpt2dist.models.weights import WeightsError, default_device, load_model
 
     p = argparse.ArgumentParser(prog="python -m gpt2dist.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,7 +3,7 @@
     python -m gpt2dist.lmeval runs/gpt2 --tasks hellaswag,lambada_openai --num-fewshot 0
     python -m gpt2dist.lmeval runs/gpt2 --tasks my_task --include-path my_tasks/
 
-The model is anything `gpt2dist.weights.load_model` reads. `GPT2DistLM` is registered with
+The model is anything `gpt2dist.models.weights.load_model` reads. `GPT2DistLM` is registered with
 lm-eval as "gpt2dist" (`model_args="pretrained=runs/gpt2"`) once this module is imported, for
 use from Python through `lm_eval.simple_evaluate`. lm-eval downloads its standard tasks' data
 from the Hugging Face hub; tasks of your own can read local files (`dataset_path: json`).
@@ -23,8 +23,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from gpt2dist.evaluate import continuation_logprobs
 from gpt2dist.generate import generate
-from gpt2dist.tokenizer import EOT, get_tokenizer
-from gpt2dist.weights import WeightsError, default_device, load_model
+from gpt2dist.data.tokenizer import EOT, get_tokenizer
+from gpt2dist.models.weights import WeightsError, default_device, load_model
 
 
 @register_model("gpt2dist")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gpt2dist.builtin_corpus import documents
+from gpt2dist.data.builtin_corpus import documents
 from gpt2dist.config import CONF_DIR, register
-from gpt2dist.prepare import prepare_corpus
+from gpt2dist.data.prepare import prepare_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 register()
@@ -77,7 +77,7 @@ def run_train(overrides: list[str], nproc: int = 0, timeout: int = 600, env: dic
 
 def fp16_supported() -> bool:
     """Whether this machine's accelerator runs fp16 (CPUs need oneDNN fp16 kernels, which some lack)."""
-    from gpt2dist import deepspeed_env
+    from gpt2dist.training import deepspeed_env
 
     deepspeed_env.load()
     from deepspeed.accelerator import get_accelerator
@@ -102,7 +102,7 @@ def run_to_end(trainer):
 
 def train_cfg(overrides: list[str], run_dir: Path) -> list[dict]:
     """Train in this process through the real Trainer, as train.py does; returns the metrics."""
-    from gpt2dist.trainer import run
+    from gpt2dist.training.trainer import run
 
     run(make_cfg(*overrides))
     return read_metrics(run_dir)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from gpt2dist.checkpoint import latest_tag
+from gpt2dist.training.checkpoint import latest_tag
 from tests.conftest import TINY, read_metrics, run_train, tiny_overrides
 
 

@@ -7,7 +7,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 from hydra.errors import ConfigCompositionException
 
 from gpt2dist.config import CONF_DIR, ConfigError, Precision, check, grad_accum_steps
-from gpt2dist.engine import deepspeed_config
+from gpt2dist.training.engine import deepspeed_config
 from tests.conftest import make_cfg, run_train
 
 GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF_DIR.iterdir()) if group.is_dir()

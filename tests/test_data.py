@@ -9,10 +9,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from gpt2dist.loader import MIX_PERIOD, Permutation, SampleStream, Windows, train_loader
-from gpt2dist.shards import MANIFEST, CorpusError, TokenBlocks
-from gpt2dist.tokenizer import EOT, get_tokenizer
-from gpt2dist.validation import rank_batches, val_batches
+from gpt2dist.data.loader import MIX_PERIOD, Permutation, SampleStream, Windows, train_loader
+from gpt2dist.data.shards import MANIFEST, CorpusError, TokenBlocks
+from gpt2dist.data.tokenizer import EOT, get_tokenizer
+from gpt2dist.training.validation import rank_batches, val_batches
 from tests.conftest import ROOT, clean_env
 
 DOCS = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i % 7) for i in range(60)]
@@ -53,7 +53,7 @@ def test_prepare_txt_and_jsonl(tmp_path, text_inputs):
 
 
 def _val_docs(out, docs):
-    from gpt2dist.prepare import is_validation
+    from gpt2dist.data.prepare import is_validation
     return {d for d in docs if is_validation(d.encode(), json.loads((out / MANIFEST).read_text())["val_fraction"])}
 
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from gpt2dist.checkpoint import CHECKPOINTS
-from gpt2dist.trainer import Trainer
+from gpt2dist.training.checkpoint import CHECKPOINTS
+from gpt2dist.training.trainer import Trainer
 from tests.conftest import make_cfg, read_metrics, run_to_end, run_train, tiny_overrides
 
 

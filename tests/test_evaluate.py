@@ -9,9 +9,9 @@ import torch
 
 from gpt2dist.evaluate import (EvalConfig, EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt,
                                main as evaluate_main, multiple_choice, read_choices, run_evals)
-from gpt2dist.hf import config_from_hf, export_hf, from_hf_state_dict
-from gpt2dist.model import GPT, GPTConfig
-from gpt2dist.tokenizer import EOT, get_tokenizer
+from gpt2dist.models.hf import config_from_hf, export_hf, from_hf_state_dict
+from gpt2dist.models.gpt import GPT, GPTConfig
+from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from tests.conftest import run_python
 from tests.test_model import tiny_hf
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gpt2dist.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError, check_compatible, latest_tag
+from gpt2dist.training.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError, check_compatible, latest_tag
 from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, run_train, tiny_overrides
 
 INTERVAL = 3

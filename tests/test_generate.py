@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gpt2dist.generate import generate, main as generate_main, sample_next
-from gpt2dist.hf import config_from_hf, export_hf, from_hf_state_dict
-from gpt2dist.model import GPT, GPTConfig, KVCache
+from gpt2dist.models.hf import config_from_hf, export_hf, from_hf_state_dict
+from gpt2dist.models.gpt import GPT, GPTConfig, KVCache
 from tests.test_model import tiny_hf
 
 

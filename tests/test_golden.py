@@ -47,8 +47,8 @@ def test_golden_loss_curve(corpus, tmp_path):
 if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     import tempfile
 
-    from gpt2dist.builtin_corpus import documents
-    from gpt2dist.prepare import prepare_corpus
+    from gpt2dist.data.builtin_corpus import documents
+    from gpt2dist.data.prepare import prepare_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         # The same corpus as tests/conftest.py's `corpus` fixture.

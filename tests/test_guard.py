@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from gpt2dist import dist, engine as ds_engine
+from gpt2dist.training import dist
+from gpt2dist.training import engine as ds_engine
 from gpt2dist.config import gpt_config
-from gpt2dist.guard import LossGuard
-from gpt2dist.model import GPT
+from gpt2dist.training.guard import LossGuard
+from gpt2dist.models.gpt import GPT
 from tests.conftest import make_cfg, needs_fp16, run_to_end, tiny_overrides
 
 
@@ -85,7 +86,7 @@ def _fault_at(trainer, step: int, fault) -> None:
 
 
 def test_a_spike_is_skipped_and_training_goes_on(corpus, tmp_path):
-    from gpt2dist.trainer import Trainer
+    from gpt2dist.training.trainer import Trainer
     from tests.conftest import read_metrics
 
     cfg = make_cfg(*tiny_overrides(corpus, tmp_path, "train.max_steps=8", "guard.min_history=3", "guard.zscore=4"))
@@ -107,9 +108,9 @@ def test_a_spike_is_skipped_and_training_goes_on(corpus, tmp_path):
 
 
 def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_path):
-    from gpt2dist.checkpoint import CHECKPOINTS, latest_tag, verify
-    from gpt2dist.guard import TrainingDiverged
-    from gpt2dist.trainer import Trainer
+    from gpt2dist.training.checkpoint import CHECKPOINTS, latest_tag, verify
+    from gpt2dist.training.guard import TrainingDiverged
+    from gpt2dist.training.trainer import Trainer
 
     cfg = make_cfg(*tiny_overrides(corpus, tmp_path, "train.max_steps=12", "train.ckpt_interval=2",
                                    "guard.max_skips=3"))
@@ -126,7 +127,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(corpus, tmp_
 
 @needs_fp16
 def test_fp16_overflows_are_reported(corpus, tmp_path):
-    from gpt2dist.trainer import Trainer
+    from gpt2dist.training.trainer import Trainer
     from tests.conftest import read_metrics
 
     run_to_end(Trainer(make_cfg(*tiny_overrides(corpus, tmp_path, "train.precision=fp16", "zero.stage=1",

@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
 from gpt2dist.export import main as export_main
-from gpt2dist.hf import config_from_hf
-from gpt2dist.model import GPT, GPTConfig
-from gpt2dist.validation import corpus_loss
-from gpt2dist.weights import WeightsError, checkpoint_weights, find_checkpoint, load_into, load_model
+from gpt2dist.models.hf import config_from_hf
+from gpt2dist.models.gpt import GPT, GPTConfig
+from gpt2dist.training.validation import corpus_loss
+from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint, load_into, load_model
 from tests.conftest import read_metrics, run_train, tiny_overrides, train
 from tests.test_model import tiny_hf
 
@@ -173,9 +173,9 @@ def test_exported_tokenizer_encodes_as_tiktoken(tmp_path):
     encode_ordinary (a literal <|endoftext|> is text, as in data preparation)."""
     from transformers import AutoTokenizer
 
-    from gpt2dist.builtin_corpus import documents
-    from gpt2dist.hf import export_hf
-    from gpt2dist.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+    from gpt2dist.data.builtin_corpus import documents
+    from gpt2dist.models.hf import export_hf
+    from gpt2dist.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 
     export_hf(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)

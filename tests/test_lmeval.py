@@ -8,9 +8,9 @@ from lm_eval.api.instance import Instance
 
 from gpt2dist.evaluate import continuation_logprobs
 from gpt2dist.generate import generate
-from gpt2dist.hf import export_hf
+from gpt2dist.models.hf import export_hf
 from gpt2dist.lmeval import GPT2DistLM, main as lmeval_main
-from gpt2dist.tokenizer import EOT, get_tokenizer
+from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from tests.test_evaluate import memorised_model, questions, write_choices
 
 TASK = """\

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gpt2dist.checkpoint import CHECKPOINTS
-from gpt2dist.metrics import Metrics
+from gpt2dist.training.checkpoint import CHECKPOINTS
+from gpt2dist.training.metrics import Metrics
 from tests.conftest import make_cfg, train
 
 BACKENDS = "logger.backends=[console,jsonl,tensorboard]"

@@ -5,8 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2dist.config import CONF_DIR, load_model_preset
-from gpt2dist.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
-from gpt2dist.model import GPT, GPTConfig
+from gpt2dist.models.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
+from gpt2dist.models.gpt import GPT, GPTConfig
 
 PUBLISHED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 

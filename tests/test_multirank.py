@@ -3,7 +3,7 @@ global batch, because the global sample order does not depend on the world size.
 
 import pytest
 
-from gpt2dist.checkpoint import CHECKPOINTS
+from gpt2dist.training.checkpoint import CHECKPOINTS
 from tests.conftest import read_metrics, run_train, tiny_overrides
 
 STEPS = ["train.max_steps=4", "train.ckpt_interval=0", "optim.lr=3e-3"]

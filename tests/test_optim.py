@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError
+from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
 from gpt2dist.config import ConfigError, check
-from gpt2dist.optim import build_optimizer, lr_factor, param_groups
+from gpt2dist.training.optim import build_optimizer, lr_factor, param_groups
 from tests.conftest import make_cfg, train
 
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from gpt2dist.shards import MANIFEST
-from gpt2dist.tokenizer import get_tokenizer
+from gpt2dist.data.shards import MANIFEST
+from gpt2dist.data.tokenizer import get_tokenizer
 from tests.conftest import ROOT, clean_env
 
 DOCS = [f"Document {i}: " + "Sphinx of black quartz, judge my vow. " * (3 + i % 11) for i in range(300)]
@@ -154,7 +154,7 @@ def test_an_output_gpt2dist_did_not_write_is_never_deleted(tmp_path):
 
 
 def test_overwrite_replaces_only_a_prepared_corpus(tmp_path):
-    from gpt2dist.prepare import prepare_corpus
+    from gpt2dist.data.prepare import prepare_corpus
 
     def prepare(docs, **kw):
         return prepare_corpus(docs, out, source="docs", block_tokens=16, progress=False, workers=1, **kw)
@@ -213,7 +213,7 @@ def test_any_text_file_is_a_document_binaries_are_skipped(tmp_path):
 
 
 def test_val_fraction_one_and_the_split_the_error_counts(tmp_path):
-    from gpt2dist.prepare import is_validation, prepare_corpus
+    from gpt2dist.data.prepare import is_validation, prepare_corpus
 
     def prepare(docs, out, val_fraction):
         return prepare_corpus(docs, tmp_path / out, source="docs", val_fraction=val_fraction, block_tokens=16,

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gpt2dist.config import ConfigError
-from gpt2dist.run_dir import MARKER
-from gpt2dist.trainer import Trainer
+from gpt2dist.training.run_dir import MARKER
+from gpt2dist.training.trainer import Trainer
 from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, run_train, tiny_overrides, train
 
 
@@ -54,7 +54,7 @@ def test_metrics_are_truncated_only_when_resuming_from_own_checkpoint(corpus, tm
 THREADS_AFTER_REFUSAL = """
 import glob
 from gpt2dist.config import ConfigError
-from gpt2dist.trainer import Trainer
+from gpt2dist.training.trainer import Trainer
 from tests.conftest import make_cfg
 try:
     Trainer(make_cfg("data=custom", "train.run_dir={run_dir}"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gpt2dist.checkpoint import CHECKPOINTS
+from gpt2dist.training.checkpoint import CHECKPOINTS
 from tests.conftest import ROOT, clean_env, read_metrics, run_train, tiny_overrides
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"

@@ -1,4 +1,4 @@
-from gpt2dist.tokenizer import EOT, bundled_encoding, get_tokenizer
+from gpt2dist.data.tokenizer import EOT, bundled_encoding, get_tokenizer
 
 
 def test_hello_world():

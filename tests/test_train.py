@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from gpt2dist.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
+from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
 from gpt2dist.config import ConfigError
-from gpt2dist.optim import lr_factor
-from gpt2dist.trainer import Trainer
-from gpt2dist.weights import WeightsError
+from gpt2dist.training.optim import lr_factor
+from gpt2dist.training.trainer import Trainer
+from gpt2dist.models.weights import WeightsError
 from tests.conftest import TINY, fp16_supported, make_cfg, needs_fp16, run_train, tiny_overrides, train
 
 
@@ -136,7 +136,7 @@ def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path, signame
     import os
     import signal
 
-    from gpt2dist.preemption import EXIT_REQUEUE
+    from gpt2dist.training.preemption import EXIT_REQUEUE
 
     full = train(corpus, tmp_path / "full", "train.max_steps=5", "train.ckpt_interval=0")
     trainer = Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")))
@@ -199,8 +199,8 @@ def test_wandb_online_without_network_falls_back_to_offline(corpus, tmp_path, mo
 
 def test_corpus_without_validation_trains_with_validation_off(tmp_path, capsys):
     """A corpus prepared with --val-fraction 0 has an empty val split: it trains, without val_loss, with a warning."""
-    from gpt2dist.builtin_corpus import documents
-    from gpt2dist.prepare import prepare_corpus
+    from gpt2dist.data.builtin_corpus import documents
+    from gpt2dist.data.prepare import prepare_corpus
 
     docs = [d for _, d in zip(range(30), documents("pydoc"))]
     prepare_corpus(docs, tmp_path / "corpus", source="pydoc", val_fraction=0, block_tokens=256, progress=False,
@@ -216,9 +216,9 @@ def test_corpus_without_validation_trains_with_validation_off(tmp_path, capsys):
 
 def test_held_out_corpus_is_refused_for_training(tmp_path):
     """A corpus prepared with --val-fraction 1 has no training text: one clear error, not an assertion."""
-    from gpt2dist.builtin_corpus import documents
-    from gpt2dist.prepare import prepare_corpus
-    from gpt2dist.shards import CorpusError
+    from gpt2dist.data.builtin_corpus import documents
+    from gpt2dist.data.prepare import prepare_corpus
+    from gpt2dist.data.shards import CorpusError
 
     docs = [d for _, d in zip(range(10), documents("pydoc"))]
     prepare_corpus(docs, tmp_path / "held-out", source="pydoc", val_fraction=1, block_tokens=256, progress=False,

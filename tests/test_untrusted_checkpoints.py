@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from gpt2dist import safe_load
-from gpt2dist.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError
+from gpt2dist.training.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError
 from gpt2dist.evaluate import main as evaluate_main
 from gpt2dist.export import main as export_main
 from gpt2dist.generate import main as generate_main
 from gpt2dist.lmeval import main as lmeval_main
 from gpt2dist.fileio import sha256_of
-from gpt2dist.weights import find_checkpoint
-from gpt2dist.trainer import Trainer
+from gpt2dist.models.weights import find_checkpoint
+from gpt2dist.training.trainer import Trainer
 from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides, train
 
 MODEL_STATES = "mp_rank_00_model_states.pt"

@@ -5,9 +5,9 @@ import functools
 
 import torch
 
-from gpt2dist import deepspeed_env
+from gpt2dist.training import deepspeed_env
 from gpt2dist.config import ConfigError, Precision, grad_accum_steps
-from gpt2dist.optim import build_optimizer, lr_scheduler, param_groups
+from gpt2dist.training.optim import build_optimizer, lr_scheduler, param_groups
 
 deepspeed = deepspeed_env.load()
 

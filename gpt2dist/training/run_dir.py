@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from gpt2dist import checkpoint
+from gpt2dist.training import checkpoint
 from gpt2dist.config import ConfigError, Resume
 
 MARKER = "gpt2dist-run.json"

@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 from gpt2dist import safe_load
 from gpt2dist.config import gpt_config
 from gpt2dist.fileio import fsync_dir, sha256_of
-from gpt2dist.shards import MANIFEST as CORPUS_MANIFEST
-from gpt2dist.tokenizer import TOKENIZER
+from gpt2dist.data.shards import MANIFEST as CORPUS_MANIFEST
+from gpt2dist.data.tokenizer import TOKENIZER
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
-from gpt2dist.prepare import prepare_corpus
-from gpt2dist.shards import CorpusError, read_manifest
+from gpt2dist.data.prepare import prepare_corpus
+from gpt2dist.data.shards import CorpusError, read_manifest
 
 class Builtin(str, Enum):
     """The built-in corpora (`data.builtin`); a new kind is a member here and its documents below."""

@@ -1,5 +1,5 @@
 """Metrics: computed once here, sent to every backend of `logger.backends` (console, metrics.jsonl,
-W&B, TensorBoard; see gpt2dist/metric_backends.py).
+W&B, TensorBoard; see gpt2dist/training/metric_backends.py).
 
 Only rank 0 builds a `Metrics`; other ranks get `None` and log nothing.
 """
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2dist.metric_backends import BACKENDS
+from gpt2dist.training.metric_backends import BACKENDS
 
 # Dense bf16 tensor-core peak of one device, FLOP/s (without sparsity).
 PEAK_BF16_FLOPS = {
@@ -51,7 +51,7 @@ def device_peak_flops(override_tflops: float | None) -> float | None:
 
 class Metrics:
     """Sends each logged step's numbers to every backend named in `logger.backends`
-    (gpt2dist/metric_backends.py)."""
+    (gpt2dist/training/metric_backends.py)."""
 
     def __init__(self, cfg, run_dir: Path, resume_step: int, name: str):
         self.backends = [BACKENDS[b](cfg, run_dir, resume_step, name) for b in cfg.logger.backends]

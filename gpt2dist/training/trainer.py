@@ -11,22 +11,25 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from gpt2dist import checkpoint, dist, engine as ds_engine, run_dir
-from gpt2dist.builtin_corpus import source_corpus
+from gpt2dist.training import checkpoint
+from gpt2dist.training import dist
+from gpt2dist.training import engine as ds_engine
+from gpt2dist.training import run_dir
+from gpt2dist.data.builtin_corpus import source_corpus
 from gpt2dist.config import (ConfigError, Precision, Resume, check, data_sources, gpt_config, grad_accum_steps,
                              tokens_per_step)
-from gpt2dist.engine import check_precision
+from gpt2dist.training.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
-from gpt2dist.guard import LossGuard, TrainingDiverged
-from gpt2dist.loader import DevicePrefetch, SampleStream, train_loader, train_windows
-from gpt2dist.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
-from gpt2dist.model import GPT
-from gpt2dist.preemption import EXIT_REQUEUE, PreemptionWatch
-from gpt2dist.shards import check_tokenizer
-from gpt2dist.tokenizer import get_tokenizer
-from gpt2dist.validation import mean_loss, validation_sets
-from gpt2dist.weights import find_checkpoint, load_into
+from gpt2dist.training.guard import LossGuard, TrainingDiverged
+from gpt2dist.data.loader import DevicePrefetch, SampleStream, train_loader, train_windows
+from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
+from gpt2dist.models.gpt import GPT
+from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
+from gpt2dist.data.shards import check_tokenizer
+from gpt2dist.data.tokenizer import get_tokenizer
+from gpt2dist.training.validation import mean_loss, validation_sets
+from gpt2dist.models.weights import find_checkpoint, load_into
 
 
 def run_name(run_dir: Path) -> str:

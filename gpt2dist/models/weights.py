@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gpt2dist import deepspeed_env, safe_load
-from gpt2dist.checkpoint import CHECKPOINTS, complete_tags
+from gpt2dist.training import deepspeed_env
+from gpt2dist import safe_load
+from gpt2dist.training.checkpoint import CHECKPOINTS, complete_tags
 from gpt2dist.config import gpt_config
-from gpt2dist.hf import HFError, hf_tensors, read_hf_config
-from gpt2dist.model import GPT, GPTConfig, pad_vocab
-from gpt2dist.optim import param_groups
+from gpt2dist.models.hf import HFError, hf_tensors, read_hf_config
+from gpt2dist.models.gpt import GPT, GPTConfig, pad_vocab
+from gpt2dist.training.optim import param_groups
 
 STAGE0_STATES = "mp_rank_00_model_states.pt"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2dist.loader import Windows
-from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.data.loader import Windows
+from gpt2dist.data.shards import CorpusError, TokenBlocks
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (batch, seq_len) int64
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2dist.fileio import sha256_of
-from gpt2dist.tokenizer import TOKENIZER
+from gpt2dist.data.tokenizer import TOKENIZER
 
 FORMAT = "gpt2dist-tokens-v2"  # v2: shard sizes in the manifest
 MANIFEST = "manifest.json"

@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 
 from gpt2dist import safe_load
-from gpt2dist.model import GPT, GPTConfig, pad_vocab
-from gpt2dist.tokenizer import EOT, hf_tokenizer_files
+from gpt2dist.models.gpt import GPT, GPTConfig, pad_vocab
+from gpt2dist.data.tokenizer import EOT, hf_tokenizer_files
 
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -26,7 +26,7 @@ class Optimizer(str, Enum):
 def build_optimizer(groups: list[dict], optim_cfg, offload: bool, is_main: bool = True) -> torch.optim.Optimizer:
     """The optimizer `optim_cfg.name` over `groups` (see param_groups). `offload`: its state and
     step live on the CPU (ZeRO-Offload), where DeepSpeed needs its own CPU optimizers."""
-    from gpt2dist import deepspeed_env
+    from gpt2dist.training import deepspeed_env
 
     o = optim_cfg
     betas = (o.beta1, o.beta2)

@@ -1,7 +1,7 @@
 """Training batches from one or several prepared corpora (sources); validation takes its
-batches from the same `Windows` (`gpt2dist.validation`).
+batches from the same `Windows` (`gpt2dist.training.validation`).
 
-Samples are windows of `seq_len + 1` tokens cut from the corpus blocks (`gpt2dist.shards`).
+Samples are windows of `seq_len + 1` tokens cut from the corpus blocks (`gpt2dist.data.shards`).
 All training samples form one global stream, independent of the number of ranks and workers:
 
 - Position q of the stream draws from the source that a seeded schedule assigns to q. The
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gpt2dist.shards import CorpusError, TokenBlocks
+from gpt2dist.data.shards import CorpusError, TokenBlocks
 
 MIX_PERIOD = 10_000  # mixture weights are exact over every this many samples (to 1/MIX_PERIOD)
 FEISTEL_ROUNDS = 6

@@ -59,7 +59,7 @@ _saved_env: dict[str, str | None] | None = None
 def init() -> DistEnv:
     """Detect the launcher, export what torch.distributed needs, and join the process group."""
     global _saved_env
-    from gpt2dist import deepspeed_env
+    from gpt2dist.training import deepspeed_env
 
     deepspeed = deepspeed_env.load()  # heavy import, kept out of module import time
     dist_env = detect()

@@ -3,10 +3,10 @@
 Parameter names follow OpenAI / Hugging Face (`transformer.wte`, `transformer.h.N.attn.c_attn`,
 `transformer.ln_f`, `lm_head`), so weights map one to one onto `GPT2LMHeadModel`; the only
 difference is that our linear layers are `nn.Linear` ((out, in) weights) where Hugging Face
-uses `Conv1D` ((in, out) weights). `gpt2dist.hf` does that transpose.
+uses `Conv1D` ((in, out) weights). `gpt2dist.models.hf` does that transpose.
 
 This module is single-device code: it never imports DeepSpeed. Parallelism, precision and
-optimizer state are applied from outside by `gpt2dist.engine`.
+optimizer state are applied from outside by `gpt2dist.training.engine`.
 """
 
 import math
