@@ -88,6 +88,14 @@ def fp16_supported() -> bool:
 needs_fp16 = pytest.mark.skipif(not fp16_supported(), reason="this CPU has no oneDNN fp16 kernels: DeepSpeed refuses fp16")
 
 
+def from_hf(hf_model, directory: Path):
+    """A Hugging Face GPT-2 as the commands read one: saved, then loaded by weights.load_model."""
+    from gpt2dist.models.weights import load_model
+
+    hf_model.save_pretrained(directory)
+    return load_model(directory)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

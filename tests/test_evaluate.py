@@ -9,10 +9,10 @@ import torch
 
 from gpt2dist.evaluate import (EvalConfig, EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt,
                                main as evaluate_main, multiple_choice, read_choices, run_evals)
-from gpt2dist.models.hf import config_from_hf, export_hf, from_hf_state_dict
+from gpt2dist.models.hf import export_hf
 from gpt2dist.models.gpt import GPT, GPTConfig
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
-from tests.conftest import run_python
+from tests.conftest import from_hf, run_python
 from tests.test_model import tiny_hf
 
 ENDINGS = ["deep red paint on the door.", "a blue sky.", "green grass in a quiet field by the river.", "yellow."]
@@ -64,10 +64,9 @@ def test_unknown_facts_are_not_always_right(memorised):
     assert multiple_choice(memorised, wrong) == {"acc": 0.0, "acc_norm": 0.0, "questions": 6}
 
 
-def test_continuation_logprobs_equal_hf():
+def test_continuation_logprobs_equal_hf(tmp_path):
     hf = tiny_hf(seed=1)
-    ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
+    ours = from_hf(hf, tmp_path)
     g = torch.Generator().manual_seed(2)
     pairs = [(torch.randint(0, 50257, (c,), generator=g).tolist(), torch.randint(0, 50257, (n,), generator=g).tolist())
              for c, n in ((5, 3), (1, 1), (20, 7), (70, 4))]  # the last is longer than the context: cut at the left

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from gpt2dist.generate import generate, main as generate_main, sample_next
-from gpt2dist.models.hf import config_from_hf, export_hf, from_hf_state_dict
+from gpt2dist.models.hf import export_hf
 from gpt2dist.models.gpt import GPT, GPTConfig, KVCache
+from tests.conftest import from_hf
 from tests.test_model import tiny_hf
 
 
@@ -51,10 +52,9 @@ def test_each_new_token_runs_one_position():
     assert positions == [12, 1, 1, 1, 1, 1]  # the prompt once, then only the newest token
 
 
-def test_greedy_equals_transformers_generate():
+def test_greedy_equals_transformers_generate(tmp_path):
     hf = tiny_hf(seed=9)
-    ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
+    ours = from_hf(hf, tmp_path)
     idx = prompt(10, length=6)
     expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=30, do_sample=False,
                            eos_token_id=None, pad_token_id=0)

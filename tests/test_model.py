@@ -5,8 +5,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2dist.config import CONF_DIR, load_model_preset
-from gpt2dist.models.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
 from gpt2dist.models.gpt import GPT, GPTConfig
+from gpt2dist.models.hf import export_hf
+from gpt2dist.models.weights import load_into
+from tests.conftest import from_hf
 
 PUBLISHED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 
@@ -36,22 +38,20 @@ def test_all_presets_listed():
     assert set(PUBLISHED) | {"gpt2-tiny"} == {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
 
 
-def test_hf_to_ours_logits_match():
+def test_hf_to_ours_logits_match(tmp_path):
     hf = tiny_hf()
-    ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
+    ours = from_hf(hf, tmp_path)
     idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
 
 
-def test_ours_to_hf_logits_match():
+def test_ours_to_hf_logits_match(tmp_path):
+    """Through the export path: a Hugging Face directory that from_pretrained loads."""
     torch.manual_seed(2)
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
     ours = GPT(cfg).eval()
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64)).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
-    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    hf = GPT2LMHeadModel.from_pretrained(export_hf(ours, tmp_path)).eval()
     idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
@@ -59,10 +59,9 @@ def test_ours_to_hf_logits_match():
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
 
 
-def test_loss_is_next_token_cross_entropy_like_hf():
+def test_loss_is_next_token_cross_entropy_like_hf(tmp_path):
     hf = tiny_hf(seed=4)
-    ours = GPT(config_from_hf(hf.config)).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours.config))
+    ours = from_hf(hf, tmp_path)
     idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         _, loss = ours(idx[:, :-1], idx[:, 1:])
@@ -92,15 +91,13 @@ def test_init_scales_residual_projections():
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
 
 
-def test_padded_vocabulary_changes_nothing_but_the_shape():
+def test_padded_vocabulary_changes_nothing_but_the_shape(tmp_path):
     """The embedding has 50304 rows (a multiple of 64); logits, loss and gradients are those of
     the same model without padding, and the padding rows get no gradient."""
     hf = tiny_hf(seed=8)
-    padded = GPT(config_from_hf(hf.config)).eval()
-    plain = GPT(GPTConfig(**{**config_from_hf(hf.config).__dict__, "pad_vocab_multiple": 1})).eval()
+    padded = from_hf(hf, tmp_path / "hf")
+    plain = load_into(GPT(GPTConfig(**{**padded.config.__dict__, "pad_vocab_multiple": 1})), tmp_path / "hf").eval()
     assert padded.transformer.wte.weight.shape[0] == 50304 and plain.transformer.wte.weight.shape[0] == 50257
-    padded.load_state_dict(from_hf_state_dict(hf.state_dict(), padded.config))
-    plain.load_state_dict(from_hf_state_dict(hf.state_dict(), plain.config))
     assert padded.num_params() == plain.num_params()
     idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(9))
     (logits_p, loss_p), (logits_u, loss_u) = (m(idx[:, :-1], idx[:, 1:]) for m in (padded, plain))
@@ -112,4 +109,5 @@ def test_padded_vocabulary_changes_nothing_but_the_shape():
     assert torch.count_nonzero(grad[50257:]) == 0
     torch.testing.assert_close(grad[:50257], plain.transformer.wte.weight.grad, atol=1e-6, rtol=0)
     assert torch.count_nonzero(GPT(padded.config).transformer.wte.weight[50257:]) == 0  # initialised to zero
-    assert to_hf_state_dict(padded)["transformer.wte.weight"].shape == (50257, 64)
+    exported = GPT2LMHeadModel.from_pretrained(export_hf(padded, tmp_path / "exported"))
+    assert exported.transformer.wte.weight.shape == (50257, 64)

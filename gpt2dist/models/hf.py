@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from gpt2dist import safe_load
-from gpt2dist.models.gpt import GPT, GPTConfig, pad_vocab
+from gpt2dist.models.gpt import GPT, GPTConfig
 from gpt2dist.data.tokenizer import EOT, hf_tokenizer_files
 
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
@@ -104,23 +104,11 @@ def from_hf_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] 
     return name, (tensor.t() if name.endswith(_TRANSPOSED) else tensor)
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 weights -> the state dict of our GPT(config) (the tied lm_head included)."""
-    ours = dict(filter(None, (from_hf_tensor(name, tensor) for name, tensor in hf_state.items())))
-    ours["transformer.wte.weight"] = ours["lm_head.weight"] = pad_vocab(ours["transformer.wte.weight"], config)
-    return ours
-
-
 def to_hf_tensor(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     """One of our tensors in Hugging Face's layout (the vocabulary unpadded)."""
     if name in ("transformer.wte.weight", "lm_head.weight"):
         tensor = tensor[: config.vocab_size]
     return (tensor.t() if name.endswith(_TRANSPOSED) else tensor).contiguous()
-
-
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights -> Hugging Face GPT-2 names and layouts."""
-    return {name: to_hf_tensor(name, tensor, model.config) for name, tensor in model.state_dict().items()}
 
 
 def hf_tensors(hf_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
