@@ -2,7 +2,8 @@
 
 Measures the bytes a forward pass keeps for backward (every tensor handed to autograd's
 saved-tensor hooks, counted once per storage, parameters excluded) for one 1024-token
-sequence in bf16, with and without gradient checkpointing. Activations grow linearly with
+sequence in bf16, with and without gradient checkpointing, and the fixed part again with the
+chunked LM head and loss (`train.loss_chunk`). Activations grow linearly with
 depth, so two shallow copies of each size (1 and 2 layers, full width) give the per-layer and
 the fixed part exactly, in seconds on a CPU; the numbers do not depend on the device.
 
@@ -32,11 +33,15 @@ RESERVE_GIB = 2.0  # CUDA context, communication buckets, allocator slack
 LM_HEAD_BACKWARD_BYTES_PER_TOKEN = (4 + 2) * 50257
 
 
-def saved_bytes(config: GPTConfig, seq_len: int, checkpointing: bool) -> int:
+LOSS_CHUNK = 256  # tokens; what is kept for backward does not depend on it
+
+
+def saved_bytes(config: GPTConfig, seq_len: int, checkpointing: bool, loss_chunk: int = 0) -> int:
     """Bytes autograd keeps for backward after the forward pass of one sequence (bf16)."""
     torch.manual_seed(0)
     model = GPT(config).to(torch.bfloat16)
     model.gradient_checkpointing = checkpointing
+    model.loss_chunk = loss_chunk
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -53,7 +58,8 @@ def saved_bytes(config: GPTConfig, seq_len: int, checkpointing: bool) -> int:
 
 
 def activations(name: str, seq_len: int) -> dict:
-    """Per-layer and fixed activation bytes of one sequence, with and without checkpointing."""
+    """Per-layer and fixed activation bytes of one sequence, with and without checkpointing, and
+    the fixed part with the chunked loss (the blocks keep the same either way)."""
     cfg = load_model_preset(name)
     out = {"n_layer": cfg.n_layer, "lm_head_backward": LM_HEAD_BACKWARD_BYTES_PER_TOKEN * seq_len}
     for ckpt in (False, True):
@@ -61,6 +67,8 @@ def activations(name: str, seq_len: int) -> dict:
         per_layer, fixed = two - one, one - (two - one)
         out["checkpointing" if ckpt else "plain"] = {
             "per_layer": per_layer, "fixed": fixed, "per_sequence": fixed + cfg.n_layer * per_layer}
+    chunked = saved_bytes(GPTConfig(**{**cfg.__dict__, "n_layer": 1}), seq_len, False, LOSS_CHUNK)
+    out["fixed_chunked_loss"] = chunked - out["plain"]["per_layer"]
     return out
 
 
@@ -119,6 +127,10 @@ def main() -> None:
             cells.append(f"{setting} (~{r['gib']} GiB)")
         print(f"| {name} | {m['params'] / 1e6:,.0f}M | {a['plain']['per_sequence'] / GIB:.2f} GiB, "
               f"{a['checkpointing']['per_sequence'] / GIB:.2f} GiB | {cells[0]} | {cells[1]} |")
+    print("\n| model | fixed part (plain loss) | fixed part (chunked loss) |\n| --- | --- | --- |")
+    for name, m in result["models"].items():
+        a = m["activations"]
+        print(f"| {name} | {a['plain']['fixed'] / 2**20:.0f} MiB | {a['fixed_chunked_loss'] / 2**20:.1f} MiB |")
 
 
 if __name__ == "__main__":

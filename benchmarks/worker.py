@@ -110,6 +110,7 @@ def run_bare(cfg) -> tuple[list[float], float]:
     torch.manual_seed(t.seed)
     raw = GPT(gpt_config(cfg.model)).to(device)
     raw.gradient_checkpointing = t.gradient_checkpointing
+    raw.loss_chunk = t.loss_chunk
     model = torch.compile(raw) if t.compile else raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)

@@ -138,6 +138,9 @@ class TrainConfig:
     # the stream goes on at the same sample count, over the new data.
     allow_data_change: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # > 0: the LM head and loss this many tokens at a time, recomputed in backward: the logits are never all
+    # in memory (197 MiB per 1024 tokens in fp32 at GPT-2's vocabulary), for one more LM-head matmul per step
+    loss_chunk: int = 0
     compile: bool = False  # torch.compile the model (slower start, faster steps; mostly for GPUs)
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on TF32 tensor cores (Ampere and newer)
     sample_tokens: int = 48  # tokens generated at the end as a smoke test; 0 to skip
@@ -319,6 +322,7 @@ def check(cfg, world_size: int) -> None:
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
     need(t.keep_last >= 0, "train.keep_last must be >= 0")
+    need(t.loss_chunk >= 0, "train.loss_chunk must be >= 0")
     o = cfg.optim
     need(0 <= o.warmup_steps <= t.max_steps,
          f"optim.warmup_steps={o.warmup_steps} must be in 0..train.max_steps={t.max_steps}")

@@ -111,3 +111,87 @@ def test_padded_vocabulary_changes_nothing_but_the_shape(tmp_path):
     assert torch.count_nonzero(GPT(padded.config).transformer.wte.weight[50257:]) == 0  # initialised to zero
     exported = GPT2LMHeadModel.from_pretrained(export_hf(padded, tmp_path / "exported"))
     assert exported.transformer.wte.weight.shape == (50257, 64)
+
+
+def sliced_cross_entropy(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss as first written: logits sliced to the vocabulary, then reshaped (a copy)."""
+    pos = torch.arange(idx.shape[1])
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)
+    for block in model.transformer.h:
+        x = block(x)
+    logits = model.lm_head(model.transformer.ln_f(x))[..., : model.config.vocab_size]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def loss_and_grads(model: GPT, loss_fn, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    loss = loss_fn(model, idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def tiny_gpt(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+
+
+def test_loss_and_gradients_are_those_of_the_sliced_logits_to_the_last_bit():
+    """Masking the padding columns in place changed the loss's memory traffic, not one bit of
+    its value or of any gradient (the golden loss curve depends on it)."""
+    model = tiny_gpt(10)
+    idx = torch.randint(0, 50257, (3, 25), generator=torch.Generator().manual_seed(11))
+    loss, grads = loss_and_grads(model, lambda m, x, y: m(x, y)[1], idx)
+    ref_loss, ref_grads = loss_and_grads(model, sliced_cross_entropy, idx)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_loss_never_copies_the_logits():
+    """No copy of (tokens, vocab) floats in forward or backward: the LM head's output and its
+    gradient are the largest tensors of a small model's step, and copying them cost ~15%."""
+    model = tiny_gpt(12)
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(13))
+    big = 2 * 32 * 50257  # elements of the logits
+    with torch.profiler.profile(record_shapes=True) as prof:
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+              and any(torch.Size(s).numel() >= big for s in e.input_shapes if s)]
+    assert not copies, [(e.name, e.input_shapes) for e in copies]
+
+
+@pytest.mark.parametrize("chunk", [24, 1000])  # not dividing the 64 tokens, more than all of them
+def test_chunked_loss_equals_the_plain_loss(chunk):
+    """model.loss_chunk: the same loss to the last bit, the same gradients to rounding, padding
+    rows still without gradient, and no logits returned."""
+    model = tiny_gpt(14)
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(15))
+    plain_loss, plain_grads = loss_and_grads(model, lambda m, x, y: m(x, y)[1], idx)
+    model.loss_chunk = chunk
+    logits, _ = model(idx[:, :-1], idx[:, 1:])
+    assert logits is None
+    loss, grads = loss_and_grads(model, lambda m, x, y: m(x, y)[1], idx)
+    assert torch.equal(loss, plain_loss)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    assert torch.count_nonzero(model.transformer.wte.weight.grad[50257:]) == 0
+
+
+def test_chunked_loss_keeps_no_logits_for_backward():
+    """What forward keeps for backward shrinks from the fp32 log-probabilities of every token
+    over the vocabulary (64 x 50304 x 4 bytes here) to the LM head's input."""
+    model = tiny_gpt(16)
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(17))
+
+    def saved(chunk: int) -> int:
+        model.loss_chunk = chunk
+        sizes = {}
+
+        def pack(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(idx[:, :-1], idx[:, 1:])
+        return sum(sizes.values()) - model.transformer.wte.weight.nbytes
+
+    assert saved(0) > 64 * 50304 * 4 > 10 * saved(16)

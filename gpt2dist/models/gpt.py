@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2dist.models.chunked_loss import chunked_lm_loss
+
 
 @dataclass
 class GPTConfig:
@@ -137,6 +139,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.loss_chunk = 0  # > 0: the LM head and loss this many tokens at a time (see chunked_loss)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -179,6 +182,7 @@ class GPT(nn.Module):
         """idx: (B, T) token ids. Returns (logits (B, T, vocab), loss or None).
 
         With a cache, idx continues the cached positions (the cache is updated in place).
+        With targets and loss_chunk > 0, the logits are never formed: returns (None, loss).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -197,8 +201,14 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab): padding dropped
+        if targets is not None and self.loss_chunk > 0:
+            return None, chunked_lm_loss(x, self.lm_head.weight, targets, self.config.vocab_size, self.loss_chunk)
+        logits = self.lm_head(x)  # (B, T, padded vocab)
+        # The padding columns leave the softmax as -inf, written in place: slicing them off instead
+        # made the loss copy all of (B, T, vocab) and its gradient. No gradient is lost: the
+        # softmax gives -inf columns a zero gradient, and their weight rows are zero anyway.
+        logits.detach()[..., self.config.vocab_size :] = float("-inf")
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits[..., : self.config.vocab_size], loss

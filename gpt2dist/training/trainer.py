@@ -141,6 +141,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = GPT(gpt_config(cfg.model))
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
+        model.loss_chunk = cfg.train.loss_chunk
         if cfg.train.init_from and not tag:
             load_into(model, cfg.train.init_from)  # new optimizer and schedule; a resume takes precedence
             self.print(f"initialised from {cfg.train.init_from}")
