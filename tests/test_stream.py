@@ -126,16 +126,17 @@ def test_corrupt_shard_stops_the_run_naming_its_url(server, tmp_path):
     url, root = server
     manifest = read_manifest(root)
     plan = ShardPlan(manifest["splits"]["train"]["shards"], per_block=8, lanes=1, seed=1337)
-    # Lane 0's third shard: samples 16..23, read at step 5 (4 samples a step).
-    bad = manifest["splits"]["train"]["shards"][plan.slot(0, 2)[1]]["file"]
+    # Lane 0's fourth shard: samples 24..31 of step 7 (4 samples a step), fetched during step 6 (the
+    # device prefetch takes the next micro-batch while the last one of a step computes).
+    bad = manifest["splits"]["train"]["shards"][plan.slot(0, 3)[1]]["file"]
     data = bytearray((root / bad).read_bytes())
     data[600] ^= 0xFF  # a flipped bit in a token: the tar still parses, only the checksum can tell
     (root / bad).write_bytes(bytes(data))
     run_dir = tmp_path / "run"
     result = run_train([*stream_overrides(url, run_dir, "data.stream.lanes=1", "data.stream.retries=1",
-                                          "train.max_steps=8", "train.ckpt_interval=3")])
+                                          "train.max_steps=8", "train.ckpt_interval=4")])
     assert result.returncode == 2, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: {url}{bad}: SHA-256") and "after 2 tries" in error
-    assert latest_tag(run_dir) == "step_00000004"  # step 5 did not happen; step 4 was saved before stopping
-    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
+    assert latest_tag(run_dir) == "step_00000005"  # step 6 was not applied; step 5 was saved before stopping
+    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4, 5]
