@@ -4,6 +4,7 @@ repeats and skips nothing, the cache stays within its budget, and a corrupt shar
 naming its URL, after a checkpoint, with exit status 2."""
 
 import functools
+import re
 import hashlib
 import http.server
 import shutil
@@ -18,7 +19,7 @@ from gpt2dist.data.builtin_corpus import documents
 from gpt2dist.data.loader import Windows
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.shards import TokenBlocks, read_manifest
-from gpt2dist.data.stream import ShardPlan, ShardStore, stream_loader
+from gpt2dist.data.stream import ShardPlan, ShardStore, ShardUnavailable, stream_loader
 from gpt2dist.training.checkpoint import latest_tag
 from tests.test_data_stream import rewind
 from tests.conftest import TINY, read_metrics, run_train, train_cfg
@@ -140,3 +141,15 @@ def test_corrupt_shard_stops_the_run_naming_its_url(server, tmp_path):
     assert error.startswith(f"error: {url}{bad}: SHA-256") and "after 2 tries" in error
     assert latest_tag(run_dir) == "step_00000005"  # step 6 was not applied; step 5 was saved before stopping
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4, 5]
+
+
+def test_pipe_commands_and_unreachable_servers(small_shards, tmp_path):
+    store = ShardStore(f"pipe:cat {small_shards}/{{file}}", tmp_path / "cache", retries=0)
+    manifest = read_manifest(store.local_corpus())
+    loader = stream_loader(store, manifest, SEQ, MICRO, LANES, 1, 0, 1, 0, 0, prefetch=0)
+    assert next(iter(loader))[0].shape == (MICRO, SEQ)
+    store = ShardStore(f"pipe:cat {tmp_path}/nothing/{{file}}", tmp_path / "cache", retries=1, backoff_s=0.01)
+    with pytest.raises(ShardUnavailable, match=re.escape(f"cat {tmp_path}/nothing/manifest.json: exit status 1")):
+        store.local_corpus()
+    with pytest.raises(ShardUnavailable, match=r"http://127.0.0.1:9/manifest.json: .*refused \(after 2 tries\)"):
+        ShardStore("http://127.0.0.1:9", tmp_path / "cache", retries=1, backoff_s=0.01).local_corpus()
