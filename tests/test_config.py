@@ -57,7 +57,8 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["logger.backends=[console,tensorbord]"],
      "logger.backends=[console,tensorbord]: each must be one of console, jsonl, wandb, tensorboard, at most once"),
     (["logger.backends=[jsonl,jsonl]"], "logger.backends=[jsonl,jsonl]"),
-    (["data.path=http://127.0.0.1/c", "data.stream.lanes=3"], "data.stream.lanes=3 must be a multiple of world size"),
+    (["data.path=http://127.0.0.1/c", "data.stream.lanes=3", "data.num_workers=2"],
+     "data.stream.lanes=3 must be a multiple of world size"),
     (["data.path=http://127.0.0.1/c", "data.mode=random"], "data.mode=random reads local directories"),
 ])
 def test_check_names_the_key(overrides, key):
