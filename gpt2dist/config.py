@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2dist.data.builtin_corpus import Builtin
+from gpt2dist.data.stream import REMOTE
 from gpt2dist.training.metric_backends import BACKENDS, WandbMode
 from gpt2dist.models.gpt import GPTConfig
 from gpt2dist.training.optim import Optimizer
@@ -42,6 +43,11 @@ class Precision(str, Enum):
 class Schedule(str, Enum):
     cosine = "cosine"  # warmup, cosine decay to min_lr at train.max_steps
     constant = "constant"  # warmup, constant, linear anneal to min_lr over the last optim.decay_steps
+
+
+class DataMode(str, Enum):
+    random = "random"  # random access to local shards: a full shuffle of all windows (gpt2dist/data/loader.py)
+    stream = "stream"  # whole shards read in order, local or remote: shuffled within shards (gpt2dist/data/stream.py)
 
 
 class Resume(str, Enum):
@@ -66,9 +72,23 @@ class SourceConfig:
     """One corpus of a mixture (`data.sources`)."""
 
     name: str = MISSING  # logged as tokens/<name> and val/<name>
-    path: Optional[str] = None  # a corpus prepared by `python -m data_tools.prepare`; null: the built-in `builtin`
+    # A corpus prepared by `python -m data_tools.prepare`: a directory, or (data.mode=stream) an http(s)://
+    # or s3:// URL of one, or a `pipe:` command with {file}; null: the built-in `builtin`
+    path: Optional[str] = None
     builtin: Builtin = Builtin.stdlib  # with path null: stdlib, pydoc or pycode
     weight: float = 1.0  # share of training samples (normalised over the sources); 0: evaluated, never trained on
+
+
+@dataclass
+class StreamConfig:
+    """data.mode=stream: how shards are dealt out and fetched (gpt2dist/data/stream.py)."""
+
+    # Sequential shard streams, interleaved micro-batch by micro-batch; a multiple of world size x
+    # max(1, data.num_workers), and fixed for a run (an elastic restart keeps it).
+    lanes: int = 8
+    cache_gb: float = 10.0  # budget of the local copy of remote shards, per corpus (least recently used evicted)
+    prefetch: int = 2  # shards each lane fetches ahead, in the background
+    retries: int = 5  # tries after the first for a failing download, with doubling waits from 0.5 s
 
 
 @dataclass
@@ -81,6 +101,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
     seq_len: int = 256  # tokens per training sequence
     num_workers: int = 0  # DataLoader worker processes per rank
+    # random (local directories) or stream (any location); null: stream if the data are at a URL, else random
+    mode: Optional[DataMode] = None
+    stream: StreamConfig = field(default_factory=StreamConfig)
     # A weighted mixture of corpora, replacing path/builtin; the first source's validation loss is val_loss.
     sources: List[SourceConfig] = field(default_factory=list)
 
@@ -220,6 +243,14 @@ def data_sources(cfg) -> list:
     return [OmegaConf.structured(SourceConfig(name=d.name, path=d.path, builtin=d.builtin))]
 
 
+def data_mode(cfg) -> DataMode:
+    """data.mode, or where it is null, the mode the data's location calls for: stream for a URL."""
+    if cfg.data.mode is not None:
+        return DataMode(cfg.data.mode)
+    remote = any(s.path and s.path.startswith(REMOTE) for s in data_sources(cfg))
+    return DataMode.stream if remote else DataMode.random
+
+
 def tokens_per_step(cfg) -> int:
     """Tokens of one optimizer step, all ranks and micro-batches together."""
     return cfg.train.global_batch_size * cfg.data.seq_len
@@ -309,6 +340,17 @@ def check(cfg, world_size: int) -> None:
         need(s.weight >= 0, f"data.sources[{i}].weight={s.weight} must be >= 0")
     need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources: some weight must be positive")
     need(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
+    mode, sources = data_mode(cfg), data_sources(cfg)
+    remote = next((s.path for s in sources if s.path and s.path.startswith(REMOTE)), None)
+    need(mode == DataMode.stream or not remote,
+         f"data.mode=random reads local directories, not {remote}: use data.mode=stream (or leave it null)")
+    if mode == DataMode.stream:
+        need(len(sources) == 1, "data.mode=stream reads one source: data.sources has several")
+        lanes, per_rank = d.stream.lanes, world_size * max(1, d.num_workers)
+        need(lanes > 0 and lanes % per_rank == 0, f"data.stream.lanes={lanes} must be a multiple of world size "
+             f"{world_size} x max(1, data.num_workers={d.num_workers}) = {per_rank}")
+        need(d.stream.cache_gb > 0 and d.stream.prefetch >= 0 and d.stream.retries >= 0,
+             "data.stream: cache_gb must be positive, prefetch and retries >= 0")
     per_pass = t.micro_batch_size * world_size
     need(
         t.global_batch_size > 0 and t.global_batch_size % per_pass == 0,

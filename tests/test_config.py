@@ -6,7 +6,7 @@ import pytest
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from hydra.errors import ConfigCompositionException
 
-from gpt2dist.config import CONF_DIR, ConfigError, Precision, check, grad_accum_steps
+from gpt2dist.config import CONF_DIR, ConfigError, DataMode, Precision, check, data_mode, grad_accum_steps
 from gpt2dist.training.engine import deepspeed_config
 from tests.conftest import make_cfg, run_train
 
@@ -58,10 +58,20 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
      "logger.backends=[console,tensorbord]: each must be one of console, jsonl, wandb, tensorboard, at most once"),
     (["logger.backends=[jsonl,jsonl]"], "logger.backends=[jsonl,jsonl]"),
     (["train.loss_chunk=-1"], "train.loss_chunk must be >= 0"),
+    (["data.path=http://127.0.0.1/c", "data.stream.lanes=3", "data.num_workers=2"],
+     "data.stream.lanes=3 must be a multiple of world size"),
+    (["data.path=http://127.0.0.1/c", "data.mode=random"], "data.mode=random reads local directories"),
 ])
 def test_check_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         check(make_cfg(*overrides), world_size=1)
+
+
+@pytest.mark.parametrize("path,mode", [("data/owt", "random"), ("https://host/owt", "stream"),
+                                       ("s3://bucket/owt", "stream"), ("'pipe:cat /d/{file}'", "stream")])
+def test_data_mode_follows_the_location(path, mode):
+    assert data_mode(make_cfg(f"data.path={path}")) == DataMode(mode)
+    assert data_mode(make_cfg(f"data.path={path}", "data.mode=stream")) == DataMode.stream
 
 
 def test_deepspeed_config_is_derived():

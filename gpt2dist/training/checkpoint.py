@@ -48,6 +48,11 @@ def complete_tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*") if (p / MANIFEST).is_file())
 
 
+def tag_of(step: int) -> str:
+    """The name of the checkpoint of a step."""
+    return f"step_{step:08d}"
+
+
 def latest_tag(run_dir: str | Path) -> str | None:
     """Tag of the newest complete checkpoint in the run directory, or None."""
     tags = complete_tags(checkpoint_root(run_dir))
@@ -71,7 +76,7 @@ def _all_ok(ok: bool, device: torch.device) -> bool:
 def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0) -> str:
     """Write and publish a checkpoint of the current step (every rank calls this); returns its tag."""
     root = checkpoint_root(run_dir)
-    tag = f"step_{train_state['step']:08d}"
+    tag = tag_of(train_state["step"])
     partial = root / f"{PARTIAL}{tag}"
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
@@ -183,13 +188,16 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     return manifest
 
 
-def data_signature(sources: list[tuple[str, Path, float]], seq_len: int, seed: int) -> dict:
+def data_signature(sources: list[tuple[str, Path, float]], seq_len: int, seed: int,
+                   stream: dict | None = None) -> dict:
     """What decides the training data stream: each source's name, weight and corpus (by the
     SHA-256 of its manifest, which holds every shard's: a moved corpus is the same corpus),
-    the window length and the seed. Saved with each checkpoint's train state."""
-    return {"seq_len": seq_len, "seed": seed,
-            "sources": [{"name": name, "weight": weight, "corpus": sha256_of(Path(path) / CORPUS_MANIFEST)}
-                        for name, path, weight in sources]}
+    the window length, the seed, and in stream mode what orders the stream (`stream`: lanes and
+    micro-batch size). Saved with each checkpoint's train state."""
+    signature = {"seq_len": seq_len, "seed": seed,
+                 "sources": [{"name": name, "weight": weight, "corpus": sha256_of(Path(path) / CORPUS_MANIFEST)}
+                             for name, path, weight in sources]}
+    return {**signature, "stream": stream} if stream else signature
 
 
 def check_same_data(ckpt_dir: Path, data: dict) -> None:
@@ -198,7 +206,7 @@ def check_same_data(ckpt_dir: Path, data: dict) -> None:
     saved = read_manifest(ckpt_dir)["train_state"].get("data")
     if saved is None or saved == data:
         return
-    changed = [k for k in ("seq_len", "seed") if saved[k] != data[k]]
+    changed = [k for k in ("seq_len", "seed", "stream") if saved.get(k) != data.get(k)]
     if saved["sources"] != data["sources"]:
         changed.append("sources (names, weights or corpora)")
     raise CheckpointError(

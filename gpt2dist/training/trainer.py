@@ -16,8 +16,8 @@ from gpt2dist.training import dist
 from gpt2dist.training import engine as ds_engine
 from gpt2dist.training import run_dir
 from gpt2dist.data.builtin_corpus import source_corpus
-from gpt2dist.config import (ConfigError, Precision, Resume, check, data_sources, gpt_config, grad_accum_steps,
-                             tokens_per_step)
+from gpt2dist.config import (ConfigError, DataMode, Precision, Resume, check, data_mode, data_sources, gpt_config,
+                             grad_accum_steps, tokens_per_step)
 from gpt2dist.training.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
@@ -26,7 +26,8 @@ from gpt2dist.data.loader import DevicePrefetch, SampleStream, train_loader, tra
 from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.models.gpt import GPT
 from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
-from gpt2dist.data.shards import check_tokenizer
+from gpt2dist.data.shards import CorpusError, check_tokenizer, read_manifest
+from gpt2dist.data.stream import ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.validation import mean_loss, validation_sets
 from gpt2dist.models.weights import find_checkpoint, load_into
@@ -123,10 +124,21 @@ class Trainer:
         """The training sources, each a corpus with a weight; the first one's validation split is val_loss.
         A resumed run must read the same data as the checkpoint's (or say train.allow_data_change)."""
         cfg = self.cfg
+        self.mode = data_mode(cfg)
+        self.stores = {s.name: self._store(s) for s in data_sources(cfg)} if self.mode == DataMode.stream else {}
         self.sources = [(s.name, self._corpus(s), s.weight) for s in data_sources(cfg)]
-        self.data = checkpoint.data_signature(self.sources, cfg.data.seq_len, cfg.train.seed)
+        stream = {"lanes": cfg.data.stream.lanes, "micro_batch": cfg.train.micro_batch_size} if self.stores else None
+        self.data = checkpoint.data_signature(self.sources, cfg.data.seq_len, cfg.train.seed, stream)
         if tag and not cfg.train.allow_data_change:
             checkpoint.check_same_data(self._checkpoint_dir(tag), self.data)
+        if self.stores:  # the training shards are read as they stream by, not opened here
+            self.manifests = {name: read_manifest(path) for name, path, _ in self.sources}
+            for name, path, _ in self.sources:
+                check_tokenizer(self.manifests[name], path, cfg.model.vocab_size)
+                if cfg.data.seq_len > self.manifests[name]["block_tokens"]:
+                    raise CorpusError(f"{self.stores[name].location}: data.seq_len={cfg.data.seq_len} is longer than "
+                                      f"the corpus blocks ({self.manifests[name]['block_tokens']} tokens)")
+            return
         self.train_windows = {name: train_windows(path, cfg.data.seq_len, weight)
                               for name, path, weight in self.sources}
         for name, path, _ in self.sources:
@@ -178,9 +190,15 @@ class Trainer:
         self.print(f"batch: {cfg.train.micro_batch_size} sequences x {cfg.data.seq_len} tokens x "
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
                    f"{tokens_per_step(cfg):,} tokens per step")
-        self.batches = DevicePrefetch(train_loader(
-            list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size, self.env.rank,
-            self.env.world_size, self.samples, cfg.data.num_workers), self.device)
+        if self.stores:
+            (name, store), = self.stores.items()
+            loader = stream_loader(store, self.manifests[name], cfg.data.seq_len, cfg.train.micro_batch_size,
+                                   cfg.data.stream.lanes, cfg.train.seed, self.env.rank, self.env.world_size,
+                                   self.samples, cfg.data.num_workers, cfg.data.stream.prefetch)
+        else:
+            loader = train_loader(list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size,
+                                  self.env.rank, self.env.world_size, self.samples, cfg.data.num_workers)
+        self.batches = DevicePrefetch(loader, self.device)
         self.val, warnings = validation_sets({name: path for name, path, _ in self.sources}, cfg.data.seq_len,
                                              cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
                                              cfg.train.eval_sequences)
@@ -207,12 +225,40 @@ class Trainer:
         if self.is_main:
             print(*args, flush=True)
 
+    def _store(self, source) -> ShardStore:
+        """Where stream mode fetches a source's shards from."""
+        s = self.cfg.data.stream
+        location = source.path or source_corpus(None, source.builtin, self.cfg.data.cache_dir)
+        return ShardStore(location, self.cfg.data.cache_dir, int(s.cache_gb * 2**30), s.retries)
+
     def _corpus(self, source) -> Path:
-        """A source's corpus; a built-in one is prepared once, by rank 0, while the others wait."""
+        """A source's local corpus (for a remote one, its manifest and validation split, fetched);
+        a built-in or remote one is prepared once, by rank 0, while the others wait."""
+        def corpus(progress: bool) -> Path:
+            if source.name in self.stores:
+                return self.stores[source.name].local_corpus()
+            return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress)
+
         if self.is_main:
-            source_corpus(source.path, source.builtin, self.cfg.data.cache_dir)
+            corpus(progress=True)
         torch.distributed.barrier()
-        return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress=False)
+        return corpus(progress=False)
+
+    def _step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This step's micro-batches. In stream mode the ranks first agree that every rank has them:
+        a shard unavailable on any rank raises ShardUnavailable on all, before any rank computes."""
+        error = None
+        try:
+            batches = [next(self.batches) for _ in range(self.grad_accum)]
+        except ShardUnavailable as e:
+            if not self.stores:
+                raise
+            error = error_line(e)
+        if self.stores:
+            failed, = self._sum_over_ranks(torch.tensor([float(error is not None)], device=self.device))
+            if failed:
+                raise ShardUnavailable(error or "a shard was unavailable on another rank (see its error)")
+        return batches
 
     def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
         torch.distributed.all_reduce(values)
@@ -227,8 +273,7 @@ class Trainer:
         # Losses stay on the device: one host sync per step, not one per micro-batch, lets the
         # host queue the next micro-batch's work while the GPU still runs this one's.
         losses = torch.zeros(self.grad_accum, dtype=torch.float64, device=self.device)
-        for i in range(self.grad_accum):
-            x, y = next(self.batches)
+        for i, (x, y) in enumerate(self._step_batches()):
             _, loss = self.engine(x, y)
             self.engine.backward(loss)
             losses[i] = loss.detach()
@@ -287,7 +332,12 @@ class Trainer:
         self.engine.train()
         t0, steps_since_log = time.perf_counter(), 0
         while self.step < t.max_steps:
-            result = self.train_step()
+            try:
+                result = self.train_step()
+            except ShardUnavailable:  # every rank raises it (see _step_batches): stop after a checkpoint
+                if checkpoint.latest_tag(self.run_dir) != checkpoint.tag_of(self.step):
+                    self.save()
+                raise
             skipped = result.skipped
             self.step += 1
             self.samples += t.global_batch_size

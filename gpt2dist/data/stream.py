@@ -1,0 +1,349 @@
+"""Streaming mode (`data.mode=stream`): whole shards read in order through webdataset, from a local
+directory or over the network, with the random-access mode's promises: the same batches on resume,
+and a stream that does not depend on the number of ranks.
+
+Where. A corpus location is a local directory, an `http(s)://` URL, an `s3://` URL or a `pipe:`
+command with `{file}` where the file name goes (`pipe:ssh host cat /data/owt/{file}`); the manifest
+is read from the same place. Remote shards are downloaded whole into a local cache with a size
+budget (least recently used shards evicted first), checked against the manifest's SHA-256, fetched
+ahead in the background, and retried with backoff; a shard that stays unreachable or corrupt raises
+`ShardUnavailable`, naming its URL.
+
+Order. The training stream is cut into `lanes` (data.stream.lanes) sequential sample streams:
+- the shard slots of epoch e are a seeded permutation of all shards; slot g of the endless
+  sequence (epoch g // n, position g % n) goes to lane g % lanes;
+- a lane reads its shards one after another, the windows of each in a seeded permutation of that
+  shard (the shuffle window is one shard; a micro-batch mixes nothing across lanes);
+- global micro-batch c is the (c // lanes)-th micro-batch of lane c % lanes, and goes to rank
+  c % world_size, as in the random-access mode.
+None of this depends on the number of ranks or workers, so an elastic restart continues the same
+stream; the position of every lane follows from the number of samples consumed alone, so a resume
+skips whole shards by their sizes in the manifest and reads at most one shard per lane to get back.
+"""
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tar_file_iterator
+
+from gpt2dist.data.loader import Permutation
+from gpt2dist.data.shards import MANIFEST, TOKEN_DTYPE, CorpusError, read_manifest
+
+REMOTE = ("http://", "https://", "s3://", "pipe:")
+STREAM_KEY = 0x5354  # keeps the shard permutations apart from the random-access mode's
+DOWNLOAD_CHUNK = 1 << 20
+
+
+class ShardUnavailable(CorpusError):
+    """A shard (or manifest) that stayed unreachable or corrupt after every retry (names its URL)."""
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith(REMOTE)
+
+
+def file_url(location: str, file: str) -> str:
+    """Where `file` of the corpus at `location` is."""
+    if location.startswith("pipe:"):
+        return location.replace("{file}", file)
+    return f"{location.rstrip('/')}/{file}"
+
+
+def open_url(url: str, timeout: float = 30):
+    """A readable binary stream of a URL (http(s)://, s3:// or pipe:)."""
+    if url.startswith("pipe:"):
+        return _Pipe(url.removeprefix("pipe:"))
+    if url.startswith("s3://"):
+        import fsspec  # s3fs behind it, which reads AWS_ENDPOINT_URL and the usual credentials
+
+        return fsspec.open(url, "rb").open()
+    return urllib.request.urlopen(url, timeout=timeout)
+
+
+class _Pipe:
+    """A shell command's standard output; a non-zero exit status is an error at the end of the data."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        if not data and self.proc.wait() != 0:
+            raise OSError(f"exit status {self.proc.returncode}: {self.proc.stderr.read().decode().strip()[-200:]}")
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stderr.close()
+
+
+class ShardStore:
+    """The files of a corpus at a location, as local files: a local directory's own, or copies in a
+    cache directory (`<cache_dir>/stream/<hash of the location>`) fetched on demand.
+
+    The manifest and the validation split are kept in the cache directory itself (a corpus that
+    `TokenBlocks` reads like any local one); streamed training shards go to its `shards/`, which
+    is kept under `budget_bytes` by evicting the least recently used.
+    """
+
+    def __init__(self, location: str | Path, cache_dir: str | Path, budget_bytes: int = 10 * 2**30,
+                 retries: int = 5, backoff_s: float = 0.5):
+        self.location = str(location)
+        self.remote = is_remote(self.location)
+        self.budget, self.retries, self.backoff = budget_bytes, retries, backoff_s
+        key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir).expanduser() / "stream" / key if self.remote else Path(self.location).expanduser()
+        self.shard_dir = self.dir / "shards" if self.remote else self.dir
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self):
+        # Each worker process has its own prefetch threads.
+        return {**self.__dict__, "_pending": {}, "_lock": None, "_pool": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def local_corpus(self, splits: tuple[str, ...] = ("val",)) -> Path:
+        """A local directory with the manifest and the given splits' shards (fetched once, verified)."""
+        if not self.remote:
+            return self.dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._download(MANIFEST, self.dir / MANIFEST, sha256=None)
+        manifest = read_manifest(self.dir)
+        for split in splits:
+            for shard in manifest["splits"].get(split, {}).get("shards", []):
+                dest = self.dir / shard["file"]
+                if not (dest.is_file() and dest.stat().st_size == shard["bytes"]):
+                    self._download(shard["file"], dest, shard["sha256"])
+        return self.dir
+
+    def prefetch(self, shard: dict) -> None:
+        """Start fetching a shard in the background (remote locations only)."""
+        if not self.remote:
+            return
+        with self._lock:
+            if shard["file"] in self._pending:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-prefetch")
+            self._pending[shard["file"]] = self._pool.submit(self._fetch, shard)
+
+    def open(self, shard: dict):
+        """An open binary file of the shard (fetched first if remote); waits for its prefetch."""
+        if not self.remote:
+            return open(self.dir / shard["file"], "rb")
+        self.prefetch(shard)
+        with self._lock:
+            future = self._pending.pop(shard["file"])
+        path = future.result()
+        try:
+            return open(path, "rb")  # open, an eviction by another process no longer matters
+        except FileNotFoundError:
+            return open(self._fetch(shard), "rb")
+
+    def _fetch(self, shard: dict) -> Path:
+        dest = self.shard_dir / shard["file"]
+        try:
+            os.utime(dest)  # most recently used
+            if dest.stat().st_size == shard["bytes"]:
+                return dest
+        except FileNotFoundError:
+            pass
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._download(shard["file"], dest, shard["sha256"])
+        self._evict(keep=dest)
+        return dest
+
+    def _download(self, file: str, dest: Path, sha256: str | None) -> None:
+        """Copy `file` to `dest` (atomically), checking its SHA-256; retry with backoff."""
+        url = file_url(self.location, file)
+        for attempt in range(self.retries + 1):
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+            try:
+                digest = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out, open_url(url) as src:
+                    while chunk := src.read(DOWNLOAD_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                if sha256 is not None and digest.hexdigest() != sha256:
+                    raise OSError(f"SHA-256 {digest.hexdigest()[:12]}..., but the manifest says {sha256[:12]}... "
+                                  "(corrupt or replaced)")
+                os.replace(tmp, dest)
+                return
+            except (OSError, urllib.error.URLError, ValueError) as e:  # fsspec/botocore errors are OSErrors
+                error = e
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise ShardUnavailable(f"{url}: {_reason(error)} (after {self.retries + 1} tries)")
+
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used shards until the cache is within its budget."""
+        files = []
+        for path in self.shard_dir.glob("*.tar"):
+            try:
+                files.append((path.stat().st_mtime, path.stat().st_size, path))
+            except FileNotFoundError:  # evicted by another process meanwhile
+                pass
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.budget:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return str(e.reason)
+    return str(e) or type(e).__name__
+
+
+class ShardPlan:
+    """Which shard each lane reads, slot after slot, and the order of windows within it."""
+
+    def __init__(self, shards: list[dict], per_block: int, lanes: int, seed: int):
+        self.shards, self.per_block, self.lanes, self.seed = shards, per_block, lanes, seed
+        self._epoch: tuple[int, Permutation] | None = None
+
+    def slot(self, lane: int, j: int) -> tuple[int, int]:
+        """(epoch, shard) of lane `lane`'s j-th shard."""
+        epoch, i = divmod(lane + j * self.lanes, len(self.shards))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = epoch, Permutation(len(self.shards), (self.seed, STREAM_KEY, epoch))
+        return epoch, int(self._epoch[1](np.array([i]))[0])
+
+    def windows(self, shard: int) -> int:
+        return self.shards[shard]["blocks"] * self.per_block
+
+    def seek(self, lane: int, position: int) -> tuple[int, int]:
+        """(slot j, window within it) of sample `position` of a lane: whole shards skipped by size."""
+        j = 0
+        while position >= (n := self.windows(self.slot(lane, j)[1])):
+            position, j = position - n, j + 1
+        return j, position
+
+    def order(self, epoch: int, shard: int) -> np.ndarray:
+        """The seeded order in which a lane reads the windows of a shard in an epoch."""
+        return Permutation(self.windows(shard), (self.seed, STREAM_KEY, epoch, shard))(np.arange(self.windows(shard)))
+
+
+class Lane:
+    """One lane's windows, in order, from a given sample position on."""
+
+    def __init__(self, lane: int, position: int, plan: ShardPlan, store: ShardStore, manifest: dict,
+                 seq_len: int, prefetch: int):
+        self.lane, self.plan, self.store, self.manifest = lane, plan, store, manifest
+        self.seq_len, self.prefetch = seq_len, prefetch
+        self.j, self.next = plan.seek(lane, position)
+        self._load()
+
+    def _load(self) -> None:
+        epoch, shard = self.plan.slot(self.lane, self.j)
+        for ahead in range(1, self.prefetch + 1):
+            self.store.prefetch(self.plan.shards[self.plan.slot(self.lane, self.j + ahead)[1]])
+        self.blocks = self._read(self.plan.shards[shard])
+        self.order = self.plan.order(epoch, shard)
+
+    def _read(self, shard: dict) -> np.ndarray:
+        """(blocks, block_tokens + 1) tokens of a shard, read sequentially through webdataset."""
+        L = self.manifest["block_tokens"]
+        with self.store.open(shard) as f:
+            try:
+                data = [np.frombuffer(s["data"], dtype=TOKEN_DTYPE) for s in tar_file_iterator(f)]
+            except Exception as e:  # tarfile's and webdataset's errors on a damaged tar
+                raise CorpusError(f"{file_url(self.store.location, shard['file'])}: unreadable shard ({e})") from None
+        if len(data) != shard["blocks"] or any(len(d) != L + 1 for d in data):
+            raise CorpusError(f"{file_url(self.store.location, shard['file'])}: {len(data)} members, but the manifest "
+                              f"lists {shard['blocks']} blocks of {L + 1} tokens (truncated or replaced?)")
+        blocks = np.stack(data) if data else np.empty((0, L + 1), dtype=TOKEN_DTYPE)
+        if blocks.max(initial=0) >= self.manifest["vocab_size"]:
+            raise CorpusError(f"{file_url(self.store.location, shard['file'])}: token ids beyond the vocabulary")
+        return blocks
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n windows, (n, seq_len + 1)."""
+        out = []
+        while len(out) < n:
+            if self.next == len(self.order):
+                self.j, self.next = self.j + 1, 0
+                self._load()
+                continue
+            block, w = divmod(int(self.order[self.next]), self.plan.per_block)
+            out.append(self.blocks[block, w * self.seq_len: (w + 1) * self.seq_len + 1])
+            self.next += 1
+        return np.stack(out)
+
+
+class StreamBatches(IterableDataset):
+    """This rank's micro-batches of the stream, from global micro-batch `first` on (see the module
+    docstring); DataLoader workers take turns, as the DataLoader collects them."""
+
+    def __init__(self, store: ShardStore, manifest: dict, seq_len: int, micro_batch: int, lanes: int, seed: int,
+                 rank: int, world_size: int, first: int, prefetch: int):
+        per_block = manifest["block_tokens"] // seq_len
+        self.plan = ShardPlan(manifest["splits"]["train"]["shards"], per_block, lanes, seed)
+        self.store, self.manifest, self.seq_len, self.micro, self.prefetch = store, manifest, seq_len, micro_batch, prefetch
+        self.rank, self.world, self.first = rank, world_size, first
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        lanes: dict[int, Lane] = {}
+        c = self.first + self.rank + worker * self.world
+        while True:
+            k, index = c % self.plan.lanes, c // self.plan.lanes
+            if k not in lanes:  # a lane starts at its first micro-batch that this worker serves
+                lanes[k] = Lane(k, index * self.micro, self.plan, self.store, self.manifest, self.seq_len,
+                                self.prefetch)
+            tokens = torch.from_numpy(lanes[k].take(self.micro).astype(np.int64))  # (B, T + 1)
+            yield tokens[:, :-1], tokens[:, 1:]
+            c += self.world * workers
+
+
+def stream_loader(store: ShardStore, manifest: dict, seq_len: int, micro_batch: int, lanes: int, seed: int,
+                  rank: int, world_size: int, start: int, num_workers: int, prefetch: int) -> DataLoader:
+    """Endless micro-batches for this rank in stream mode, starting `start` samples into the stream."""
+    assert start % micro_batch == 0, "the stream is resumed at a micro-batch boundary"
+    # Each worker then serves whole lanes, each lane in order (see StreamBatches.__iter__).
+    assert lanes % (world_size * max(1, num_workers)) == 0, "checked by config.check"
+    if len(manifest["splits"]["train"]["shards"]) == 0:
+        raise CorpusError(f"{file_url(store.location, MANIFEST)}: the train split is empty")
+    batches = StreamBatches(store, manifest, seq_len, micro_batch, lanes, seed, rank, world_size,
+                            start // micro_batch, prefetch)
+    return DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+
+def error_line(e: ShardUnavailable) -> str:
+    """The error's own message, also when a DataLoader worker raised it (the DataLoader then re-raises
+    it with the worker's whole traceback as its message, the original message on the last line)."""
+    last = str(e).rstrip().splitlines()[-1]
+    prefix = f"{ShardUnavailable.__module__}.{ShardUnavailable.__name__}: "
+    return last.removeprefix(prefix)
