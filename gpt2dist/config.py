@@ -172,6 +172,15 @@ class GuardConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group (gpt2dist/training/dist.py)."""
+
+    # A collective that waits longer than this for another rank (one that hangs, or a node that vanished
+    # without closing its connections) fails, and the run stops instead of hanging.
+    timeout_s: float = 600.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +190,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def register() -> None:

@@ -71,7 +71,9 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.metrics = self.preemption = None
-        self.env = dist.init()
+        if cfg.dist.timeout_s <= 0:  # checked here, not in config.check: the process group comes first
+            raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
+        self.env = dist.init(cfg.dist.timeout_s)
         self.is_main = self.env.is_main
         try:
             self._build()
