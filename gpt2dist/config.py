@@ -329,6 +329,7 @@ def check(cfg, world_size: int) -> None:
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
     need(t.keep_last >= 0, "train.keep_last must be >= 0")
+    need(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
     o = cfg.optim
     need(0 <= o.warmup_steps <= t.max_steps,
          f"optim.warmup_steps={o.warmup_steps} must be in 0..train.max_steps={t.max_steps}")

@@ -57,6 +57,7 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["logger.backends=[console,tensorbord]"],
      "logger.backends=[console,tensorbord]: each must be one of console, jsonl, wandb, tensorboard, at most once"),
     (["logger.backends=[jsonl,jsonl]"], "logger.backends=[jsonl,jsonl]"),
+    (["dist.timeout_s=0"], "dist.timeout_s=0.0 must be positive"),
 ])
 def test_check_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

@@ -71,8 +71,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.metrics = self.preemption = None
-        if cfg.dist.timeout_s <= 0:  # checked here, not in config.check: the process group comes first
-            raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
+        check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
         self.env = dist.init(cfg.dist.timeout_s)
         self.is_main = self.env.is_main
         try:
@@ -83,7 +82,6 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        check(cfg, self.env.world_size)
         check_precision(Precision(cfg.train.precision))
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
         tag = self._run_directory()
