@@ -229,8 +229,8 @@ def needs_universal(manifest: dict, world_size: int) -> bool:
 
 def make_universal(ckpt_dir: Path, rank: int) -> float | None:
     """Write the universal form of a ZeRO checkpoint into `<ckpt_dir>/universal`, unless it is there
-    already (a collective call: rank 0 converts, the others wait); returns the seconds it took, or
-    None when it was there."""
+    already (a collective call: rank 0 converts, the others wait, up to dist.timeout_s); returns the
+    seconds it took, or None when it was there."""
     target, partial = ckpt_dir / UNIVERSAL, ckpt_dir / f"{UNIVERSAL}.partial"
     outcome = [None, None]  # seconds, error: rank 0's, for every rank
     if rank == 0 and not target.is_dir():
