@@ -323,13 +323,13 @@ def check(cfg, world_size: int) -> None:
         f"train.micro_batch_size={t.micro_batch_size} x world size {world_size} = {per_pass}",
     )
     need(t.max_steps > 0, "train.max_steps must be positive")
+    need(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
     need(t.eval_sequences % per_pass == 0,
          f"train.eval_sequences={t.eval_sequences} must be a multiple of micro-batch x world size = {per_pass}")
     need(z.stage in (0, 1, 2, 3), f"zero.stage={z.stage} must be 0, 1, 2 or 3")
     need(not z.offload_optimizer or z.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1")
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
     need(t.keep_last >= 0, "train.keep_last must be >= 0")
-    need(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
     o = cfg.optim
     need(0 <= o.warmup_steps <= t.max_steps,
          f"optim.warmup_steps={o.warmup_steps} must be in 0..train.max_steps={t.max_steps}")
