@@ -198,6 +198,15 @@ class GuardConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group (gpt2dist/training/dist.py)."""
+
+    # A collective that waits longer than this for another rank (one that hangs, or a node that vanished
+    # without closing its connections) fails, and the run stops instead of hanging.
+    timeout_s: float = 600.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,6 +216,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def register() -> None:
@@ -358,6 +368,7 @@ def check(cfg, world_size: int) -> None:
         f"train.micro_batch_size={t.micro_batch_size} x world size {world_size} = {per_pass}",
     )
     need(t.max_steps > 0, "train.max_steps must be positive")
+    need(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
     need(t.eval_sequences % per_pass == 0,
          f"train.eval_sequences={t.eval_sequences} must be a multiple of micro-batch x world size = {per_pass}")
     need(z.stage in (0, 1, 2, 3), f"zero.stage={z.stage} must be 0, 1, 2 or 3")

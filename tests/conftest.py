@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from gpt2dist.data.builtin_corpus import documents
 from gpt2dist.config import CONF_DIR, register
 from gpt2dist.data.prepare import prepare_corpus
+from gpt2dist.training.checkpoint import CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 register()
@@ -40,6 +42,38 @@ def code_corpus(tmp_path_factory) -> Path:
     docs = [d for _, d in zip(range(40), documents("pycode"))]
     prepare_corpus(docs, out, source="pycode", val_fraction=0.1, block_tokens=256, progress=False)
     return out
+
+
+# The shared 2-rank runs (two_rank_run): optim.lr high enough that 4 steps move the loss.
+TWO_RANK_STEPS = ["train.max_steps=4", "train.ckpt_interval=2", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(corpus, tmp_path_factory):
+    """`two_rank_run(stage)`: an uninterrupted 2-rank run of the tiny model at that ZeRO stage under torchrun
+    (TWO_RANK_STEPS: checkpoints at steps 2 and 4), made once per session on first use, since each costs
+    ~15 s: (its CompletedProcess, its run directory). Tests copy the directory before writing to it."""
+    runs = {}
+
+    def run(stage: int):
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"two-ranks-zero{stage}")
+            result = run_train(tiny_overrides(corpus, run_dir, *TWO_RANK_STEPS, f"zero.stage={stage}"), nproc=2)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[stage] = result, run_dir
+        return runs[stage]
+
+    return run
+
+
+def rewind(run_dir: Path, dest: Path, step: int) -> Path:
+    """A copy of run_dir as it was when the checkpoint of `step` was the newest."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in (dest / CHECKPOINTS).glob("step_*"):
+        if int(ckpt.name.removeprefix("step_")) > step:
+            shutil.rmtree(ckpt)
+    (dest / CHECKPOINTS / "latest").write_text(f"step_{step:08d}")
+    return dest
 
 
 def make_cfg(*overrides: str):

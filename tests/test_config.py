@@ -50,6 +50,7 @@ def test_bad_keys_and_types_fail_at_compose(override, error):
     (["data.seq_len=2048"], "data.seq_len"),
     (["optim.warmup_steps=300", "train.max_steps=200"], "optim.warmup_steps=300 must be in 0..train.max_steps=200"),
     (["model.n_head=3"], "model.n_embd"),
+    (["dist.timeout_s=0"], "dist.timeout_s=0.0 must be positive"),
     (["zero.offload_param=true", "zero.stage=2"], "zero.offload_param"),
     (["data.sources=[{name: a, path: x, weight: -1}]"], "data.sources[0].weight"),
     (["data.sources=[{name: a, path: x}, {name: a, builtin: pydoc}]"], "data.sources: names must be unique"),

@@ -1,13 +1,11 @@
 """The data stream through the real trainer: mixtures with per-source tokens and validation
 sets, exact resume with DataLoader workers on 2 ranks, and elastic resume from 2 ranks to 1."""
 
-import shutil
-
 import pytest
 
 from gpt2dist.training.checkpoint import CHECKPOINTS
 from gpt2dist.training.trainer import Trainer
-from tests.conftest import make_cfg, read_metrics, run_to_end, run_train, tiny_overrides
+from tests.conftest import make_cfg, read_metrics, rewind, run_to_end, run_train, tiny_overrides
 
 
 def mixture(corpus, code_corpus) -> str:
@@ -20,16 +18,6 @@ def train(overrides):
     trainer = Trainer(make_cfg(*overrides))
     run_to_end(trainer)
     return trainer
-
-
-def rewind(run_dir, dest, step: int):
-    """A copy of run_dir as it was when the checkpoint of `step` was the newest."""
-    shutil.copytree(run_dir, dest)
-    for ckpt in (dest / CHECKPOINTS).glob("step_*"):
-        if int(ckpt.name.removeprefix("step_")) > step:
-            shutil.rmtree(ckpt)
-    (dest / CHECKPOINTS / "latest").write_text(f"step_{step:08d}")
-    return dest
 
 
 def test_mixture_logs_tokens_and_validation_per_source(corpus, code_corpus, tmp_path):

@@ -154,3 +154,53 @@ def test_incompatible_resume_fails_before_training(corpus, finished_run, tmp_pat
     result = run_train(tiny_overrides(corpus, run_dir, *overrides, "train.max_steps=4"))
     assert result.returncode == 2 and hint in result.stderr.strip().splitlines()[-1]
     assert "step 3/4" not in result.stdout  # refused before any work
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """The pid of each rank torchrun (process launcher_pid) started, by rank."""
+    pids = {}
+    for pid in map(int, open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()):
+        env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+        pids[int(env["RANK"])] = pid
+    return pids
+
+
+def running(pid: int) -> bool:
+    """Whether process pid exists and has not exited (a zombie, not yet reaped by its parent, has)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+TIMEOUT_S = 3
+
+
+def test_a_hung_rank_stops_the_others_within_dist_timeout(corpus, tmp_path):
+    """A rank that stops answering mid-run (SIGSTOP: as a hung process, or a node gone without closing its
+    connections, looks to its peers) must not leave the others waiting forever: they fail once a collective
+    has waited dist.timeout_s (measured: 1-2 s after it). A rank killed outright closes its connections,
+    and its peers fail at once (measured: 0.4 s), timeout or not."""
+    log_path = tmp_path / "out.log"
+    overrides = tiny_overrides(corpus, tmp_path / "run", "train.max_steps=100000", "train.ckpt_interval=0",
+                               "train.eval_interval=0", f"dist.timeout_s={TIMEOUT_S}")
+    with open(log_path, "w") as log:
+        proc = launch(overrides, 2, log)
+        try:
+            deadline = time.monotonic() + 120
+            while "step 3/" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            ranks = worker_pids(proc.pid)
+            os.kill(ranks[1], signal.SIGSTOP)
+            stopped = time.monotonic()
+            while running(ranks[0]) and time.monotonic() - stopped < TIMEOUT_S + 30:
+                time.sleep(0.05)
+            detected = time.monotonic() - stopped
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, and torchrun waiting for it
+            proc.wait(timeout=60)
+    out = log_path.read_text()
+    print(f"rank 0 stopped {detected:.1f} s after its peer hung (dist.timeout_s={TIMEOUT_S})")
+    assert TIMEOUT_S <= detected < TIMEOUT_S + 15, out[-3000:]
+    assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in out  # it failed on gloo's timeout, not otherwise

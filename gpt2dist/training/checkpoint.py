@@ -6,23 +6,34 @@
         rng_rank<r>.pt                           each rank's RNG state
         checkpoint.json                          written last: train state, world size, ZeRO
                                                  stage, and the size and SHA-256 of every file
+        universal/                               DeepSpeed's universal form of it, made (once) when
+                                                 a run resumes it on another number of ranks
     <run_dir>/checkpoints/latest                 the newest tag, for DeepSpeed's own tools
 
 A checkpoint is written under `.partial-<tag>` and renamed to `<tag>` only when every rank's
 files and the manifest are on disk, so a crash (or kill -9, or a full disk) during a save
 leaves the previous checkpoints as they were. Resuming takes the newest directory that has a
 manifest; pruning (`train.keep_last`) happens only after the new checkpoint is published.
+
+ZeRO 1-3 shard the optimizer state by rank, so a checkpoint loads as saved only on as many ranks
+as wrote it. On another number, its universal form (one file per parameter and state, whatever
+the ranks: DeepSpeed's `ds_to_universal`) is loaded instead; it is written beside the original's
+files, under a partial name renamed when complete, and the original's files are never changed.
 """
 
+import argparse
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from gpt2dist import safe_load
+from gpt2dist.training import deepspeed_env
+from gpt2dist.training import engine as ds_engine
 from gpt2dist.config import gpt_config
 from gpt2dist.fileio import fsync_dir, sha256_of
 from gpt2dist.data.shards import MANIFEST as CORPUS_MANIFEST
@@ -31,6 +42,7 @@ from gpt2dist.data.tokenizer import TOKENIZER
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 PARTIAL = ".partial-"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -178,8 +190,10 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
         raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's "
                               f"{TOKENIZER!r}")
     stage, ranks = manifest["zero_stage"], manifest["world_size"]
-    if stage != cfg.zero.stage or (stage > 0 and ranks != world_size):
-        same = f"zero.stage={stage}" + (f" on {ranks} ranks" if stage > 0 else "")
+    # Resuming on another number of ranks goes through the universal form (see needs_universal);
+    # taking the optimizer state into a new run does not.
+    if stage != cfg.zero.stage or (init_optimizer and stage > 0 and ranks != world_size):
+        same = f"zero.stage={stage}" + (f" on {ranks} ranks" if init_optimizer and stage > 0 else "")
         remedy = (f"run with {same}, or without train.init_optimizer (fresh optimizer state)" if init_optimizer else
                   f"resume with {same}, or start another run from its weights (fresh optimizer state) with {fresh}")
         raise CheckpointError(
@@ -215,14 +229,76 @@ def check_same_data(ckpt_dir: Path, data: dict) -> None:
         "or pass train.allow_data_change=true to continue this run on the new data")
 
 
-def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
+def needs_universal(manifest: dict, world_size: int) -> bool:
+    """Whether resuming this checkpoint on `world_size` ranks needs its universal form: its
+    optimizer state is sharded (ZeRO 1-3) over another number of ranks."""
+    return manifest["zero_stage"] > 0 and manifest["world_size"] != world_size
+
+
+def make_universal(ckpt_dir: Path, rank: int) -> float | None:
+    """Write the universal form of a ZeRO checkpoint into `<ckpt_dir>/universal`, unless it is there
+    already (a collective call: rank 0 converts, the others wait, up to dist.timeout_s); returns the
+    seconds it took, or None when it was there."""
+    target, partial = ckpt_dir / UNIVERSAL, ckpt_dir / f"{UNIVERSAL}.partial"
+    outcome = [None, None]  # seconds, error: rank 0's, for every rank
+    if rank == 0 and not target.is_dir():
+        start = time.perf_counter()
+        shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
+        try:
+            _convert(ckpt_dir, partial)
+            fsync_dir(partial)
+            os.replace(partial, target)
+            fsync_dir(ckpt_dir)
+            outcome[0] = time.perf_counter() - start
+        except Exception as e:  # DeepSpeed's converter raises what it meets: assertions, KeyError, OSError
+            shutil.rmtree(partial, ignore_errors=True)
+            outcome[1] = f"{ckpt_dir}: converting it to DeepSpeed's universal form failed ({type(e).__name__}: {e})"
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[1]:
+        raise CheckpointError(outcome[1])
+    return outcome[0]
+
+
+def _convert(ckpt_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal, in this process, reading every file with weights_only (as load does).
+    It writes the universal checkpoint to out/<tag> and a `latest_universal` file naming it to out."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(ckpt_dir), output_folder=str(out / ckpt_dir.name),
+                              # One worker: no process pool (each would import torch again) for a job of seconds.
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # Our checkpoints lack the tensor-parallel layout info it asks for; with no tensor
+                              # parallelism there is none to give.
+                              inject_missing_state=True)
+    with safe_load.only_weights(CheckpointError), deepspeed_env.quiet():  # its progress bars
+        ds_to_universal.main(args)
+
+
+def _repair_universal_load(engine, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19.8), harmless at stages 1-2. It gives
+    every param group the first one's hyperparameters (biases and LayerNorms would take weight decay):
+    each gets its own saved ones back. And it gives every group one shared step-count tensor, which
+    Adam increments in place once per group and step: each gets its own copy."""
+    saved = safe_load.load(universal_dir / "zero" / "optimizer_state.pt", CheckpointError)["param_groups"]
+    for group, values in zip(engine.optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in values.items() if k != "params"})
+    for state in ds_engine.torch_optimizer(engine).state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def load(engine, run_dir: str | Path, tag: str, rank: int, universal: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG from a checkpoint that `check_compatible`
-    accepted; returns its train_state."""
+    accepted (with `universal`, from the form `make_universal` wrote); returns its train_state."""
     ckpt_dir = checkpoint_root(run_dir) / tag
-    with safe_load.only_weights(CheckpointError):
-        path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+    load_dir = ckpt_dir / UNIVERSAL if universal else checkpoint_root(run_dir)
+    # quiet: the universal load warns that there is no tensor parallelism (MPU), which is so.
+    with safe_load.only_weights(CheckpointError), deepspeed_env.quiet():
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
+    if universal:
+        _repair_universal_load(engine, load_dir / tag)
     rng_path = ckpt_dir / f"rng_rank{rank}.pt"
     if rng_path.is_file():  # absent when resuming on more ranks than saved
         rng = safe_load.load(rng_path, CheckpointError)

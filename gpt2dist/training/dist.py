@@ -5,6 +5,7 @@ One code path for every launcher: a plain `python train.py` (one process), `torc
 SLURM_LOCALID / SLURM_NTASKS). DeepSpeed then reads the standard variables we set.
 """
 
+import datetime
 import os
 import socket
 import subprocess
@@ -56,8 +57,9 @@ _EXPORTED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _saved_env: dict[str, str | None] | None = None
 
 
-def init() -> DistEnv:
-    """Detect the launcher, export what torch.distributed needs, and join the process group."""
+def init(timeout_s: float = 600.0) -> DistEnv:
+    """Detect the launcher, export what torch.distributed needs, and join the process group, whose
+    collectives fail after waiting `timeout_s` seconds for a rank (`dist.timeout_s`)."""
     global _saved_env
     from gpt2dist.training import deepspeed_env
 
@@ -76,11 +78,23 @@ def init() -> DistEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank)
     if not torch.distributed.is_initialized():
+        _default_timeout(datetime.timedelta(seconds=timeout_s))
         if not torch.cuda.is_available():
             deepspeed_env.announce_build("ShareMemCommBuilder", "shared-memory collectives", dist_env.is_main)
         with deepspeed_env.quiet():  # its gcc probes and build lines
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                       timeout=datetime.timedelta(seconds=timeout_s))
     return dist_env
+
+
+def _default_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created after this one, too: DeepSpeed makes
+    its own (a copy of the world group carries the gradient reductions) without passing a timeout, so
+    they would get torch's (30 minutes for gloo, 10 for NCCL), and a rank whose peer hangs would wait
+    that long (measured: `dist.timeout_s=5` alone did not stop a 2-rank run with a stopped peer)."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def close() -> None:

@@ -26,8 +26,9 @@ def check_precision(precision: Precision) -> None:
                           f"use train.precision={other}")
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed JSON config for this run, from the Hydra config."""
+def deepspeed_config(cfg, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config for this run, from the Hydra config; `load_universal`: the checkpoint
+    it resumes is in DeepSpeed's universal form (checkpoint.make_universal)."""
     z, o, t = cfg.zero, cfg.optim, cfg.train
     zero = {"stage": z.stage}
     if z.stage == 3:
@@ -52,11 +53,12 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "fp16": {"enabled": precision == Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**62,  # our metrics print progress
         "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True):
-    """Wrap the model in a DeepSpeed engine with our optimizer and schedule."""
+def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True, load_universal: bool = False):
+    """Wrap the model in a DeepSpeed engine with our optimizer and schedule (see deepspeed_config)."""
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, cfg.zero.offload_optimizer,
                                 is_main)
     with deepspeed_env.quiet():  # its build and configuration lines
@@ -64,7 +66,7 @@ def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True):
             model=model,
             optimizer=optimizer,
             lr_scheduler=functools.partial(lr_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps),
-            config=deepspeed_config(cfg, world_size),
+            config=deepspeed_config(cfg, world_size, load_universal),
         )
     if world_size == 1 and cfg.zero.stage == 0:
         # Alone, DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step:
@@ -92,14 +94,20 @@ def step(engine) -> torch.Tensor | float | None:
     return own if norm is None else norm
 
 
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO / mixed-precision wrappers."""
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 @contextlib.contextmanager
 def update_skipped(engine):
     """Within this block, `engine.step()` applies no update: the innermost torch optimizer's step is
     a no-op, so weights, fp32 masters and Adam moments stay as they were, for every ZeRO stage,
     precision and offload; DeepSpeed still clears the gradients and keeps its counters."""
-    optimizer = engine.optimizer
-    while hasattr(optimizer, "optimizer"):  # DeepSpeed's ZeRO / mixed-precision wrappers
-        optimizer = optimizer.optimizer
+    optimizer = torch_optimizer(engine)
     optimizer.step = lambda *args, **kwargs: None  # shadows the class's step on this instance
     try:
         yield

@@ -72,7 +72,8 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.metrics = self.preemption = None
-        self.env = dist.init()
+        check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
+        self.env = dist.init(cfg.dist.timeout_s)
         self.is_main = self.env.is_main
         try:
             self._build()
@@ -82,11 +83,11 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        check(cfg, self.env.world_size)
         check_precision(Precision(cfg.train.precision))
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
         tag = self._run_directory()
         self._build_data(tag)
+        self.universal = self._universal(tag)
         self._build_model(tag)
         guard_state = self._restore(tag)
         g = cfg.guard
@@ -114,8 +115,20 @@ class Trainer:
         self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
         tag = run_dir.plan(self.run_dir, Resume(self.cfg.train.resume))
         if tag:
-            checkpoint.check_compatible(self.cfg, self._checkpoint_dir(tag), self.env.world_size)
+            self.manifest = checkpoint.check_compatible(self.cfg, self._checkpoint_dir(tag), self.env.world_size)
         return tag
+
+    def _universal(self, tag: str | None) -> bool:
+        """Whether the checkpoint resumed is loaded in its universal form (ZeRO state sharded over another
+        number of ranks); makes that form, once, after every check on the checkpoint has passed."""
+        if not tag or not checkpoint.needs_universal(self.manifest, self.env.world_size):
+            return False
+        ckpt_dir = self._checkpoint_dir(tag)
+        seconds = checkpoint.make_universal(ckpt_dir, self.env.rank)
+        made = "converted earlier" if seconds is None else f"converted in {seconds:.1f} s"
+        self.print(f"elastic resume: {ckpt_dir} was saved by {self.manifest['world_size']} ranks, this run has "
+                   f"{self.env.world_size}: loading its universal form ({made}), {ckpt_dir / checkpoint.UNIVERSAL}")
+        return True
 
     def _checkpoint_dir(self, tag: str) -> Path:
         return checkpoint.checkpoint_root(self.run_dir) / tag
@@ -160,7 +173,7 @@ class Trainer:
         self.n_params = model.num_params()
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
-        self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main)
+        self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main, self.universal)
         if cfg.train.compile:
             self.engine.compile()  # torch.compile, in place: parameter names and checkpoints unchanged
         self.device = self.engine.device
@@ -172,7 +185,7 @@ class Trainer:
         # With init_from, each source's validation loss before training: forgetting/<name> is measured from it.
         self.start_losses: dict[str, float] = {}
         if tag:
-            state = checkpoint.load(self.engine, self.run_dir, tag, self.env.rank)
+            state = checkpoint.load(self.engine, self.run_dir, tag, self.env.rank, self.universal)
             self.load_train_state(state)
             self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
             return state.get("guard")
