@@ -417,6 +417,13 @@ def error_line(e: BaseException) -> str:
     return "; ".join(dict.fromkeys(lines))
 
 
+def _say_error(message: str) -> None:
+    """One `error:` line on stderr in a single write, so that the lines of several ranks sharing
+    a terminal or pipe never interleave mid-line."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), f"error: {message}\n".encode(errors="replace"))
+
+
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]):
     """A configuration error, or one of the `expected` errors, ends the program with one `error:`
@@ -428,10 +435,10 @@ def one_line_errors(*expected: type[BaseException]):
     try:
         yield
     except (ConfigError, *expected) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say_error(str(e))
         sys.exit(2)
     except (HydraException, OmegaConfBaseException) as e:
         if full_trace:
             raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        _say_error(error_line(e))
         sys.exit(2)
