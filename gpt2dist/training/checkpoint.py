@@ -68,10 +68,16 @@ def _all_ok(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0) -> str:
-    """Write and publish a checkpoint of the current step (every rank calls this); returns its tag."""
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0,
+         keep: str | None = None) -> str:
+    """Write and publish a checkpoint of the current step (every rank calls this); returns its tag.
+    Frozen weights (the base of adapters) are left out. `keep`: a tag that keep_last never prunes (the best)."""
     root = checkpoint_root(run_dir)
-    tag = f"step_{train_state['step']:08d}"
+    tag = step_tag(train_state['step'])
     partial = root / f"{PARTIAL}{tag}"
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
@@ -81,7 +87,8 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
     # DeepSpeed's collectives.
     for write in (lambda: torch.save(_rng_state(), partial / f"rng_rank{rank}.pt"),
                   lambda: engine.save_checkpoint(str(root), tag=partial.name,
-                                                 client_state={"train_state": train_state}, save_latest=False)):
+                                                 client_state={"train_state": train_state}, save_latest=False,
+                                                 exclude_frozen_parameters=True)):
         error = None
         try:
             write()
@@ -103,7 +110,10 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
                               f"the previous checkpoints are untouched")
     if rank == 0 and keep_last > 0:
         for old in complete_tags(root)[:-keep_last]:
-            shutil.rmtree(root / old)
+            if old != keep:
+                shutil.rmtree(root / old)
+    if rank == 0 and keep:
+        _write_pointer(root, "best", keep)
     torch.distributed.barrier()
     return tag
 
@@ -123,9 +133,14 @@ def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_
     if final.exists():  # the same step saved again (a resumed run reaching it once more)
         shutil.rmtree(final)
     os.replace(partial, final)
-    latest = root / "latest.tmp"
-    latest.write_text(tag)
-    os.replace(latest, root / "latest")
+    _write_pointer(root, "latest", tag)
+
+
+def _write_pointer(root: Path, name: str, tag: str) -> None:
+    """checkpoints/<name> (latest, best): a file holding a tag, replaced atomically."""
+    tmp = root / f"{name}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / name)
     fsync_dir(root)
 
 
@@ -207,12 +222,23 @@ def check_same_data(ckpt_dir: Path, data: dict) -> None:
         "or pass train.allow_data_change=true to continue this run on the new data")
 
 
-def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
+def check_same_base(ckpt_dir: Path, base: dict) -> None:
+    """Refuse to resume adapters on another frozen base than the one they were trained on."""
+    saved = read_manifest(ckpt_dir)["train_state"].get("base")
+    if saved is None or saved["sha256"] != base["sha256"]:
+        raise CheckpointError(f"{ckpt_dir}: its adapters were trained on {saved['path'] if saved else 'no base'} "
+                              f"(SHA-256 {saved['sha256'][:12] if saved else '-'}), but train.init_from={base['path']} "
+                              f"has SHA-256 {base['sha256'][:12]}: resume on the same base weights")
+
+
+def load(engine, run_dir: str | Path, tag: str, rank: int, adapters_only: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG from a checkpoint that `check_compatible`
-    accepted; returns its train_state."""
+    accepted; returns its train_state. `adapters_only`: the checkpoint holds the trainable weights
+    only, the frozen ones are already in the engine."""
     ckpt_dir = checkpoint_root(run_dir) / tag
     with safe_load.only_weights(CheckpointError):
-        path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+        path, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag,
+                                                    load_module_strict=not adapters_only)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     rng_path = ckpt_dir / f"rng_rank{rank}.pt"
