@@ -47,10 +47,22 @@ def peft_config(cfg, fan_in_fan_out: bool = False):
 
 
 def apply(model: GPT, cfg) -> GPT:
-    """Inject the adapters of `cfg` (`peft.*`) into the model in place and freeze everything else."""
+    """Inject the adapters of `cfg` (`peft.*`) into the model in place and freeze everything else.
+
+    From then on the model's state_dict holds the trainable weights only, so that DeepSpeed's
+    checkpoints do too: its `exclude_frozen_parameters` misses the tied LM head, which
+    `named_parameters` lists once, as the token embedding."""
     import peft
 
-    return peft.inject_adapter_in_model(peft_config(cfg), model)
+    peft.inject_adapter_in_model(peft_config(cfg), model)
+    model.register_state_dict_post_hook(_drop_frozen)
+    return model
+
+
+def _drop_frozen(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            state_dict.pop(prefix + name, None)
 
 
 def trainable_params(model: torch.nn.Module) -> int:
