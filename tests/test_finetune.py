@@ -177,3 +177,23 @@ def test_lora_at_zero2_on_two_ranks_in_bf16(sft_corpus, hf_base, tmp_path):
     assert sum(f.stat().st_size for f in ckpt.iterdir()) < 200_000  # adapters and their Adam moments, not the base
     model = load_model(run_dir)  # consolidated from both ranks' shards, on the base
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * (64 * 8 + 8 * 192)
+
+
+def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):
+    from gpt2dist.evaluate import main as evaluate_main
+
+    for shots in (0, 3):
+        assert evaluate_main([str(hf_base), "--sft", str(sft_corpus), "--shots", str(shots), "--limit", "2",
+                              "--template", "Q: {prompt} A:", "--max-new-tokens", "4"]) == 0
+        scores = json.loads(capsys.readouterr().out)["sft_test"]
+        assert scores["examples"] == 2 and scores["shots"] == shots and 0 <= scores["chrf"] <= 100
+    assert evaluate_main([str(hf_base), "--sft", str(sft_corpus), "--shots", "25"]) == 2
+    assert "25 shots asked for, but the train split has 24" in capsys.readouterr().err
+
+
+def test_bleu_and_chrf_are_sacrebleus():
+    from gpt2dist.training.sft_eval import bleu_chrf
+
+    assert bleu_chrf(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx({"bleu": 100, "chrf": 100})
+    partial = bleu_chrf(["the cat sat on a mat"], ["the cat sat on the mat"])
+    assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100

@@ -46,3 +46,42 @@ def split_prompts(examples, n: int) -> tuple[list[list[int]], list[str]]:
         prompts.append(prompt)
         references.append(enc.decode(reference))
     return prompts, references
+
+
+def prompted_scores(model: torch.nn.Module, corpus, split: str = "test", shots: int = 0, template: str = "{prompt}",
+                    seed: int = 1234, limit: int | None = None, max_new_tokens: int = 64) -> dict[str, float]:
+    """A prompting baseline on an SFT corpus's split: each prompt, put in `template` (`{prompt}` marks
+    where), follows `shots` solved examples drawn from the train split (each its templated prompt,
+    its response and a blank line), and the greedy answer, cut at the first blank line when shots
+    show that format, is scored with BLEU and chrF as fine-tuned models are."""
+    import random
+
+    from gpt2dist.data.loader import open_split
+    from gpt2dist.data.shards import CorpusError, read_manifest
+
+    enc, rng = get_tokenizer(), random.Random(seed)
+    seq_len = read_manifest(corpus)["seq_len"]
+    examples, pool = open_split(corpus, split, seq_len), open_split(corpus, "train", seq_len)
+    n = len(examples) if limit is None else min(limit, len(examples))
+    if shots > len(pool):
+        raise CorpusError(f"{corpus}: {shots} shots asked for, but the train split has {len(pool)} examples")
+
+    def text(ids: list[int]) -> str:
+        return enc.decode(ids)
+
+    def solved(i: int) -> str:
+        prompt, response = pool.prompt_and_reference(i)
+        return template.replace("{prompt}", text(prompt[1:])) + text(response) + "\n\n"
+
+    was_training = model.training
+    model.eval()
+    hypotheses, references = [], []
+    for i in range(n):
+        prompt, reference = examples.prompt_and_reference(i)
+        context = "".join(solved(j) for j in rng.sample(range(len(pool)), shots))
+        ids = [EOT, *enc.encode_ordinary(context + template.replace("{prompt}", text(prompt[1:])))]
+        answer = greedy_response(model, ids, max_new_tokens)
+        hypotheses.append(answer.split("\n\n")[0] if shots else answer)
+        references.append(text(reference))
+    model.train(was_training)
+    return {**bleu_chrf(hypotheses, references), "examples": n, "shots": shots}
