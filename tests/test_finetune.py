@@ -5,6 +5,7 @@ transformers load with our logits."""
 
 import json
 import math
+import runpy
 import shutil
 
 import pytest
@@ -21,7 +22,7 @@ from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.export import main as export_main
 from gpt2dist.models.weights import load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
-from tests.conftest import TINY, read_metrics, run_train, train, train_cfg
+from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg
 from tests.test_hf_interop import save_hf, tokens
 from tests.test_model import tiny_hf
 
@@ -197,3 +198,19 @@ def test_bleu_and_chrf_are_sacrebleus():
     assert bleu_chrf(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx({"bleu": 100, "chrf": 100})
     partial = bleu_chrf(["the cat sat on a mat"], ["the cat sat on the mat"])
     assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100
+
+
+def test_optuna_sweep_minimises_the_returned_dev_loss(sft_corpus, hf_base, tmp_path, monkeypatch):
+    """train.py -m hydra/sweeper=optuna: 3 trials over the learning rate and the LoRA rank, in this process."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in sft_overrides(sft_corpus, hf_base, sweep, "peft=lora", "train.max_steps=2",
+                                          "task.generate_examples=0", "task.test=false", "optim.warmup_steps=1")
+                 if not o.startswith(("optim.lr", "peft.r"))]
+    monkeypatch.setattr("sys.argv", ["train.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
+                                     "hydra.sweeper.sampler.seed=1", "optim.lr=tag(log,interval(1e-4,1e-2))",
+                                     "peft.r=choice(2,4)", *overrides])
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # as `python train.py ...` runs it
+    result = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in result and "peft.r" in result
+    finals = [read_metrics(sweep / str(job))[-1]["val_loss"] for job in range(3)]
+    assert f"best_value: {min(finals)}" in result  # the trial with the lowest final dev loss

@@ -46,8 +46,10 @@ def run_name(run_dir: Path) -> str:
         return run_dir.name
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    # The sweeper saved the command line's overrides, sweeps (a,b,c) unexpanded, in multirun.yaml.
-    given = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+    # The basic sweeper saved the command line's overrides, sweeps (a,b,c) unexpanded, in multirun.yaml
+    # (the Optuna sweeper does not: its jobs are named by number).
+    multirun = sweep_dir / "multirun.yaml"
+    given = OmegaConf.load(multirun).hydra.overrides.task if multirun.is_file() else []
     swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(given)) if o.is_sweep_override()}
     mine = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
     return f"{sweep_dir.name}: {', '.join(mine) or f'job {hydra_cfg.job.num}'}"
@@ -188,6 +190,7 @@ class Trainer:
         cfg = self.cfg
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
         self.best = None  # train.keep_best: {"metric", "value", "tag"} of the best validation so far
+        self.last_val_loss = None
         # With init_from, each source's validation loss before training: forgetting/<name> is measured from it.
         self.start_losses: dict[str, float] = {}
         if tag:
@@ -373,6 +376,7 @@ class Trainer:
             improved = False
             if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                 values.update(self.validate())
+                self.last_val_loss = values.get("val_loss")
                 improved = self._improved(values)
             evals = self.cfg.evals
             if evals.interval and (self.step % evals.interval == 0 or last):
@@ -398,6 +402,13 @@ class Trainer:
             self.test()
         self.sample()
         return 0
+
+    def objective(self) -> float | None:
+        """What a hyperparameter search minimises: train.keep_best's best value (negated where higher is
+        better), or else the last val_loss; None without validation."""
+        if self.best:
+            return -self.best["value"] if KEEP_BEST[self.best["metric"]] else self.best["value"]
+        return self.last_val_loss
 
     def test(self) -> None:
         """Score the test split (loss, BLEU, chrF) with the best checkpoint's weights (train.keep_best) or
@@ -444,10 +455,11 @@ class Trainer:
         dist.close()
 
 
-def run(cfg) -> int:
-    """Train one run of `cfg`; returns the exit status (see Trainer.train)."""
+def run(cfg) -> tuple[int, float | None]:
+    """Train one run of `cfg`; returns the exit status (see Trainer.train) and the run's objective
+    (see Trainer.objective), which train.py returns to a sweeper (`-m hydra/sweeper=optuna`)."""
     trainer = Trainer(cfg)
     try:
-        return trainer.train()
+        return trainer.train(), trainer.objective()
     finally:
         trainer.close()
