@@ -18,11 +18,10 @@ A bad row (malformed JSON, a missing or non-string field, an empty response, a p
 import argparse
 import json
 import sys
-import zlib
 from pathlib import Path
 
 from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _decode, _open
-from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft
+from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft, split_by_hash
 
 
 class Rows:
@@ -69,12 +68,6 @@ class Rows:
         return example
 
 
-def hash_split(example: Example, dev_fraction: float, test_fraction: float) -> str:
-    """A stable split for an example, from its prompt and response."""
-    u = zlib.crc32(json.dumps([example.prompt, example.response]).encode()) % 1_000_000 / 1_000_000
-    return "val" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                       for split, files in (("train", args.train), ("val", args.dev), ("test", args.test))}
             split_by, source = "files", " ".join(args.train + args.dev + args.test)
         else:
-            splits = {"train": [], "val": [], "test": []}
-            for f in args.inputs:
-                for example in rows.read(Path(f)):
-                    splits[hash_split(example, args.dev_fraction, args.test_fraction)].append(example)
+            splits = split_by_hash((e for f in args.inputs for e in rows.read(Path(f))), args.dev_fraction,
+                                   args.test_fraction)
             split_by = f"hash (dev {args.dev_fraction}, test {args.test_fraction})"
             source = " ".join(args.inputs)
         manifest = prepare_sft(splits, args.output, args.seq_len, source, args.overwrite, rows.skipped, split_by)

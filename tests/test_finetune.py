@@ -214,3 +214,14 @@ def test_optuna_sweep_minimises_the_returned_dev_loss(sft_corpus, hf_base, tmp_p
     assert "best_params" in result and "peft.r" in result
     finals = [read_metrics(sweep / str(job))[-1]["val_loss"] for job in range(3)]
     assert f"best_value: {min(finals)}" in result  # the trial with the lowest final dev loss
+
+
+def test_builtin_task_pairs_docstrings_with_their_def_lines():
+    from itertools import islice
+
+    from gpt2dist.data.builtin_corpus import docsig_examples
+
+    examples = list(islice(docsig_examples(), 40))
+    assert len(examples) == 40 and len({e.response for e in examples}) > 30
+    for e in examples:
+        assert e.response.startswith("def ") and e.response.endswith("):") and '"""' in e.prompt

@@ -16,6 +16,9 @@ pretraining. The manifest says `"task": "sft"` and holds the example count of ea
 (train, val: the dev set, test).
 """
 
+import json
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +60,19 @@ def encode(example: Example, seq_len: int) -> tuple[np.ndarray, bool]:
     block[: len(tokens)] = tokens
     block[-2:] = len(prompt), len(tokens)
     return block.astype(TOKEN_DTYPE), len(prompt) + len(response) > seq_len + 1
+
+
+def hash_split(example: Example, dev_fraction: float, test_fraction: float) -> str:
+    """A stable split (train, val or test) for an example, from its prompt and response."""
+    u = zlib.crc32(json.dumps([example.prompt, example.response]).encode()) % 1_000_000 / 1_000_000
+    return "val" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
+
+
+def split_by_hash(examples: Iterable[Example], dev_fraction: float, test_fraction: float) -> dict[str, list[Example]]:
+    splits = {s: [] for s in SPLITS}
+    for example in examples:
+        splits[hash_split(example, dev_fraction, test_fraction)].append(example)
+    return splits
 
 
 def prompt_ids(prompt: str) -> list[int]:

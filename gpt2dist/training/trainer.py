@@ -251,9 +251,10 @@ class Trainer:
     def _corpus(self, source) -> Path:
         """A source's corpus; a built-in one is prepared once, by rank 0, while the others wait."""
         if self.is_main:
-            source_corpus(source.path, source.builtin, self.cfg.data.cache_dir)
+            source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, seq_len=self.cfg.data.seq_len)
         torch.distributed.barrier()
-        return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress=False)
+        return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress=False,
+                             seq_len=self.cfg.data.seq_len)
 
     def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
         torch.distributed.all_reduce(values)
