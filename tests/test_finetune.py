@@ -225,3 +225,11 @@ def test_builtin_task_pairs_docstrings_with_their_def_lines():
     assert len(examples) == 40 and len({e.response for e in examples}) > 30
     for e in examples:
         assert e.response.startswith("def ") and e.response.endswith("):") and '"""' in e.prompt
+
+
+def test_resume_with_other_adapters_is_refused(sft_corpus, hf_base, tmp_path):
+    adapter_run(sft_corpus, hf_base, tmp_path / "run", "peft=lora", "train.max_steps=2", "train.eval_interval=0",
+                "task.generate_examples=0")
+    for other in (["peft=none"], ["peft=lora", "peft.r=4", "train.max_steps=4"]):
+        with pytest.raises(CheckpointError, match="resume with the same adapters"):
+            adapter_run(sft_corpus, hf_base, tmp_path / "run", *other)

@@ -179,6 +179,12 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     if theirs != ours:
         raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}; "
                               f"resume with the same model, or start another run from these weights with {fresh}")
+    saved_peft = OmegaConf.load(ckpt_dir / "config.yaml").get("peft", {"method": "none"})
+    theirs_peft, ours_peft = (OmegaConf.to_container(p, resolve=True) if p.method != "none" else {"method": "none"}
+                              for p in (OmegaConf.create(saved_peft), cfg.peft))
+    if json.dumps(theirs_peft, default=str) != json.dumps(ours_peft, default=str):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint trained peft={theirs_peft}, this run asks for peft={ours_peft}; "
+                              f"resume with the same adapters, or start another run in a new train.run_dir")
     saved_optimizer = OmegaConf.load(ckpt_dir / "config.yaml").optim.get("name", "adamw")  # before Lion: AdamW
     if saved_optimizer != cfg.optim.name:
         raise CheckpointError(f"{ckpt_dir}: its optimizer state is {saved_optimizer}'s, this run's optimizer is "
