@@ -138,10 +138,14 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(sft_corpus, hf_b
         [(m["step"], m.get("loss"), m.get("val_loss")) for m in full]  # bit-identical, adapter dropout included
 
 
-def test_resume_on_a_changed_base_is_refused(sft_corpus, hf_base, tmp_path):
+def test_resume_with_other_adapters_or_on_a_changed_base_is_refused(sft_corpus, hf_base, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(hf_base, base)
-    adapter_run(sft_corpus, base, tmp_path / "run", "peft=lora", "train.max_steps=2")
+    adapter_run(sft_corpus, base, tmp_path / "run", "peft=lora", "train.max_steps=2", "train.eval_interval=0",
+                "task.generate_examples=0")
+    for other in (["peft=none"], ["peft=lora", "peft.r=4"]):
+        with pytest.raises(CheckpointError, match="resume with the same adapters"):
+            adapter_run(sft_corpus, base, tmp_path / "run", *other, "train.max_steps=4")
     save_hf(tiny_hf(seed=2), tmp_path / "other", "safetensors")
     shutil.copy(tmp_path / "other" / "model.safetensors", base / "model.safetensors")
     with pytest.raises(CheckpointError, match="SHA-256"):
@@ -225,11 +229,3 @@ def test_builtin_task_pairs_docstrings_with_their_def_lines():
     assert len(examples) == 40 and len({e.response for e in examples}) > 30
     for e in examples:
         assert e.response.startswith("def ") and e.response.endswith("):") and '"""' in e.prompt
-
-
-def test_resume_with_other_adapters_is_refused(sft_corpus, hf_base, tmp_path):
-    adapter_run(sft_corpus, hf_base, tmp_path / "run", "peft=lora", "train.max_steps=2", "train.eval_interval=0",
-                "task.generate_examples=0")
-    for other in (["peft=none"], ["peft=lora", "peft.r=4", "train.max_steps=4"]):
-        with pytest.raises(CheckpointError, match="resume with the same adapters"):
-            adapter_run(sft_corpus, hf_base, tmp_path / "run", *other)
