@@ -229,3 +229,14 @@ def test_builtin_task_pairs_docstrings_with_their_def_lines():
     assert len(examples) == 40 and len({e.response for e in examples}) > 30
     for e in examples:
         assert e.response.startswith("def ") and e.response.endswith("):") and '"""' in e.prompt
+
+
+def test_evaluate_corpus_of_examples_is_the_response_token_loss(sft_corpus, hf_base):
+    from gpt2dist.training.validation import corpus_loss, mean_loss, rank_batches
+
+    model = load_model(hf_base)
+    examples = open_split(sft_corpus, "test", 16)
+    expected, tokens = mean_loss(model, rank_batches(examples, len(examples), 8))
+    result = corpus_loss(model, sft_corpus, "test")
+    responses = sum(len(get_tokenizer().encode_ordinary(f" {w[::-1]}")) + 1 for w in WORDS[4:8])  # + <|endoftext|>
+    assert result["loss"] == expected and result["tokens"] == tokens == responses

@@ -64,11 +64,13 @@ def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", 
                 world_size: int = 1) -> dict[str, float]:
     """Mean next-token loss and perplexity over the first `max_sequences` windows (all by default)
     of one split, this rank scoring its share (see `mean_loss`). `seq_len` defaults to the
-    model's context, capped by the corpus block size.
+    model's context, capped by the corpus block size; of fine-tuning examples, to theirs (the
+    loss is then the response-token loss).
     """
     gpt = getattr(model, "module", model)
     blocks = TokenBlocks(corpus, split)
-    windows = Windows(blocks, seq_len or min(gpt.config.block_size, blocks.block_tokens))
+    default = blocks.manifest.get("seq_len") or min(gpt.config.block_size, blocks.block_tokens)
+    windows = open_split(corpus, split, seq_len or default)
     n = len(windows) if max_sequences is None else min(max_sequences, len(windows))
     if n == 0:
         raise CorpusError(f"{blocks.dir}: the {split} split has no window of {windows.seq_len} tokens")
