@@ -18,11 +18,13 @@ register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg) -> None:
+def main(cfg) -> float | None:
+    """Returns the run's objective (the last val_loss, or train.keep_best's best), which a sweeper minimises."""
     with one_line_errors(CorpusError, CheckpointError, WeightsError, TrainingDiverged):
-        status = run(cfg)
+        status, objective = run(cfg)
     if status:
         sys.exit(status)
+    return objective
 
 
 if __name__ == "__main__":

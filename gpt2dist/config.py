@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gpt2dist.data.builtin_corpus import Builtin
 from gpt2dist.data.stream import REMOTE
 from gpt2dist.training.metric_backends import BACKENDS, WandbMode
+from gpt2dist.models.adapters import PeftMethod
 from gpt2dist.models.gpt import GPTConfig
 from gpt2dist.training.optim import Optimizer
 
@@ -53,6 +54,35 @@ class DataMode(str, Enum):
 class Resume(str, Enum):
     auto = "auto"  # continue from the newest checkpoint in train.run_dir, if any
     never = "never"  # refuse a train.run_dir that holds a checkpoint
+
+
+class Task(str, Enum):
+    pretrain = "pretrain"  # next-token loss on every token of a corpus (data_tools.prepare)
+    sft = "sft"  # supervised fine-tuning: loss on the responses of prompt/response examples (data_tools.sft)
+
+
+@dataclass
+class TaskConfig:
+    """What the run learns (`conf/task/`). With sft, val_loss is the dev set's response-token loss."""
+
+    name: Task = Task.pretrain
+    generate_examples: int = 16  # sft: dev examples answered greedily at each validation, scored val_bleu, val_chrf
+    max_new_tokens: int = 64  # sft: the longest generated response
+    test: bool = True  # sft: at the end, score the test split (loss, BLEU, chrF) into <run_dir>/test.json
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning through Hugging Face's peft (`conf/peft/`, gpt2dist/models/adapters.py):
+    the train.init_from weights stay frozen, only the adapters train."""
+
+    method: PeftMethod = PeftMethod.none  # none (every weight trains), lora or ia3
+    r: int = 8  # lora: rank of the update
+    alpha: float = 16  # lora: the update is scaled by alpha / r
+    dropout: float = 0.0  # lora: dropout on the adapter's input
+    # Linear layers adapted, by name suffix: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    target_modules: List[str] = field(default_factory=lambda: ["c_attn"])
+    feedforward_modules: List[str] = field(default_factory=list)  # ia3: targets scaled on their input
 
 
 @dataclass
@@ -148,10 +178,14 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per forward pass
     global_batch_size: int = 8  # sequences per optimizer step, all ranks and accumulation steps together
     max_steps: int = 200  # optimizer steps
+    epochs: Optional[float] = None  # instead of max_steps: passes over the training samples (rounded up to a step)
     eval_interval: int = 50  # steps between validation runs (and at the end); 0: only at the end
     eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
     keep_last: int = 0  # keep only the newest N checkpoints (pruned after a new one is complete); 0: all
+    # Also keep the checkpoint of the best validation by this metric (val_loss: lowest; val_bleu, val_chrf:
+    # highest), named in <run_dir>/checkpoints/best; the final test evaluation scores it. null: off
+    keep_best: Optional[str] = None
     resume: Resume = Resume.auto  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
     init_from: Optional[str] = None  # with nothing to resume: start from these weights (a run, checkpoint or HF GPT-2 dir)
     # With init_from a gpt2dist run or checkpoint of the same ZeRO stage (and, stage >= 1, world size): also take
@@ -217,6 +251,12 @@ class Config:
     evals: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+
+# train.keep_best: the metric, and whether higher is better
+KEEP_BEST = {None: None, "val_loss": False, "val_bleu": True, "val_chrf": True}
 
 
 def register() -> None:
@@ -390,6 +430,16 @@ def check(cfg, world_size: int) -> None:
     backends = list(cfg.logger.backends)
     need(set(backends) <= BACKENDS.keys() and len(set(backends)) == len(backends),
          f"logger.backends=[{','.join(backends)}]: each must be one of {', '.join(BACKENDS)}, at most once")
+    need(t.epochs is None or t.epochs > 0, f"train.epochs={t.epochs} must be positive")
+    need(t.keep_best in KEEP_BEST, f"train.keep_best={t.keep_best}: must be one of "
+                                   f"{', '.join(str(k) for k in KEEP_BEST)}")
+    need(t.keep_best in (None, "val_loss") or cfg.task.name == Task.sft,
+         f"train.keep_best={t.keep_best} is scored on generations: it needs task=sft")
+    p = cfg.peft
+    need(p.method == PeftMethod.none or t.init_from,
+         f"peft.method={p.method.value if hasattr(p.method, 'value') else p.method} adapts a trained model: "
+         "pass train.init_from=<a run or Hugging Face GPT-2 directory>")
+    need(p.r > 0, f"peft.r={p.r} must be positive")
     g = cfg.guard
     need(g.window > 0 and 0 < g.min_history <= g.window,
          f"guard.min_history={g.min_history} must be in 1..guard.window={g.window}")

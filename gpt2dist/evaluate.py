@@ -4,6 +4,12 @@ or few-shot multiple choice; the same, chosen by `evals.*`, as downstream evalua
     python -m gpt2dist.evaluate runs/gpt2 --corpus data/owt
     python -m gpt2dist.evaluate runs/gpt2 --text held_out/ 'more/*.md'
     python -m gpt2dist.evaluate runs/gpt2 --choices hellaswag_val.jsonl --fewshot-file hellaswag_train.jsonl --fewshot-k 5
+    python -m gpt2dist.evaluate hf/gpt2 --sft data/qa --shots 3 --template 'Q: {prompt}\nA:'
+
+`--sft` scores a generation task (a corpus of `python -m data_tools.sft`) by prompting: greedy
+answers to the prompts of a split (test by default), zero-shot or after `--shots` solved train
+examples, with the BLEU and chrF that fine-tuning reports (`gpt2dist.training.sft_eval`), so
+prompting, full fine-tuning and LoRA compare on the same test split.
 
 Multiple-choice files are JSON Lines in HellaSwag's format, one question a line:
 `{"ctx": "A man sits down at a piano. He", "endings": ["plays a song.", ...], "label": 0}`
@@ -38,6 +44,7 @@ from gpt2dist.config import EvalConfig
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.shards import CorpusError
 from gpt2dist.data.tokenizer import get_tokenizer
+from gpt2dist.training.sft_eval import prompted_scores
 from gpt2dist.training.validation import corpus_loss, model_device
 
 
@@ -184,15 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, help="tokens per scored window (default: the model's context)")
     p.add_argument("--max-sequences", type=int, help="score only the first N windows")
     p.add_argument("--choices", help="multiple-choice JSONL (HellaSwag format)")
-    p.add_argument("--limit", type=int, help="score only the first N questions")
+    p.add_argument("--limit", type=int, help="score only the first N questions (or --sft examples)")
     p.add_argument("--fewshot-file", help="solved questions to draw few-shot examples from")
     p.add_argument("--fewshot-k", type=int, default=0, help="examples prepended to each question (default: 0)")
+    p.add_argument("--sft", help="a fine-tuning corpus (python -m data_tools.sft) whose --sft-split is answered")
+    p.add_argument("--sft-split", default="test", help="split of --sft (default: test)")
+    p.add_argument("--shots", type=int, default=0, help="--sft: solved train examples before each prompt (default: 0)")
+    p.add_argument("--template", default="{prompt}", help="--sft: the prompt's text, {prompt} marking it (default: {prompt})")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--sft: the longest answer (default: 64)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="default: cuda (under torchrun or srun, this rank's GPU) if there is one, else cpu")
     args = p.parse_args(argv)
-    if not args.corpus and not args.text and not args.choices:
-        p.error("nothing to evaluate: pass --corpus, --text and/or --choices")
+    if not args.corpus and not args.text and not args.choices and not args.sft:
+        p.error("nothing to evaluate: pass --corpus, --text, --choices and/or --sft")
+    if "{prompt}" not in args.template:
+        p.error("--template must hold {prompt}")
     if args.fewshot_k and not args.fewshot_file:
         p.error("--fewshot-k needs --fewshot-file")
     env = dist.detect()
@@ -212,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                                         env.rank, env.world_size)
         if questions:
             results["multiple_choice"] = multiple_choice(model, questions, shots, args.fewshot_k, args.seed)
+        if args.sft:
+            results[f"sft_{args.sft_split}"] = prompted_scores(model, args.sft, args.sft_split, args.shots, args.template,
+                                                               args.seed, args.limit, args.max_new_tokens)
     except (WeightsError, CorpusError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

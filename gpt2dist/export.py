@@ -7,22 +7,40 @@ and GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json).
 
 The source is a run directory (its newest checkpoint) or one checkpoint directory, of any ZeRO
 stage. Weights are consolidated and written one tensor at a time.
+
+A run that trained adapters (peft=lora, peft=ia3) is exported merged into its base, a plain GPT-2
+directory as above; with --adapter, as the adapter alone in PEFT's format instead:
+
+    python -m gpt2dist.export runs/lora exported/lora-adapter --adapter
+    # in Python: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(<base>), "exported/lora-adapter")
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from gpt2dist.models.hf import save_hf_dir
-from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint
+from omegaconf import OmegaConf
+
+from gpt2dist.models import adapters
+from gpt2dist.models.hf import export_hf, save_hf_dir
+from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint, is_adapted, load_adapted
 
 
-def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`) to out_dir."""
+def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = False) -> Path:
+    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`) to out_dir;
+    with `adapter`, a peft run's adapter in PEFT's format."""
     ckpt_dir = find_checkpoint(source)
     if ckpt_dir is None:
         raise WeightsError(f"{source}: not a gpt2dist run or checkpoint directory (no checkpoints/latest, "
                            "no config.yaml with model states)")
+    if is_adapted(ckpt_dir):
+        model = load_adapted(ckpt_dir)
+        if adapter:
+            saved = OmegaConf.load(ckpt_dir / "config.yaml")
+            return adapters.save_adapter(model, saved.peft, out_dir, base=saved.train.init_from)
+        return export_hf(adapters.merge(model), out_dir)
+    if adapter:
+        raise WeightsError(f"{ckpt_dir}: trained every weight (peft.method=none): there is no adapter to export")
     weights = checkpoint_weights(ckpt_dir)
     return save_hf_dir(weights.config, weights.shapes, weights.tensor, out_dir)
 
@@ -32,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="run directory or checkpoint directory")
     p.add_argument("output", help="directory to write (created; existing files of the same name are replaced)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a run that trained adapters: write the adapter alone, in PEFT's format (default: merged)")
     args = p.parse_args(argv)
     try:
-        out = export_checkpoint(args.source, args.output)
+        out = export_checkpoint(args.source, args.output, args.adapter)
     except (OSError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,12 +15,15 @@ GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF_DIR.iterdir()) if
 
 
 def test_groups_found():
-    assert {g for g, _ in GROUP_OPTIONS} == {"model", "data", "zero", "optim", "logger"}
+    assert {g for g, _ in GROUP_OPTIONS} == {"model", "data", "zero", "optim", "logger", "task", "peft"}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_config_file_composes(group, option):
-    overrides = [f"{group}={option}"] + (["data.path=/some/corpus"] if (group, option) == ("data", "custom") else [])
+    # What these options need besides: a corpus path, weights to adapt.
+    needs = {("data", "custom"): ["data.path=/some/corpus"], ("peft", "lora"): ["train.init_from=/some/run"],
+             ("peft", "ia3"): ["train.init_from=/some/run"]}
+    overrides = [f"{group}={option}", *needs.get((group, option), [])]
     cfg = make_cfg(*overrides)
     check(cfg, world_size=1)
     assert cfg.model.name and cfg.data.name

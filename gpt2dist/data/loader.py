@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gpt2dist.data.sft import Examples, is_sft
 from gpt2dist.data.shards import CorpusError, TokenBlocks
 
 MIX_PERIOD = 10_000  # mixture weights are exact over every this many samples (to 1/MIX_PERIOD)
@@ -60,9 +61,16 @@ class Windows:
         return tokens[:-1], tokens[1:]
 
 
-def train_windows(path: Path, seq_len: int, weight: float) -> Windows:
-    """The training windows of a corpus; an empty train split (a held-out corpus) only with weight 0."""
-    windows = Windows(TokenBlocks(path, "train"), seq_len)
+def open_split(path: Path, split: str, seq_len: int) -> "Windows | Examples":
+    """The samples of one split: windows of a pretraining corpus, or examples of a fine-tuning one
+    (`gpt2dist.data.sft`); both index as samples[i] -> (inputs, targets)."""
+    blocks = TokenBlocks(path, split)
+    return Examples(blocks, seq_len) if is_sft(blocks.manifest) else Windows(blocks, seq_len)
+
+
+def train_windows(path: Path, seq_len: int, weight: float) -> "Windows | Examples":
+    """The training samples of a corpus; an empty train split (a held-out corpus) only with weight 0."""
+    windows = open_split(path, "train", seq_len)
     if len(windows) == 0 and weight > 0:
         raise CorpusError(f"{path}: the train split is empty (a held-out corpus, prepared with --val-fraction 1?): "
                           "give it weight 0 to evaluate it only")
@@ -156,14 +164,13 @@ class SampleStream:
 class MicroBatches(Dataset):
     """Global micro-batch c of the stream: (inputs, targets), each (micro_batch, seq_len) int64."""
 
-    def __init__(self, sources: Sequence[Windows], stream: SampleStream, micro_batch: int):
+    def __init__(self, sources: Sequence["Windows | Examples"], stream: SampleStream, micro_batch: int):
         self.sources, self.stream, self.micro = list(sources), stream, micro_batch
 
     def __getitem__(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         source, window = self.stream.locate(np.arange(c * self.micro, (c + 1) * self.micro, dtype=np.int64))
-        tokens = np.stack([self.sources[s].tokens(w) for s, w in zip(source, window)])  # (B, T + 1)
-        tokens = torch.from_numpy(tokens.astype(np.int64))
-        return tokens[:, :-1], tokens[:, 1:]
+        inputs, targets = zip(*(self.sources[s][w] for s, w in zip(source, window)))
+        return torch.stack(inputs), torch.stack(targets)  # (B, T) each
 
 
 def train_loader(sources: Sequence[Windows], stream: SampleStream, micro_batch: int, rank: int, world_size: int,

@@ -11,6 +11,7 @@ existing output is replaced only if it is a prepared corpus and nothing else (an
 asked): a directory gpt2dist did not write is never deleted.
 """
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -33,7 +34,7 @@ BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
-CORPUS_FILE = re.compile(r"(train|val)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
+CORPUS_FILE = re.compile(r"(train|val|test)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
 def is_validation(utf8: bytes, val_fraction: float) -> bool:
@@ -124,6 +125,24 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(old)
 
 
+@contextlib.contextmanager
+def staged(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` to write a corpus into; published as `out_dir` when
+    the block ends without an error, removed in any case (see the module docstring)."""
+    out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
+    check_output(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the corpus is not
+    try:
+        yield tmp
+        _publish(tmp, out_dir, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare_corpus(
     documents: Iterable[str],
     out_dir: str | Path,
@@ -142,14 +161,7 @@ def prepare_corpus(
     one block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split."""
     if not 0 <= val_fraction <= 1:
         raise ValueError(f"val_fraction={val_fraction} is not between 0 and 1")
-    out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
-    check_output(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the corpus is not
-    try:
+    with staged(out_dir, overwrite) as tmp:
         shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
         writers = {s: SplitWriter(tmp, s, block_tokens, shard_blocks) for s in ("train", "val")}
         start, n_bytes, split_tokens = time.perf_counter(), 0, {s: 0 for s in writers}
@@ -183,7 +195,4 @@ def prepare_corpus(
             "splits": splits,
         }
         write_manifest(tmp, manifest)
-        _publish(tmp, out_dir, overwrite)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

@@ -64,6 +64,13 @@ class SplitWriter:
             self._write_block(self.pending[i * L : i * L + L + 1])
         self.pending = self.pending[n * L :]
 
+    def add_block(self, block: np.ndarray) -> None:
+        """Write one whole block (`block_tokens + 1` tokens) as one document: a fine-tuning example
+        (`gpt2dist.data.sft`), which shares no tokens with its neighbours."""
+        assert len(block) == self.block_tokens + 1
+        self.documents += 1
+        self._write_block(block.astype(TOKEN_DTYPE, copy=False))
+
     def _write_block(self, block: np.ndarray) -> None:
         if self.tar is None:
             name = f"{self.split}-{len(self.shards):06d}.tar"

@@ -62,33 +62,43 @@ def find_checkpoint(path: str | Path) -> Path | None:
 def checkpoint_weights(ckpt_dir: str | Path) -> CheckpointWeights:
     """Open a checkpoint's weights without materialising them all (see the module docstring)."""
     ckpt_dir = Path(ckpt_dir)
-    config_path = ckpt_dir / "config.yaml"
-    if not config_path.is_file():
-        raise WeightsError(f"{config_path}: missing; not a complete gpt2dist checkpoint")
-    saved = OmegaConf.load(config_path)
+    saved = _saved_config(ckpt_dir)
     config = gpt_config(saved.model)
-    if saved.zero.stage == 0:
-        path = ckpt_dir / STAGE0_STATES
-        state = _stage0_state(config, safe_load.load(path, WeightsError, map_location="cpu", mmap=True), path)
-    else:
-        deepspeed_env.load()  # the accelerator named, not detected with a warning
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            # DeepSpeed's progress notes are not our output.
-            with contextlib.redirect_stdout(sys.stderr), safe_load.only_weights(WeightsError):
-                # lazy_mode: ZeRO-3 shards are gathered per tensor on request, from memory-mapped files.
-                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
-                                                                 lazy_mode=True)
-        except WeightsError:
-            raise
-        except Exception as e:  # missing or truncated shards: DeepSpeed and torch.load raise many types
-            raise WeightsError(f"{ckpt_dir}: cannot consolidate the ZeRO-{saved.zero.stage} checkpoint ({e})") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    state = _checkpoint_state(ckpt_dir, saved, model)
     shapes = {name: torch.Size(t.shape) for name, t in state.items()}
     return CheckpointWeights(config, shapes, lambda name: state[name].contiguous().detach().float())
 
 
-def _stage0_state(config: GPTConfig, states: dict, path: Path) -> dict[str, torch.Tensor]:
+def _saved_config(ckpt_dir: Path):
+    config_path = ckpt_dir / "config.yaml"
+    if not config_path.is_file():
+        raise WeightsError(f"{config_path}: missing; not a complete gpt2dist checkpoint")
+    return OmegaConf.load(config_path)
+
+
+def _checkpoint_state(ckpt_dir: Path, saved, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds (of an adapted model, the adapters only), by name; `model` (on any
+    device, meta too) is the one it was saved from, whose parameter order DeepSpeed's stage-0 masters follow."""
+    if saved.zero.stage == 0:
+        path = ckpt_dir / STAGE0_STATES
+        return _stage0_state(model, safe_load.load(path, WeightsError, map_location="cpu", mmap=True), path)
+    deepspeed_env.load()  # the accelerator named, not detected with a warning
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        # DeepSpeed's progress notes are not our output.
+        with contextlib.redirect_stdout(sys.stderr), safe_load.only_weights(WeightsError):
+            # lazy_mode: ZeRO-3 shards are gathered per tensor on request, from memory-mapped files.
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, lazy_mode=True)
+    except WeightsError:
+        raise
+    except Exception as e:  # missing or truncated shards: DeepSpeed and torch.load raise many types
+        raise WeightsError(f"{ckpt_dir}: cannot consolidate the ZeRO-{saved.zero.stage} checkpoint ({e})") from None
+
+
+def _stage0_state(model: torch.nn.Module, states: dict, path: Path) -> dict[str, torch.Tensor]:
     """A stage-0 checkpoint's weights: the module's, or with bf16/fp16 the optimizer's fp32 master copy.
 
     DeepSpeed keeps that copy as lists of tensors in the order of our parameter groups, without names.
@@ -97,16 +107,44 @@ def _stage0_state(config: GPTConfig, states: dict, path: Path) -> dict[str, torc
     groups = (states.get("optimizer") or {}).get("fp32_groups")
     if not groups:
         return module
-    with torch.device("meta"):
-        model = GPT(config)
     names = {id(p): name for name, p in model.named_parameters()}
     ordered = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
     master = [t for group in groups for t in group]
     if len(master) != len(ordered) or any(module[n].shape != t.shape for n, t in zip(ordered, master)):
         raise WeightsError(f"{path}: the fp32 master weights do not match the model's parameters")
     state = dict(zip(ordered, master))
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
+
+
+def is_adapted(ckpt_dir: Path) -> bool:
+    """Whether a checkpoint holds adapters (peft.method) rather than a whole model."""
+    return _saved_config(ckpt_dir).get("peft", {}).get("method", "none") != "none"
+
+
+def load_adapted(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """A GPT with its adapters (unmerged), in eval mode, from a checkpoint of a peft run: the frozen base
+    from where the run took it (checked against the SHA-256 the checkpoint recorded), the adapters
+    from the checkpoint."""
+    from gpt2dist.models import adapters
+    from gpt2dist.training.checkpoint import read_manifest
+
+    ckpt_dir = Path(ckpt_dir)
+    saved = _saved_config(ckpt_dir)
+    base = read_manifest(ckpt_dir)["train_state"]["base"]
+    model = load_model(base["path"], device)
+    if adapters.weights_sha256(model) != base["sha256"]:
+        raise WeightsError(f"{ckpt_dir}: its adapters were trained on {base['path']}, whose weights have changed "
+                           f"since (SHA-256 {base['sha256'][:12]} expected)")
+    adapters.apply(model, saved.peft)
+    state = _checkpoint_state(ckpt_dir, saved, model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise WeightsError(f"{ckpt_dir}: its weights are not the adapters of peft.method={saved.peft.method} "
+                           f"({len(state)} tensors, {len(trainable)} expected)")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return model.eval()
 
 
 def empty_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
@@ -165,7 +203,11 @@ def _hf_checked(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """A GPT in eval mode, from a run, checkpoint or Hugging Face directory (see the module docstring)."""
+    """A GPT in eval mode, from a run, checkpoint or Hugging Face directory (see the module docstring);
+    of a run that trained adapters, its base with the adapters (`load_adapted`)."""
+    ckpt_dir = find_checkpoint(path) if not (Path(path) / "config.json").is_file() else None
+    if ckpt_dir is not None and is_adapted(ckpt_dir):
+        return load_adapted(ckpt_dir, device)
     config, tensors, source = open_weights(path)
     return fill(empty_model(config, device), tensors, source).eval()
 

@@ -85,8 +85,10 @@ def _all_ok(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0) -> str:
-    """Write and publish a checkpoint of the current step (every rank calls this); returns its tag."""
+def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0,
+         keep: str | None = None) -> str:
+    """Write and publish a checkpoint of the current step (every rank calls this); returns its tag.
+    Frozen weights (the base of adapters) are left out. `keep`: a tag that keep_last never prunes (the best)."""
     root = checkpoint_root(run_dir)
     tag = tag_of(train_state["step"])
     partial = root / f"{PARTIAL}{tag}"
@@ -98,7 +100,8 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
     # DeepSpeed's collectives.
     for write in (lambda: torch.save(_rng_state(), partial / f"rng_rank{rank}.pt"),
                   lambda: engine.save_checkpoint(str(root), tag=partial.name,
-                                                 client_state={"train_state": train_state}, save_latest=False)):
+                                                 client_state={"train_state": train_state}, save_latest=False,
+                                                 exclude_frozen_parameters=True)):
         error = None
         try:
             write()
@@ -120,7 +123,10 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
                               f"the previous checkpoints are untouched")
     if rank == 0 and keep_last > 0:
         for old in complete_tags(root)[:-keep_last]:
-            shutil.rmtree(root / old)
+            if old != keep:
+                shutil.rmtree(root / old)
+    if rank == 0 and keep:
+        _write_pointer(root, "best", keep)
     torch.distributed.barrier()
     return tag
 
@@ -140,9 +146,14 @@ def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_
     if final.exists():  # the same step saved again (a resumed run reaching it once more)
         shutil.rmtree(final)
     os.replace(partial, final)
-    latest = root / "latest.tmp"
-    latest.write_text(tag)
-    os.replace(latest, root / "latest")
+    _write_pointer(root, "latest", tag)
+
+
+def _write_pointer(root: Path, name: str, tag: str) -> None:
+    """checkpoints/<name> (latest, best): a file holding a tag, replaced atomically."""
+    tmp = root / f"{name}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / name)
     fsync_dir(root)
 
 
@@ -181,6 +192,12 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
     if theirs != ours:
         raise CheckpointError(f"{ckpt_dir}: checkpoint model {theirs} does not match this run's model {ours}; "
                               f"resume with the same model, or start another run from these weights with {fresh}")
+    saved_peft = OmegaConf.load(ckpt_dir / "config.yaml").get("peft", {"method": "none"})
+    theirs_peft, ours_peft = (OmegaConf.to_container(p, resolve=True) if p.method != "none" else {"method": "none"}
+                              for p in (OmegaConf.create(saved_peft), cfg.peft))
+    if json.dumps(theirs_peft, default=str) != json.dumps(ours_peft, default=str):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint trained peft={theirs_peft}, this run asks for peft={ours_peft}; "
+                              f"resume with the same adapters, or start another run in a new train.run_dir")
     saved_optimizer = OmegaConf.load(ckpt_dir / "config.yaml").optim.get("name", "adamw")  # before Lion: AdamW
     if saved_optimizer != cfg.optim.name:
         raise CheckpointError(f"{ckpt_dir}: its optimizer state is {saved_optimizer}'s, this run's optimizer is "
@@ -287,14 +304,26 @@ def _repair_universal_load(engine, universal_dir: Path) -> None:
             state["step"] = state["step"].clone()
 
 
-def load(engine, run_dir: str | Path, tag: str, rank: int, universal: bool = False) -> dict:
+def check_same_base(ckpt_dir: Path, base: dict) -> None:
+    """Refuse to resume adapters on another frozen base than the one they were trained on."""
+    saved = read_manifest(ckpt_dir)["train_state"].get("base")
+    if saved is None or saved["sha256"] != base["sha256"]:
+        raise CheckpointError(f"{ckpt_dir}: its adapters were trained on {saved['path'] if saved else 'no base'} "
+                              f"(SHA-256 {saved['sha256'][:12] if saved else '-'}), but train.init_from={base['path']} "
+                              f"has SHA-256 {base['sha256'][:12]}: resume on the same base weights")
+
+
+def load(engine, run_dir: str | Path, tag: str, rank: int, universal: bool = False,
+         adapters_only: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG from a checkpoint that `check_compatible`
-    accepted (with `universal`, from the form `make_universal` wrote); returns its train_state."""
+    accepted (with `universal`, from the form `make_universal` wrote); returns its train_state.
+    `adapters_only`: the checkpoint holds the trainable weights only, the frozen ones are already
+    in the engine."""
     ckpt_dir = checkpoint_root(run_dir) / tag
     load_dir = ckpt_dir / UNIVERSAL if universal else checkpoint_root(run_dir)
     # quiet: the universal load warns that there is no tensor parallelism (MPU), which is so.
     with safe_load.only_weights(CheckpointError), deepspeed_env.quiet():
-        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not adapters_only)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     if universal:

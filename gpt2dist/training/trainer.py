@@ -1,6 +1,8 @@
 """The training loop: build everything from the config, then step, log, evaluate, checkpoint."""
 
 import contextlib
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,13 @@ from gpt2dist.training import dist
 from gpt2dist.training import engine as ds_engine
 from gpt2dist.training import run_dir
 from gpt2dist.data.builtin_corpus import source_corpus
-from gpt2dist.config import (ConfigError, DataMode, Precision, Resume, check, data_mode, data_sources, gpt_config,
-                             grad_accum_steps, tokens_per_step)
+from gpt2dist.config import (KEEP_BEST, ConfigError, DataMode, Precision, Resume, Task, check, data_mode,
+                             data_sources, gpt_config, grad_accum_steps, tokens_per_step)
+from gpt2dist.data.loader import open_split
+from gpt2dist.data.sft import is_sft
+from gpt2dist.models import adapters
+from gpt2dist.models.adapters import PeftMethod
+from gpt2dist.training import sft_eval
 from gpt2dist.training.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
@@ -29,7 +36,7 @@ from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.data.shards import CorpusError, check_tokenizer, read_manifest
 from gpt2dist.data.stream import ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
-from gpt2dist.training.validation import mean_loss, validation_sets
+from gpt2dist.training.validation import mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import find_checkpoint, load_into
 
 
@@ -40,8 +47,10 @@ def run_name(run_dir: Path) -> str:
         return run_dir.name
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    # The sweeper saved the command line's overrides, sweeps (a,b,c) unexpanded, in multirun.yaml.
-    given = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+    # The basic sweeper saved the command line's overrides, sweeps (a,b,c) unexpanded, in multirun.yaml
+    # (the Optuna sweeper does not: its jobs are named by number).
+    multirun = sweep_dir / "multirun.yaml"
+    given = OmegaConf.load(multirun).hydra.overrides.task if multirun.is_file() else []
     swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(given)) if o.is_sweep_override()}
     mine = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
     return f"{sweep_dir.name}: {', '.join(mine) or f'job {hydra_cfg.job.num}'}"
@@ -154,8 +163,22 @@ class Trainer:
             return
         self.train_windows = {name: train_windows(path, cfg.data.seq_len, weight)
                               for name, path, weight in self.sources}
+        task = Task(cfg.task.name)
         for name, path, _ in self.sources:
-            check_tokenizer(self.train_windows[name].blocks.manifest, path, cfg.model.vocab_size)
+            manifest = self.train_windows[name].blocks.manifest
+            check_tokenizer(manifest, path, cfg.model.vocab_size)
+            if is_sft(manifest) != (task == Task.sft):
+                kind = "fine-tuning examples (data_tools.sft)" if is_sft(manifest) else "a pretraining corpus"
+                raise CorpusError(f"{path}: holds {kind}, not data for task={task.value}: "
+                                  f"use task={'sft' if is_sft(manifest) else 'pretrain'}")
+        t = cfg.train
+        if t.epochs:
+            samples = sum(len(w) for (_, _, weight), w in zip(self.sources, self.train_windows.values()) if weight > 0)
+            t.max_steps = math.ceil(t.epochs * samples / t.global_batch_size)
+            if cfg.optim.warmup_steps > t.max_steps:
+                raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than the "
+                                  f"{t.max_steps} steps of train.epochs={t.epochs}")
+            self.print(f"train.epochs={t.epochs}: {samples:,} training samples, {t.max_steps} steps")
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
                                    cfg.train.seed)
 
@@ -167,11 +190,21 @@ class Trainer:
         model = GPT(gpt_config(cfg.model))
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
         model.loss_chunk = cfg.train.loss_chunk
-        if cfg.train.init_from and not tag:
-            load_into(model, cfg.train.init_from)  # new optimizer and schedule; a resume takes precedence
+        self.adapted = PeftMethod(cfg.peft.method) != PeftMethod.none
+        # A resume takes its weights from the checkpoint, but adapters' checkpoints hold only the adapters:
+        # their frozen base is loaded again, and must be the one they were trained on.
+        if cfg.train.init_from and (not tag or self.adapted):
+            load_into(model, cfg.train.init_from)  # new optimizer and schedule
             self.print(f"initialised from {cfg.train.init_from}")
         self.n_params = model.num_params()
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
+        self.base = None
+        if self.adapted:
+            self.base = {"path": str(Path(cfg.train.init_from).resolve()), "sha256": adapters.weights_sha256(model)}
+            if tag:
+                checkpoint.check_same_base(self._checkpoint_dir(tag), self.base)
+            adapters.apply(model, cfg.peft)
+            self.print(f"peft {cfg.peft.method.value}: {adapters.trainable_params(model):,} trainable parameters")
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
         self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main, self.universal)
         if cfg.train.compile:
@@ -182,10 +215,13 @@ class Trainer:
         """Resume from checkpoint `tag`, or take init_from's optimizer state; returns the loss guard's state."""
         cfg = self.cfg
         self.step, self.samples = 0, 0  # optimizer steps done; global samples consumed
+        self.best = None  # train.keep_best: {"metric", "value", "tag"} of the best validation so far
+        self.last_val_loss = None
         # With init_from, each source's validation loss before training: forgetting/<name> is measured from it.
         self.start_losses: dict[str, float] = {}
         if tag:
-            state = checkpoint.load(self.engine, self.run_dir, tag, self.env.rank, self.universal)
+            state = checkpoint.load(self.engine, self.run_dir, tag, self.env.rank, self.universal,
+                                    adapters_only=self.adapted)
             self.load_train_state(state)
             self.print(f"resumed from {self.run_dir / checkpoint.CHECKPOINTS / tag} at step {self.step}")
             return state.get("guard")
@@ -217,6 +253,11 @@ class Trainer:
                                              cfg.train.eval_sequences)
         for warning in warnings:
             self.print(f"warning: {warning}")
+        self.dev_prompts = None  # sft: the dev prompts answered at each validation, and their references
+        if cfg.task.name == Task.sft and cfg.task.generate_examples > 0:
+            _, path, _ = self.sources[0]
+            self.dev_prompts = sft_eval.split_prompts(open_split(path, "val", cfg.data.seq_len),
+                                                      cfg.task.generate_examples)
 
     def _start_logging(self) -> None:
         """The first writes of the run, after every check: the marker, config.yaml and the metrics."""
@@ -228,11 +269,13 @@ class Trainer:
     def train_state(self) -> dict:
         """What a checkpoint keeps of the loop itself, beside DeepSpeed's state."""
         return {"step": self.step, "samples": self.samples, "start_losses": self.start_losses,
-                "guard": self.guard.state_dict() if self.guard else None, "data": self.data}
+                "guard": self.guard.state_dict() if self.guard else None, "data": self.data, "base": self.base,
+                "best": self.best}
 
     def load_train_state(self, state: dict) -> None:
         self.step, self.samples = state["step"], state["samples"]
         self.start_losses = state.get("start_losses", {})
+        self.best = state.get("best")
 
     def print(self, *args) -> None:
         if self.is_main:
@@ -250,7 +293,8 @@ class Trainer:
         def corpus(progress: bool) -> Path:
             if source.name in self.stores:
                 return self.stores[source.name].local_corpus()
-            return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress)
+            return source_corpus(source.path, source.builtin, self.cfg.data.cache_dir, progress,
+                                 seq_len=self.cfg.data.seq_len)
 
         if self.is_main:
             corpus(progress=True)
@@ -322,7 +366,22 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """The periodic validation metrics of this step (see _val_metrics); the downstream evaluations
         `evals.*` are run_evals'."""
-        return self._val_metrics(self._val_losses())
+        values = self._val_metrics(self._val_losses())
+        if self.dev_prompts and self.dev_prompts[0]:
+            scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
+            values.update({f"val_{k}": v for k, v in scores.items()})
+        return values
+
+    def _improved(self, values: dict[str, float]) -> bool:
+        """Whether this validation is the best so far by train.keep_best (then it becomes self.best)."""
+        metric = self.cfg.train.keep_best
+        if metric is None or metric not in values:
+            return False
+        value, higher = values[metric], KEEP_BEST[metric]
+        if self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"]):
+            return False
+        self.best = {"metric": metric, "value": value, "tag": checkpoint.tag_of(self.step)}
+        return True
 
     def tokens_per_source(self) -> dict[str, int]:
         """With several sources, tokens/<name>: training tokens drawn from each so far."""
@@ -332,8 +391,9 @@ class Trainer:
         return {f"tokens/{name}": n * self.cfg.data.seq_len for (name, *_), n in zip(self.sources, drawn)}
 
     def save(self) -> None:
-        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.train_state(),
-                              self.env.rank, self.env.world_size, self.cfg.train.keep_last)
+        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.train_state(), self.env.rank,
+                              self.env.world_size, self.cfg.train.keep_last,
+                              keep=self.best["tag"] if self.best else None)
         self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
 
     def train(self) -> int:
@@ -379,8 +439,11 @@ class Trainer:
                     "skipped_steps": self.guard.skipped if self.guard and self.guard.skipped else None,
                     "fp16_overflows": self.engine.skipped_steps if self.engine.fp16_enabled() else None,
                 }
+            improved = False
             if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                 values.update(self.validate())
+                self.last_val_loss = values.get("val_loss")
+                improved = self._improved(values)
             evals = self.cfg.evals
             if evals.interval and (self.step % evals.interval == 0 or last):
                 values.update(run_evals(self.engine, evals, seq_len=self.cfg.data.seq_len,
@@ -389,7 +452,7 @@ class Trainer:
                 self.metrics.log(self.step, values)
             # Never checkpoint in the middle of a run of bad steps: the weights may be what went bad.
             in_trouble = self.guard is not None and self.guard.skips_in_a_row > 0
-            saved = ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last) and not in_trouble
+            saved = ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last or improved) and not in_trouble
             if saved:
                 self.save()
             if self.preemption.stopping:
@@ -401,8 +464,41 @@ class Trainer:
                 return EXIT_REQUEUE
             if values:
                 t0, steps_since_log = time.perf_counter(), 0
+        if self.cfg.task.name == Task.sft and self.cfg.task.test:
+            self.test()
         self.sample()
         return 0
+
+    def objective(self) -> float | None:
+        """What a hyperparameter search minimises: train.keep_best's best value (negated where higher is
+        better), or else the last val_loss; None without validation."""
+        if self.best:
+            return -self.best["value"] if KEEP_BEST[self.best["metric"]] else self.best["value"]
+        return self.last_val_loss
+
+    def test(self) -> None:
+        """Score the test split (loss, BLEU, chrF) with the best checkpoint's weights (train.keep_best) or
+        the last ones; logged as test_* and written to <run_dir>/test.json."""
+        cfg = self.cfg
+        _, path, _ = self.sources[0]
+        examples = open_split(path, "test", cfg.data.seq_len)
+        if len(examples) == 0:
+            self.print(f"warning: {path}: the test split is empty: no test evaluation")
+            return
+        if self.best and self.best["tag"] != checkpoint.tag_of(self.step):
+            checkpoint.load(self.engine, self.run_dir, self.best["tag"], self.env.rank, adapters_only=self.adapted)
+        self.engine.eval()
+        loss, tokens = mean_loss(self.engine, rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank,
+                                                           self.env.world_size), self.env.world_size)
+        scores = sft_eval.generation_scores(self.engine, *sft_eval.split_prompts(examples, len(examples)),
+                                            cfg.task.max_new_tokens)
+        result = {"checkpoint": self.best["tag"] if self.best else checkpoint.tag_of(self.step),
+                  "examples": len(examples), "test_loss": loss, "response_tokens": tokens,
+                  **{f"test_{k}": v for k, v in scores.items()}}
+        if self.is_main:
+            (self.run_dir / "test.json").write_text(json.dumps(result, indent=1) + "\n")
+            self.metrics.log(self.step, {k: v for k, v in result.items() if k.startswith("test_")})
+        self.print(f"test: {json.dumps(result)}")
 
     def sample(self) -> None:
         """Print a short continuation of train.sample_prompt (every rank generates: ZeRO-3 needs them all)."""
@@ -425,10 +521,11 @@ class Trainer:
         dist.close()
 
 
-def run(cfg) -> int:
-    """Train one run of `cfg`; returns the exit status (see Trainer.train)."""
+def run(cfg) -> tuple[int, float | None]:
+    """Train one run of `cfg`; returns the exit status (see Trainer.train) and the run's objective
+    (see Trainer.objective), which train.py returns to a sweeper (`-m hydra/sweeper=optuna`)."""
     trainer = Trainer(cfg)
     try:
-        return trainer.train()
+        return trainer.train(), trainer.objective()
     finally:
         trainer.close()

@@ -14,22 +14,21 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from gpt2dist.data.loader import Windows
+from gpt2dist.data.loader import Windows, open_split
+from gpt2dist.data.sft import IGNORE
 from gpt2dist.data.shards import CorpusError, TokenBlocks
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (batch, seq_len) int64
 
 
 def rank_batches(windows: Windows, n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """This rank's share of windows [0, n): batches of `batch_size` windows in order (the last may be
-    smaller), batch c going to rank c % world_size."""
+    """This rank's share of windows (or fine-tuning examples) [0, n): batches of `batch_size` in order
+    (the last may be smaller), batch c going to rank c % world_size."""
     for c in range(rank, math.ceil(n / batch_size), world_size):
-        ids = range(c * batch_size, min((c + 1) * batch_size, n))
-        tokens = torch.from_numpy(np.stack([windows.tokens(i) for i in ids]).astype(np.int64))  # (B, T + 1)
-        yield tokens[:, :-1], tokens[:, 1:]
+        inputs, targets = zip(*(windows[i] for i in range(c * batch_size, min((c + 1) * batch_size, n))))
+        yield torch.stack(inputs), torch.stack(targets)  # (B, T) each
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -39,7 +38,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, batches: Iterable[Batch], world_size: int = 1) -> tuple[float, int]:
-    """Mean next-token loss over every rank's `batches`, and the number of tokens scored.
+    """Mean next-token loss over every rank's `batches`, and the number of tokens scored (targets
+    IGNORE, the prompts and padding of fine-tuning examples, are not scored).
 
     `batches` is this rank's share of `world_size` ranks (`rank_batches`); with more than one
     rank, every rank must call this (the sums are all-reduced). `model` is a GPT or a DeepSpeed
@@ -47,12 +47,12 @@ def mean_loss(model: torch.nn.Module, batches: Iterable[Batch], world_size: int 
     """
     device = model_device(model)
     # Summed on the device: one host sync at the end, not one per batch.
-    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens scored
     for x, y in batches:
-        _, loss = model(x.to(device), y.to(device))
-        loss_sum += loss.double() * y.numel()
-        tokens += y.numel()
-    sums = torch.stack([loss_sum, loss_sum.new_tensor(tokens)])
+        x, y = x.to(device), y.to(device)
+        _, loss = model(x, y)
+        scored = (y != IGNORE).sum()
+        sums += torch.stack([loss.double() * scored, scored.double()])
     if world_size > 1:
         torch.distributed.all_reduce(sums)
     loss_sum, tokens = sums.tolist()
@@ -64,11 +64,13 @@ def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", 
                 world_size: int = 1) -> dict[str, float]:
     """Mean next-token loss and perplexity over the first `max_sequences` windows (all by default)
     of one split, this rank scoring its share (see `mean_loss`). `seq_len` defaults to the
-    model's context, capped by the corpus block size.
+    model's context, capped by the corpus block size; of fine-tuning examples, to theirs (the
+    loss is then the response-token loss).
     """
     gpt = getattr(model, "module", model)
     blocks = TokenBlocks(corpus, split)
-    windows = Windows(blocks, seq_len or min(gpt.config.block_size, blocks.block_tokens))
+    default = blocks.manifest.get("seq_len") or min(gpt.config.block_size, blocks.block_tokens)
+    windows = open_split(corpus, split, seq_len or default)
     n = len(windows) if max_sequences is None else min(max_sequences, len(windows))
     if n == 0:
         raise CorpusError(f"{blocks.dir}: the {split} split has no window of {windows.seq_len} tokens")
@@ -98,7 +100,7 @@ def validation_sets(corpora: Mapping[str, Path], seq_len: int, micro_batch: int,
     """
     sets, warnings = {}, []
     for name, path in corpora.items():
-        windows = Windows(TokenBlocks(path, "val"), seq_len)
+        windows = open_split(path, "val", seq_len)
         if len(windows) == 0:
             warnings.append(f"{path}: the val split has no window of {seq_len} tokens: validation of "
                             f"{name} is off (prepare it with --val-fraction > 0 for a val_loss)")

@@ -1,0 +1,114 @@
+"""Prepare supervised fine-tuning examples for `python train.py task=sft data.path=...`.
+
+    python -m data_tools.sft --output data/qa --seq-len 256 examples.jsonl           # split by hash
+    python -m data_tools.sft --output data/qa --seq-len 256 --train train.jsonl --dev dev.jsonl --test test.jsonl
+
+Input: JSON Lines (optionally `.gz` or `.zst`), one example a line: `{"prompt": ..., "response": ...}`
+(field names: --prompt-field, --response-field). Either given split by split (--train, --dev,
+--test), or as files split by a stable hash of each example (--dev-fraction, --test-fraction):
+the same example always lands in the same split. The dev set is the corpus's `val` split, the one
+training validates on. See `gpt2dist.data.sft` for the format (one example per sequence, the loss
+on the response only).
+
+A bad row (malformed JSON, a missing or non-string field, an empty response, a prompt too long for
+--seq-len) stops the preparation with one line naming the file and line, and nothing is written;
+--skip-bad skips such rows instead, and counts them in the manifest.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _decode, _open
+from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft, split_by_hash
+
+
+class Rows:
+    """The examples of JSON Lines files; bad rows raise InputError (file:line: why) or, with
+    `skip_bad`, are skipped and counted."""
+
+    def __init__(self, prompt_field: str, response_field: str, seq_len: int, skip_bad: bool):
+        self.fields, self.seq_len, self.skip_bad = (prompt_field, response_field), seq_len, skip_bad
+        self.skipped = 0
+
+    def _bad(self, message: str) -> None:
+        if not self.skip_bad:
+            raise InputError(message)
+        self.skipped += 1
+        if self.skipped <= SKIPS_SHOWN:
+            print(f"skipped {message}", file=sys.stderr)
+
+    def read(self, path: Path) -> list[Example]:
+        examples = []
+        try:
+            with _open(path) as f:
+                for n, raw in enumerate(f, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        examples.append(self._example(raw, f"{path}:{n}"))
+                    except (InputError, ExampleError) as e:
+                        self._bad(f"{path}:{n}: {e}" if isinstance(e, ExampleError) else str(e))
+        except READ_ERRORS as e:
+            raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        return examples
+
+    def _example(self, raw: bytes, where: str) -> Example:
+        line = _decode(raw, where)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+        for field in self.fields:
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise InputError(f"{where}: no string field {field!r}")
+        example = Example(record[self.fields[0]], record[self.fields[1]])
+        encode(example, self.seq_len)  # refuses an empty response or a prompt too long
+        return example
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.sft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="JSON Lines files to split by hash")
+    p.add_argument("--train", nargs="+", default=[], help="files of the train split (instead of a hash split)")
+    p.add_argument("--dev", nargs="+", default=[], help="files of the dev split (the corpus's val split)")
+    p.add_argument("--test", nargs="+", default=[], help="files of the test split")
+    p.add_argument("--output", required=True, help="directory to create")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per example: data.seq_len of the training run")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--response-field", default="response")
+    p.add_argument("--dev-fraction", type=float, default=0.1, help="hash split: share for dev (default: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="hash split: share for test (default: 0.1)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted in the manifest) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus at --output (nothing else)")
+    args = p.parse_args(argv)
+    if bool(args.inputs) == bool(args.train):
+        p.error("give either input files to split by hash, or --train (with --dev and --test)")
+    rows = Rows(args.prompt_field, args.response_field, args.seq_len, args.skip_bad)
+    try:
+        if args.train:
+            splits = {split: [e for f in files for e in rows.read(Path(f))]
+                      for split, files in (("train", args.train), ("val", args.dev), ("test", args.test))}
+            split_by, source = "files", " ".join(args.train + args.dev + args.test)
+        else:
+            splits = split_by_hash((e for f in args.inputs for e in rows.read(Path(f))), args.dev_fraction,
+                                   args.test_fraction)
+            split_by = f"hash (dev {args.dev_fraction}, test {args.test_fraction})"
+            source = " ".join(args.inputs)
+        manifest = prepare_sft(splits, args.output, args.seq_len, source, args.overwrite, rows.skipped, split_by)
+    except (InputError, ExampleError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = manifest["examples"]
+    print(f"examples: {counts['train']:,} train, {counts['val']:,} dev, {counts['test']:,} test; "
+          f"{manifest['truncated_responses']:,} responses cut at {args.seq_len} tokens")
+    if rows.skipped:
+        print(f"skipped {rows.skipped:,} bad rows (--skip-bad)")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
