@@ -6,19 +6,26 @@ and GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json).
     #            transformers.AutoTokenizer.from_pretrained("exported/gpt2")
 
 The source is a run directory (its newest checkpoint) or one checkpoint directory, of any ZeRO
-stage. Weights are consolidated and written one tensor at a time.
+stage, or a pruned or cast directory of `gpt2dist.compress` (not a quantized one). Weights are
+consolidated and written one tensor at a time.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from gpt2dist.models.hf import save_hf_dir
+from gpt2dist.models import compressed
+from gpt2dist.models.hf import HFError, save_hf_dir
 from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`) to out_dir."""
+    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`), or the
+    compressed directory it is, to out_dir."""
+    if compressed.is_compressed(source):
+        config, tensors = compressed.plain_tensors(source)
+        state = dict(tensors)
+        return save_hf_dir(config, {k: v.shape for k, v in state.items()}, state.__getitem__, out_dir)
     ckpt_dir = find_checkpoint(source)
     if ckpt_dir is None:
         raise WeightsError(f"{source}: not a gpt2dist run or checkpoint directory (no checkpoints/latest, "
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.source, args.output)
-    except (OSError, WeightsError) as e:
+    except (OSError, WeightsError, HFError, compressed.CompressedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
