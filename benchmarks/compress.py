@@ -1,6 +1,6 @@
 """Compression measured side by side, on CPU (results in BENCHMARKS.md):
 
-1. pretrain a small model on the built-in `stdlib` corpus (train.py);
+1. pretrain a small model on the built-in `stdlib` corpus (train.py's Trainer, in this process);
 2. quantize it with every method, and prune it (global magnitude at several sparsities; MLP neurons at
    several fractions), each pruned model also after a short recovery run (train.py train.init_from);
 3. measure held-out perplexity (the corpus's validation split), size on disk, peak memory of loading
@@ -16,6 +16,7 @@ gives each one's median and its spread (min-max) over the rounds, and ratios to 
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import shutil
@@ -26,13 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import machine  # noqa: E402
 from gpt2dist.compress import main as compress_main  # noqa: E402
-from gpt2dist.config import load_model_preset  # noqa: E402
+from gpt2dist.config import CONF_DIR, load_model_preset, register  # noqa: E402
 from gpt2dist.export import export_checkpoint  # noqa: E402
 from gpt2dist.data.builtin_corpus import Builtin, builtin_corpus  # noqa: E402
 from gpt2dist.generate import generate  # noqa: E402
@@ -40,7 +42,10 @@ from gpt2dist.models.gpt import GPT  # noqa: E402
 from gpt2dist.models.hf import export_hf  # noqa: E402
 from gpt2dist.models.quantize import METHODS, linear_weight_bytes  # noqa: E402
 from gpt2dist.models.weights import load_model  # noqa: E402
+from gpt2dist.training.trainer import run  # noqa: E402
 from gpt2dist.training.validation import corpus_loss  # noqa: E402
+
+register()
 
 SEQ_LEN = 128
 SHAPE = [
@@ -52,12 +57,12 @@ SHAPE = [
 
 
 def train(run_dir: Path, steps: int, *overrides: str) -> None:
+    """What `python train.py SHAPE ... overrides` does, in this process: one start-up for all the runs."""
     args = [*SHAPE, f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}",
             f"train.eval_interval={steps}", "train.resume=never", *overrides]
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{run_dir.name} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"), contextlib.redirect_stdout(sys.stderr):
+        run(compose("config", overrides=args))
     print(f"{run_dir.name}: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -235,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="where report.md, report.json and report.png go")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "compress", help="models and runs (emptied first)")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--recovery-steps", type=int, default=60)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--recovery-steps", type=int, default=40)
     p.add_argument("--sequences", type=int, default=64, help="validation windows for perplexity")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--fraction", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # the child process of peak_memory_mib

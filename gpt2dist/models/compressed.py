@@ -13,7 +13,6 @@ only from its allow-list of tensor classes.
 import dataclasses
 import hashlib
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,10 +40,8 @@ def is_compressed(path: str | Path) -> bool:
 
 
 def torchao():
-    """torchao's safetensors support, imported on first use: the import takes seconds, and its notes
-    about kernels this machine lacks (CUDA, fp8) are not our output."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """torchao's safetensors support, imported on first use: the import takes seconds (gpt2dist/__init__.py
+    quiets its notes)."""
     from torchao.prototype.safetensors import safetensors_support
 
     return safetensors_support

@@ -16,7 +16,7 @@ weights beyond the smallest models.
 
 import torch
 
-from gpt2dist.models.compressed import CAST, QUANTIZED, torchao
+from gpt2dist.models.compressed import CAST, QUANTIZED
 from gpt2dist.models.gpt import GPT
 
 METHODS = (*QUANTIZED, *CAST)
@@ -48,7 +48,6 @@ def quantize(model: GPT, method: str) -> GPT:
             if _block_linear(module, name) and module.in_features % INT4_GROUP:
                 raise ValueError(f"{name}: {module.in_features} inputs are not a multiple of the int4 group "
                                  f"size {INT4_GROUP}")
-    torchao()  # quiets torchao's import
     from torchao.quantization import quantize_
 
     quantize_(model, _torchao_config(method), filter_fn=_block_linear)
