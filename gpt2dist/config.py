@@ -95,6 +95,9 @@ class ModelConfig:
     vocab_size: int = 50257  # the tokenizer's
     pad_vocab_multiple: int = 64  # embedding rows rounded up to a multiple of this, for fast GPU matmuls; 1: none
     dropout: float = 0.0
+    # Hidden width of each distinct block's MLP (structured pruning narrows them); null: 4 * n_embd everywhere
+    mlp_hidden: Optional[List[int]] = None
+    share_layers: int = 1  # consecutive layers that share one block's weights (ALBERT); 1: no sharing
 
 
 @dataclass
@@ -274,6 +277,9 @@ def gpt_config(model: ModelConfig) -> GPTConfig:
         # Configs saved before padding existed lack the key; their models were unpadded.
         pad_vocab_multiple=model.get("pad_vocab_multiple", 1),
         dropout=model.dropout,
+        # Configs saved before these keys existed had neither.
+        mlp_hidden=None if model.get("mlp_hidden") is None else tuple(model.mlp_hidden),
+        share_layers=model.get("share_layers", 1),
     )
 
 
@@ -383,6 +389,11 @@ def check(cfg, world_size: int) -> None:
 
     need(m.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple={m.pad_vocab_multiple} must be >= 1")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    need(m.share_layers >= 1 and m.n_layer % m.share_layers == 0,
+         f"model.share_layers={m.share_layers} must divide model.n_layer={m.n_layer}")
+    blocks = m.n_layer // max(m.share_layers, 1)
+    need(m.mlp_hidden is None or (len(m.mlp_hidden) == blocks and min(m.mlp_hidden) > 0),
+         f"model.mlp_hidden needs {blocks} positive widths, one per distinct block")
     need(0 < d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} must be in 1..model.block_size={m.block_size}")
     names = [s.name for s in d.sources]
     need(len(set(names)) == len(names) and all(names), f"data.sources: names must be unique and non-empty: {names}")

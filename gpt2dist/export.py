@@ -6,7 +6,8 @@ and GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json).
     #            transformers.AutoTokenizer.from_pretrained("exported/gpt2")
 
 The source is a run directory (its newest checkpoint) or one checkpoint directory, of any ZeRO
-stage. Weights are consolidated and written one tensor at a time.
+stage, or a pruned or cast directory of `gpt2dist.compress` (not a quantized one). Weights are
+consolidated and written one tensor at a time.
 
 A run that trained adapters (peft=lora, peft=ia3) is exported merged into its base, a plain GPT-2
 directory as above; with --adapter, as the adapter alone in PEFT's format instead:
@@ -21,14 +22,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gpt2dist.models import adapters
-from gpt2dist.models.hf import export_hf, save_hf_dir
+from gpt2dist.models import adapters, compressed
+from gpt2dist.models.hf import HFError, export_hf, save_hf_dir
 from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint, is_adapted, load_adapted
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = False) -> Path:
-    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`) to out_dir;
-    with `adapter`, a peft run's adapter in PEFT's format."""
+    """Write the checkpoint that `source` names (see `gpt2dist.models.weights.find_checkpoint`), or the
+    compressed directory it is, to out_dir; with `adapter`, a peft run's adapter in PEFT's format."""
+    if compressed.is_compressed(source):
+        config, tensors = compressed.plain_tensors(source)
+        state = dict(tensors)
+        return save_hf_dir(config, {k: v.shape for k, v in state.items()}, state.__getitem__, out_dir)
     ckpt_dir = find_checkpoint(source)
     if ckpt_dir is None:
         raise WeightsError(f"{source}: not a gpt2dist run or checkpoint directory (no checkpoints/latest, "
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.source, args.output, args.adapter)
-    except (OSError, WeightsError) as e:
+    except (OSError, WeightsError, HFError, compressed.CompressedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -175,6 +175,7 @@ def test_raw_text_is_scored_whole(memorised, tmp_path, capsys):
     assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert evaluate_main([str(model_dir), "--text", str(tmp_path / "text" / "b"), "--seq-len", "64"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
+        f"loaded {model_dir}: {memorised.num_params():,} parameters, 2 layers",
         f"error: {tmp_path / 'text' / 'b'}: the val split's {len(enc.encode_ordinary(texts['b'])) + 1} "
         "tokens are not enough for one block of 65 tokens"]
 

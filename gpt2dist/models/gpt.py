@@ -34,10 +34,29 @@ class GPTConfig:
     # The embedding and LM head get vocab_size rounded up to a multiple of this (50257 -> 50304 at 64):
     # GPU matrix multiplies run at full speed only on such shapes. The extra rows are zero and unused.
     pad_vocab_multiple: int = 64
+    # Hidden width of each distinct block's MLP; None: 4 * n_embd everywhere. Structured pruning narrows them.
+    mlp_hidden: tuple[int, ...] | None = None
+    # Consecutive layers that run one block's weights (ALBERT's cross-layer sharing); 1: every layer its own.
+    share_layers: int = 1
+
+    def __post_init__(self):
+        assert self.n_layer % self.share_layers == 0, "share_layers must divide n_layer"
+        if self.mlp_hidden is not None:
+            self.mlp_hidden = tuple(self.mlp_hidden)
+            assert len(self.mlp_hidden) == self.n_blocks, "mlp_hidden needs one width per distinct block"
 
     def shape(self) -> dict:
         """What decides whether weights fit this network (the vocabulary's padding aside)."""
-        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+                                              "mlp_hidden", "share_layers")}
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks with weights of their own: n_layer layers run them share_layers times each, in order."""
+        return self.n_layer // self.share_layers
+
+    def mlp_width(self, block: int) -> int:
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden[block]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -88,10 +107,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden)
+        self.c_proj = nn.Linear(hidden, config.n_embd)
         self.c_proj.residual = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -103,12 +122,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, mlp_hidden: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, mlp_hidden)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv)
@@ -145,7 +164,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, config.mlp_width(b)) for b in range(config.n_blocks)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
@@ -190,7 +209,8 @@ class GPT(nn.Module):
         assert start + T <= limit, f"{start} cached + {T} new tokens > {limit} positions"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
+        for i in range(self.config.n_layer):
+            block = self.transformer.h[i // self.config.share_layers]
             if cache is not None:
                 x = block(x, (cache.keys[i], cache.values[i], start))
             elif self.gradient_checkpointing and self.training:

@@ -4,7 +4,9 @@ model directories (config.json + model.safetensors, and on the way out the token
 Names are the same on both sides; Hugging Face keeps the four linear layers of each block as
 `Conv1D`, whose weights are stored (in, out), so those are transposed. Attention masks
 (`attn.bias`, `attn.masked_bias`) that old Hugging Face checkpoints carry are buffers, not
-weights, and are skipped.
+weights, and are skipped. A model with narrower MLPs (structured pruning) maps to `n_inner` when
+every block has the same width; a model whose layers share blocks (`share_layers`) is written with
+each shared block repeated, as a plain GPT-2 of n_layer layers.
 
 Directories are read and written without transformers: config.json is plain JSON, and weights
 are read from safetensors, or from `pytorch_model.bin` through `gpt2dist.safe_load`, so a
@@ -35,7 +37,9 @@ class HFError(RuntimeError):
 
 def config_from_hf(hf_config) -> GPTConfig:
     """A GPTConfig with the shape of a `transformers.GPT2Config` (or its config.json as a namespace)."""
+    n_inner = getattr(hf_config, "n_inner", None)
     return GPTConfig(
+        mlp_hidden=None if n_inner in (None, 4 * hf_config.n_embd) else (n_inner,) * hf_config.n_layer,
         n_layer=hf_config.n_layer,
         n_head=hf_config.n_head,
         n_embd=hf_config.n_embd,
@@ -48,7 +52,12 @@ def config_from_hf(hf_config) -> GPTConfig:
 
 def hf_config_dict(config: GPTConfig) -> dict:
     """config.json of a `GPT2LMHeadModel` with our shape (dropout off: exported models are for use)."""
+    widths = {config.mlp_width(b) for b in range(config.n_blocks)}
+    if len(widths) > 1:
+        raise HFError(f"MLP widths {config.mlp_hidden} differ between blocks; Hugging Face's GPT-2 has one n_inner")
+    (width,) = widths
     return {
+        "n_inner": None if width == 4 * config.n_embd else width,
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "n_layer": config.n_layer,
@@ -78,7 +87,6 @@ def read_hf_config(hf_dir: Path) -> GPTConfig:
     differences = {
         "model_type": (raw.get("model_type"), "gpt2"),
         "activation_function": (raw.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (raw.get("n_inner"), (None, 4 * raw.get("n_embd", 0))),
         "scale_attn_weights": (raw.get("scale_attn_weights", True), True),
         "scale_attn_by_inverse_layer_idx": (raw.get("scale_attn_by_inverse_layer_idx", False), False),
         "tie_word_embeddings": (raw.get("tie_word_embeddings", True), True),
@@ -173,14 +181,28 @@ def save_hf_dir(config: GPTConfig, shapes: dict[str, torch.Size], tensor: Callab
     and GPT-2's tokenizer files, so that AutoTokenizer loads from the same directory.
     """
     out_dir = Path(out_dir)
+    hf_config = hf_config_dict(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_shapes = {name: torch.Size(to_hf_tensor(name, torch.empty(s, device="meta"), config).shape)
-                 for name, s in shapes.items() if name != "lm_head.weight"}
-    write_safetensors(out_dir / "model.safetensors", hf_shapes, lambda name: to_hf_tensor(name, tensor(name), config))
-    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    ours = dict(_hf_layer_names(config, [name for name in shapes if name != "lm_head.weight"]))  # HF name -> ours
+    hf_shapes = {hf: torch.Size(to_hf_tensor(name, torch.empty(shapes[name], device="meta"), config).shape)
+                 for hf, name in ours.items()}
+    write_safetensors(out_dir / "model.safetensors", hf_shapes,
+                      lambda hf: to_hf_tensor(ours[hf], tensor(ours[hf]), config))
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for name, text in hf_tokenizer_files(config.block_size).items():
         (out_dir / name).write_text(text, encoding="utf-8")
     return out_dir
+
+
+def _hf_layer_names(config: GPTConfig, names: list[str]) -> Iterator[tuple[str, str]]:
+    """(Hugging Face name, our name) pairs: block b's weights serve layers b * share_layers ... (b + 1) * share_layers - 1."""
+    for name in names:
+        if not name.startswith("transformer.h."):
+            yield name, name
+            continue
+        block, rest = name.removeprefix("transformer.h.").split(".", 1)
+        for layer in range(int(block) * config.share_layers, (int(block) + 1) * config.share_layers):
+            yield f"transformer.h.{layer}.{rest}", name
 
 
 def export_hf(model: GPT, out_dir: str | Path) -> Path:

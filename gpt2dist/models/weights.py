@@ -3,7 +3,8 @@
 A model path is one of
 - a run directory (`<run_dir>/checkpoints/latest` names its newest checkpoint),
 - a checkpoint directory (`<run_dir>/checkpoints/step_XXXXXXXX/`, any ZeRO stage, any number of ranks),
-- a Hugging Face GPT-2 directory (config.json with model.safetensors or pytorch_model.bin).
+- a Hugging Face GPT-2 directory (config.json with model.safetensors or pytorch_model.bin),
+- a compressed directory (compress.json; quantized, cast or pruned by `gpt2dist.compress`).
 
 ZeRO-1/2/3 checkpoints hold the fp32 master weights sharded across the ranks' optimizer
 files; DeepSpeed's `zero_to_fp32` consolidates them on the CPU without a process group. Stage 0
@@ -24,6 +25,7 @@ from gpt2dist.training import deepspeed_env
 from gpt2dist import safe_load
 from gpt2dist.training.checkpoint import CHECKPOINTS, complete_tags
 from gpt2dist.config import gpt_config
+from gpt2dist.models import compressed
 from gpt2dist.models.hf import HFError, hf_tensors, read_hf_config
 from gpt2dist.models.gpt import GPT, GPTConfig, pad_vocab
 from gpt2dist.training.optim import param_groups
@@ -182,6 +184,10 @@ def open_weights(path: str | Path) -> tuple[GPTConfig, Iterator[tuple[str, torch
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
+    if compressed.is_compressed(path):
+        with _as_weights_error(compressed.CompressedError):
+            config, tensors = compressed.plain_tensors(path)
+        return config, tensors, path
     if (path / "config.json").is_file():
         try:
             return read_hf_config(path), _hf_checked(path), path
@@ -202,14 +208,38 @@ def _hf_checked(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise WeightsError(str(e)) from None
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """A GPT in eval mode, from a run, checkpoint or Hugging Face directory (see the module docstring);
-    of a run that trained adapters, its base with the adapters (`load_adapted`)."""
+@contextlib.contextmanager
+def _as_weights_error(error_cls: type[Exception]):
+    try:
+        yield
+    except error_cls as e:
+        raise WeightsError(str(e)) from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", quiet: bool = False) -> GPT:
+    """A GPT in eval mode, from a run, checkpoint, Hugging Face or compressed directory (see the module
+    docstring); of a run that trained adapters, its base with the adapters (`load_adapted`). Prints (to
+    stderr, unless quiet) what it loaded: the commands' outputs say which model spoke."""
     ckpt_dir = find_checkpoint(path) if not (Path(path) / "config.json").is_file() else None
-    if ckpt_dir is not None and is_adapted(ckpt_dir):
-        return load_adapted(ckpt_dir, device)
-    config, tensors, source = open_weights(path)
-    return fill(empty_model(config, device), tensors, source).eval()
+    if compressed.is_compressed(path):
+        with _as_weights_error(compressed.CompressedError):
+            model = compressed.load(path, device)
+    elif ckpt_dir is not None and is_adapted(ckpt_dir):
+        model = load_adapted(ckpt_dir, device)
+    else:
+        config, tensors, source = open_weights(path)
+        model = fill(empty_model(config, device), tensors, source).eval()
+    if not quiet:
+        print(f"loaded {describe(path, model)}", file=sys.stderr)
+    return model
+
+
+def describe(path: str | Path, model: GPT) -> str:
+    """One line naming a loaded model: its path, size, and how it was compressed if it was."""
+    what = f"{path}: {model.num_params():,} parameters, {model.config.n_layer} layers"
+    if compressed.is_compressed(path):
+        what += f", compressed: {compressed.read_manifest(path)['method']}"
+    return what
 
 
 def load_into(model: GPT, path: str | Path) -> GPT:

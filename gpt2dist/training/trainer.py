@@ -32,6 +32,7 @@ from gpt2dist.training.guard import LossGuard, TrainingDiverged
 from gpt2dist.data.loader import DevicePrefetch, SampleStream, train_loader, train_windows
 from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.models.gpt import GPT
+from gpt2dist.models.prune import fixed_masks, keep_masks
 from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.data.shards import CorpusError, check_tokenizer, read_manifest
 from gpt2dist.data.stream import ShardStore, ShardUnavailable, error_line, stream_loader
@@ -196,6 +197,9 @@ class Trainer:
         if cfg.train.init_from and (not tag or self.adapted):
             load_into(model, cfg.train.init_from)  # new optimizer and schedule
             self.print(f"initialised from {cfg.train.init_from}")
+        if cfg.train.init_from and (masks := fixed_masks(cfg.train.init_from)):
+            keep_masks(model, masks)  # also on resume: the zeros of the pruned model stay zero to the end
+            self.print(f"keeping the {len(masks)} pruning masks of {cfg.train.init_from} fixed")
         self.n_params = model.num_params()
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         self.base = None

@@ -1,0 +1,164 @@
+"""Make a model smaller: quantize it, or prune it, into a directory every command loads.
+
+    python -m gpt2dist.compress quantize runs/gpt2 out/gpt2-int8 --method int8-weight
+    python -m gpt2dist.compress prune runs/gpt2 out/gpt2-sparse50 --sparsity 0.5
+    python -m gpt2dist.compress prune-mlp runs/gpt2 out/gpt2-mlp75 --fraction 0.25 --corpus data/owt
+
+MODEL is anything `gpt2dist.models.weights.load_model` reads (run, checkpoint, Hugging Face or
+compressed directory). Methods: int8-weight, int4-weight, int8-dynamic (torchao), bf16, fp16
+(see `gpt2dist.models.quantize`). `prune` zeroes the smallest weights (global magnitude) and
+`prune-mlp` removes the least important MLP neurons, measured on --corpus (see
+`gpt2dist.models.prune`). The output (see `gpt2dist.models.compressed`) records the method and
+the source's SHA-256. It is written beside OUT and renamed into place when complete; an existing
+OUT is replaced only with --overwrite, and only if this command wrote it.
+"""
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt2dist.data.shards import CorpusError, TokenBlocks
+from gpt2dist.data.loader import Windows
+from gpt2dist.models import compressed, prune
+from gpt2dist.models.quantize import METHODS, quantize
+from gpt2dist.models.weights import WeightsError, find_checkpoint, load_model
+from gpt2dist.training.validation import rank_batches
+
+
+class CompressError(ValueError):
+    """An argument or input compress cannot use (names it)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def source_model(path: str) -> torch.nn.Module:
+    """The fp32 model to compress; a model that is already quantized or cast is refused."""
+    if compressed.is_compressed(path):
+        method = compressed.read_manifest(path)["method"]
+        if method in METHODS:
+            raise CompressError(f"{path}: already quantized ({method}); compress the model it came from "
+                                f"({compressed.read_manifest(path)['source']})")
+    return load_model(path, "cpu")
+
+
+def weights_source(path: str) -> Path:
+    """The file or directory whose bytes are the model's weights (a run directory's newest checkpoint)."""
+    return find_checkpoint(path) or Path(path)
+
+
+def check_output(out: Path, source: str, overwrite: bool) -> None:
+    if out.resolve() == Path(source).resolve():
+        raise CompressError(f"{out}: is the model being compressed; choose another output directory")
+    if out.exists() and not overwrite:
+        raise CompressError(f"{out}: exists; pass --overwrite to replace it")
+    if out.exists() and not compressed.is_compressed(out):
+        raise CompressError(f"{out}: exists and was not written by gpt2dist.compress (no {compressed.MANIFEST}); "
+                            "refusing to replace it")
+
+
+def write(model: torch.nn.Module, out: Path, manifest: dict) -> None:
+    """Write into a new directory beside `out`, then swap it in: a failure leaves `out` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():  # left by an earlier compress of the same pid that died
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        compressed.save(model, tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def importance_batches(corpus: str, split: str, sequences: int, seq_len: int):
+    """Token batches (B, T) of the first `sequences` windows of a corpus split, for neuron importance."""
+    windows = Windows(TokenBlocks(corpus, split), seq_len)
+    if len(windows) < sequences:
+        raise CompressError(f"{corpus}: the {split} split has {len(windows)} windows of {seq_len} tokens, fewer "
+                            f"than --sequences {sequences}")
+    return (x for x, _ in rank_batches(windows, sequences, 8))
+
+
+def check_args(args) -> None:
+    """Refuse out-of-range values before any work."""
+    if args.command == "prune" and not 0 <= args.sparsity < 1:
+        raise CompressError(f"--sparsity {args.sparsity}: must be in [0, 1)")
+    if args.command == "prune-mlp" and not 0 <= args.fraction < 1:
+        raise CompressError(f"--fraction {args.fraction}: must be in [0, 1)")
+    check_output(Path(args.output), args.model, args.overwrite)
+
+
+def run(args) -> str:
+    """Do what the arguments say; returns the line to print."""
+    check_args(args)
+    out = Path(args.output)
+    model = source_model(args.model)
+    manifest = {"method": args.command, "source": str(args.model),
+                "source_sha256": compressed.source_sha256(weights_source(args.model)),
+                "command": "python -m gpt2dist.compress " + shlex.join(args.argv)}
+    if args.command == "quantize":
+        manifest["method"] = args.method
+        quantize(model, args.method)
+    elif args.command == "prune":
+        manifest["pruned"] = prune.magnitude_prune(model, args.sparsity)
+        manifest["sparsity"] = prune.sparsity(model, manifest["pruned"])
+    else:
+        if args.seq_len > model.config.block_size:
+            raise CompressError(f"--seq-len {args.seq_len}: longer than the model's context {model.config.block_size}")
+        batches = importance_batches(args.corpus, args.split, args.sequences, args.seq_len)
+        model = prune.prune_mlp(model, args.fraction, prune.mlp_importance(model, batches))
+        manifest["fraction"] = args.fraction
+    write(model, out, manifest)
+    return f"wrote {out} ({manifest['method']})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m gpt2dist.compress", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    commands = {
+        "quantize": sub.add_parser("quantize", help="post-training quantization or a cast"),
+        "prune": sub.add_parser("prune", help="unstructured global magnitude pruning"),
+        "prune-mlp": sub.add_parser("prune-mlp", help="remove the least important MLP neurons of every block"),
+    }
+    for c in commands.values():
+        c.add_argument("model", help="run, checkpoint, Hugging Face or compressed directory")
+        c.add_argument("output", help="directory to write")
+        c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if an earlier compress wrote it")
+    commands["quantize"].add_argument("--method", required=True, choices=METHODS)
+    commands["prune"].add_argument("--sparsity", type=float, required=True, help="share of weights zeroed, in [0, 1)")
+    mlp = commands["prune-mlp"]
+    mlp.add_argument("--fraction", type=float, required=True, help="share of each block's MLP neurons removed")
+    mlp.add_argument("--corpus", required=True, help="a prepared corpus to measure neuron importance on")
+    mlp.add_argument("--split", default="train")
+    mlp.add_argument("--sequences", type=int, default=64, help="windows scored (default: 64)")
+    mlp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    args.argv = argv
+    try:
+        print(run(args))
+    except (CompressError, WeightsError, CorpusError, compressed.CompressedError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
