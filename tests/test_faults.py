@@ -2,6 +2,7 @@
 checkpoints that cannot be continued. The run must lose at most one checkpoint interval and,
 resumed, produce exactly the loss curve of a run that never died."""
 
+import contextlib
 import os
 import random
 import signal
@@ -186,6 +187,7 @@ def test_a_hung_rank_stops_the_others_within_dist_timeout(corpus, tmp_path):
                                "train.eval_interval=0", f"dist.timeout_s={TIMEOUT_S}")
     with open(log_path, "w") as log:
         proc = launch(overrides, 2, log)
+        ranks = []
         try:
             deadline = time.monotonic() + 120
             while "step 3/" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -198,7 +200,10 @@ def test_a_hung_rank_stops_the_others_within_dist_timeout(corpus, tmp_path):
                 time.sleep(0.05)
             detected = time.monotonic() - stopped
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, and torchrun waiting for it
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun, waiting for its ranks
+            for pid in ranks:  # the stopped rank is in a process group of its own: it would outlive the test
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=60)
     out = log_path.read_text()
     print(f"rank 0 stopped {detected:.1f} s after its peer hung (dist.timeout_s={TIMEOUT_S})")
