@@ -152,7 +152,8 @@ def test_bad_files_are_named(memorised, tmp_path, capsys):
         read_choices(bad)
     model_dir = export_hf(memorised, tmp_path / "hf")
     assert evaluate_main([str(model_dir), "--corpus", str(tmp_path / "nowhere")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere' / 'manifest.json'}: no manifest")
+    # after the line naming the model it loaded
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {tmp_path / 'nowhere' / 'manifest.json'}: no manifest")
 
 
 def test_raw_text_is_scored_whole(memorised, tmp_path, capsys):

@@ -187,7 +187,7 @@ def test_a_hung_rank_stops_the_others_within_dist_timeout(corpus, tmp_path):
                                "train.eval_interval=0", f"dist.timeout_s={TIMEOUT_S}")
     with open(log_path, "w") as log:
         proc = launch(overrides, 2, log)
-        ranks = []
+        ranks = {}
         try:
             deadline = time.monotonic() + 120
             while "step 3/" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -201,7 +201,7 @@ def test_a_hung_rank_stops_the_others_within_dist_timeout(corpus, tmp_path):
             detected = time.monotonic() - stopped
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun, waiting for its ranks
-            for pid in ranks:  # the stopped rank is in a process group of its own: it would outlive the test
+            for pid in ranks.values():  # the stopped rank has a process group of its own: it would outlive the test
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=60)
