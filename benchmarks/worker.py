@@ -34,6 +34,7 @@ from gpt2dist.config import (CONF_DIR, Precision, check, data_sources, gpt_confi
 from gpt2dist.data.loader import SampleStream, Windows, train_windows  # noqa: E402
 from gpt2dist.training.metrics import device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib  # noqa: E402
 from gpt2dist.models.gpt import GPT  # noqa: E402
+from gpt2dist.training import malloc  # noqa: E402
 from gpt2dist.training.optim import build_optimizer, lr_scheduler, param_groups  # noqa: E402
 from gpt2dist.training.trainer import Trainer  # noqa: E402  (imports DeepSpeed before memory is measured)
 
@@ -98,6 +99,8 @@ def run_bare(cfg) -> tuple[list[float], float]:
     The same GPT, the same optimizer (optim.build_optimizer), groups and schedule, gradient clipping, random windows of
     the same corpus; DDP across ranks (no_sync while accumulating); bf16/fp16 by autocast.
     """
+    if cfg.train.retain_freed_memory:
+        malloc.retain_freed_memory()  # as the trainer does
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

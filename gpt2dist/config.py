@@ -202,6 +202,9 @@ class TrainConfig:
     # in memory (197 MiB per 1024 tokens in fp32 at GPT-2's vocabulary), for one more LM-head matmul per step
     loss_chunk: int = 0
     compile: bool = False  # torch.compile the model (slower start, faster steps; mostly for GPUs)
+    # CPU memory: glibc keeps freed blocks instead of unmapping them (gpt2dist/training/malloc.py):
+    # far fewer page faults; the process keeps its peak memory until it exits.
+    retain_freed_memory: bool = True
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on TF32 tensor cores (Ampere and newer)
     sample_tokens: int = 48  # tokens generated at the end as a smoke test; 0 to skip
     sample_prompt: str = "The"

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from gpt2dist.training import checkpoint
 from gpt2dist.training import dist
+from gpt2dist.training import malloc
 from gpt2dist.training import engine as ds_engine
 from gpt2dist.training import run_dir
 from gpt2dist.data.builtin_corpus import source_corpus
@@ -83,6 +84,8 @@ class Trainer:
         self.cfg = cfg
         self.metrics = self.preemption = None
         check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
+        if cfg.train.retain_freed_memory:
+            malloc.retain_freed_memory()  # before the large tensors are first allocated
         self.env = dist.init(cfg.dist.timeout_s)
         self.is_main = self.env.is_main
         try:
