@@ -42,6 +42,7 @@ from gpt2dist.data.tokenizer import TOKENIZER
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 PARTIAL = ".partial-"
+PRUNED = ".pruned-"  # a checkpoint being deleted: renamed out of view first, so a crash leaves no half of it
 UNIVERSAL = "universal"
 
 
@@ -94,6 +95,8 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
     partial = root / f"{PARTIAL}{tag}"
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
+        for doomed in root.glob(f"{PRUNED}*"):  # deletions an earlier crash cut short
+            shutil.rmtree(doomed, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
     # Ranks agree after each part: a rank that failed alone must not leave the others waiting in
@@ -124,11 +127,18 @@ def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_s
     if rank == 0 and keep_last > 0:
         for old in complete_tags(root)[:-keep_last]:
             if old != keep:
-                shutil.rmtree(root / old)
+                _delete(root, old)
     if rank == 0 and keep:
         _write_pointer(root, "best", keep)
     torch.distributed.barrier()
     return tag
+
+
+def _delete(root: Path, tag: str) -> None:
+    """Delete checkpoint `tag` in one step as far as resuming sees it: rename, then remove."""
+    doomed = root / f"{PRUNED}{tag}"
+    os.replace(root / tag, doomed)
+    shutil.rmtree(doomed)
 
 
 def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_size: int) -> None:
@@ -144,7 +154,7 @@ def _publish(cfg, root: Path, tag: str, partial: Path, train_state: dict, world_
     fsync_dir(partial)
     final = root / tag
     if final.exists():  # the same step saved again (a resumed run reaching it once more)
-        shutil.rmtree(final)
+        _delete(root, tag)
     os.replace(partial, final)
     _write_pointer(root, "latest", tag)
 
