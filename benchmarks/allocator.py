@@ -22,6 +22,8 @@ from pathlib import Path
 
 from machine import machine
 
+from gpt2dist.training import malloc
+
 ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # name -> (environment, train.py overrides)
@@ -30,8 +32,7 @@ ALLOCATORS = {
     # gpt2dist's default: glibc keeps freed memory (gpt2dist/training/malloc.py, through mallopt)
     "glibc, retain_freed_memory": ({}, []),
     # the same settings given to glibc through its environment, before the process starts
-    "glibc, MALLOC_* environment": ({"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 62),
-                                     "MALLOC_TOP_PAD_": str(1 << 28)}, []),
+    "glibc, MALLOC_* environment": (malloc.environment(), []),
     "jemalloc": ({"LD_PRELOAD": JEMALLOC}, []),
 }
 

@@ -1,7 +1,9 @@
 """Speed against nanoGPT itself: nanoGPT's own train.py (a checkout you provide; nothing of it is
 copied here) and gpt2dist's train.py (the Trainer, through benchmarks/worker.py) on the same
-shape, data and settings, alternating which runs first; the ratio gpt2dist / nanoGPT of the
-median tokens/s, and the ratio of each pair for the spread.
+shape, data and settings, rotating which runs first; the ratio gpt2dist / nanoGPT of the
+median tokens/s, and the ratio of each round for the spread. nanoGPT runs twice per round: as it
+comes, and with the glibc allocator settings gpt2dist gives itself (train.retain_freed_memory,
+here through MALLOC_* variables), so the speed-up that is only the allocator shows apart.
 
     git clone <nanoGPT's repository> /tmp/nanogpt
     python benchmarks/vs_nanogpt.py --nanogpt /tmp/nanogpt --out benchmarks/results/vs_nanogpt.json
@@ -16,6 +18,7 @@ of the other steps over their time (nanoGPT's `time ...ms` per iteration, our lo
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -32,6 +35,7 @@ from worker import launch, source_windows
 
 from gpt2dist.config import CONF_DIR, register
 from gpt2dist.data.shards import TokenBlocks
+from gpt2dist.training import malloc
 
 # name -> (n_layer, n_head, n_embd, micro-batch); sequences of --seq-len tokens.
 SHAPES = {"4 x 256": (4, 4, 256, 8), "mid (6 x 384)": (6, 6, 384, 8)}
@@ -59,8 +63,10 @@ def write_nanogpt_data(overrides: list[str], out: Path) -> None:
         np.concatenate(tokens).astype(np.uint16).tofile(out / f"{split}.bin")
 
 
-def run_nanogpt(nanogpt: Path, data: Path, shape: tuple, seq_len: int, steps: int, window: int) -> dict:
-    """One nanoGPT train.py run (its configurator's --key=value overrides); steady tokens/s."""
+def run_nanogpt(nanogpt: Path, data: Path, shape: tuple, seq_len: int, steps: int, window: int,
+                env: dict[str, str]) -> dict:
+    """One nanoGPT train.py run (its configurator's --key=value overrides), with `env` added to
+    its environment; steady tokens/s."""
     n_layer, n_head, n_embd, batch = shape
     with tempfile.TemporaryDirectory(prefix="nanogpt-out-") as out_dir:
         args = [f"--out_dir={out_dir}", f"--dataset={data}",  # data/<dataset> with an absolute path is that path
@@ -69,32 +75,40 @@ def run_nanogpt(nanogpt: Path, data: Path, shape: tuple, seq_len: int, steps: in
                 "--bias=True", "--dropout=0.0", "--gradient_accumulation_steps=1", f"--max_iters={steps - 1}",
                 f"--lr_decay_iters={steps}", "--warmup_iters=2", "--grad_clip=1.0", "--eval_interval=1000000",
                 "--eval_iters=1", "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False"]
-        run = subprocess.run([sys.executable, "train.py", *args], cwd=nanogpt, capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "train.py", *args], cwd=nanogpt, capture_output=True, text=True,
+                             env={**os.environ, **env})
     if run.returncode:
         raise RuntimeError(f"nanoGPT train.py failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
     times = {int(i): float(ms) / 1000 for i, ms in ITER.findall(run.stdout)}  # iteration i is step i + 1
     assert sorted(times) == list(range(steps)), f"nanoGPT ran iterations {sorted(times)}"
     steady = [times[i] for i in range(window, steps)]
     tokens_per_s = len(steady) * batch * seq_len / sum(steady)
-    print(f"nanogpt  {' '.join(args[2:])}: {tokens_per_s:,.0f} tokens/s", flush=True)
+    print(f"nanogpt {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(args[2:])}: {tokens_per_s:,.0f} tokens/s",
+          flush=True)
     return {"tokens_per_s": tokens_per_s, "step_seconds": steady}
 
 
 def compare(nanogpt: Path, data: Path, shape: tuple, args) -> dict:
+    """Each side `args.repeats` times, rotating which goes first; ratios of medians and per round."""
     overrides = ours_overrides(shape, args.seq_len, args.steps, args.window)
-    runs = {"nanogpt": [], "gpt2dist": []}
+    sides = {
+        "nanogpt": lambda: run_nanogpt(nanogpt, data, shape, args.seq_len, args.steps, args.window, {}),
+        # nanoGPT with the allocator settings gpt2dist applies to itself (train.retain_freed_memory)
+        "nanogpt, glibc keeping freed memory":
+            lambda: run_nanogpt(nanogpt, data, shape, args.seq_len, args.steps, args.window, malloc.environment()),
+        "gpt2dist": lambda: launch("trainer", overrides),
+    }
+    names = list(sides)
+    runs = {name: [] for name in names}
     for i in range(args.repeats):
-        for side in (("nanogpt", "gpt2dist") if i % 2 == 0 else ("gpt2dist", "nanogpt")):
-            if side == "nanogpt":
-                runs[side].append(run_nanogpt(nanogpt, data, shape, args.seq_len, args.steps, args.window))
-            else:
-                runs[side].append(launch("trainer", overrides))
-    speeds = {side: [r["tokens_per_s"] for r in rs] for side, rs in runs.items()}
-    pairs = [ours / theirs for ours, theirs in zip(speeds["gpt2dist"], speeds["nanogpt"])]
-    return {"gpt2dist_overrides": overrides, "tokens_per_s": speeds,
-            "median": {side: statistics.median(s) for side, s in speeds.items()},
-            "ratio": statistics.median(speeds["gpt2dist"]) / statistics.median(speeds["nanogpt"]),
-            "ratio_per_pair": pairs}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(sides[name]())
+    speeds = {name: [r["tokens_per_s"] for r in rs] for name, rs in runs.items()}
+    median = {name: statistics.median(s) for name, s in speeds.items()}
+    ours = speeds["gpt2dist"]
+    return {"gpt2dist_overrides": overrides, "tokens_per_s": speeds, "median": median,
+            "ratio": {name: median["gpt2dist"] / median[name] for name in names[:2]},
+            "ratio_per_round": {name: [a / b for a, b in zip(ours, speeds[name])] for name in names[:2]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result["shapes"].items():
-        print(f"{name}: gpt2dist {r['median']['gpt2dist']:,.0f} / nanoGPT {r['median']['nanogpt']:,.0f} tokens/s "
-              f"= {r['ratio']:.3f} (pairs {min(r['ratio_per_pair']):.3f}-{max(r['ratio_per_pair']):.3f})")
+        for baseline, ratio in r["ratio"].items():
+            pairs = r["ratio_per_round"][baseline]
+            print(f"{name}: gpt2dist {r['median']['gpt2dist']:,.0f} / {baseline} {r['median'][baseline]:,.0f} tokens/s"
+                  f" = {ratio:.3f} (rounds {min(pairs):.3f}-{max(pairs):.3f})")
     return 0
 
 

@@ -55,6 +55,21 @@ def test_compiled_run_matches_eager_and_resumes_eagerly(corpus, tmp_path):
     assert resumed == pytest.approx(eager, rel=1e-4)
 
 
+def test_grad_norm_is_taken_before_clipping_and_only_once(corpus, tmp_path, monkeypatch):
+    """At ZeRO 0 in fp32, the logged norm is the one DeepSpeed clips with (kept, not computed a
+    second time), and it is the norm before clipping: step 1's gradients do not depend on the
+    clipping threshold, so a run clipping hard logs the same step-1 norm as one that never clips."""
+    unclipped = train(corpus, tmp_path / "unclipped", "train.max_steps=2", "optim.grad_clip=0")[0]
+    own_norms = []
+    get_total_norm = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: own_norms.append(1) or get_total_norm(*a, **k))
+    clipped = train(corpus, tmp_path / "clipped", "train.max_steps=2", "optim.grad_clip=0.01")[0]
+    assert own_norms == []  # DeepSpeed's norm was reported, none of our own
+    assert clipped["step"] == unclipped["step"] == 1
+    assert clipped["grad_norm"] == pytest.approx(unclipped["grad_norm"], rel=1e-6)
+    assert clipped["grad_norm"] > 1  # before clipping: far above the 0.01 it was clipped to
+
+
 def test_metrics_and_schedule(corpus, tmp_path):
     metrics = train(corpus, tmp_path, "train.max_steps=6", "optim.warmup_steps=2", "optim.lr=1e-3",
                     "optim.min_lr=1e-4")

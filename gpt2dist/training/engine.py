@@ -72,26 +72,44 @@ def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True, lo
         # Alone, DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step:
         # 3.5% of a step of a 30M model on a CPU (ZeRO 1-3 reduce through their optimizers instead).
         engine.enable_backward_allreduce = False
+    if cfg.zero.stage == 0:
+        keep_clipping_norm(engine)
     return engine
+
+
+def keep_clipping_norm(engine) -> None:
+    """DeepSpeed's plain fp32 path (ZeRO 0) clips with a gradient norm it computes and then drops:
+    keep it in `engine.clipping_norm`, so `step` reports that norm instead of computing a second one
+    (0.8% of a 30M model's step on a CPU). The clipping itself is DeepSpeed's call, unchanged."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():  # DeepSpeed's own body, plus keeping what it returns
+        engine.clipping_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                               max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients  # shadows the class's method on this instance
+    engine.clipping_norm = None
 
 
 def step(engine) -> torch.Tensor | float | None:
     """`engine.step()`; at an optimizer step, returns the global gradient norm before clipping
     (a tensor is left on the device: reading it waits for the GPU, so callers do that only to log it).
 
-    DeepSpeed's ZeRO and mixed-precision optimizers report the norm; its plain fp32 path
-    (stage 0) does not, so there we take it from the (already all-reduced) gradients.
+    DeepSpeed's ZeRO and mixed-precision optimizers report the norm, and its plain fp32 path (stage
+    0) computes it to clip (kept by `keep_clipping_norm`); only unclipped fp32 at stage 0 has none,
+    so there we take it from the (already all-reduced) gradients.
     """
     boundary = engine.is_gradient_accumulation_boundary()
     own = None
-    if boundary and engine.zero_optimization_stage() == 0:
+    if boundary and engine.zero_optimization_stage() == 0 and not engine.gradient_clipping() > 0 \
+            and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         own = torch.nn.utils.get_total_norm(grads) if grads else None
     engine.step()
     if not boundary:
         return None
-    norm = engine.get_global_grad_norm()
-    return own if norm is None else norm
+    reported = (engine.get_global_grad_norm(), getattr(engine, "clipping_norm", None), own)
+    return next((norm for norm in reported if norm is not None), None)
 
 
 def torch_optimizer(engine) -> torch.optim.Optimizer:

@@ -19,6 +19,13 @@ MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap, and stay ther
 TOP_PAD = 1 << 28  # grow the heap 256 MiB at a time
 
 
+def environment() -> dict[str, str]:
+    """The same settings as MALLOC_* variables, for a process gpt2dist does not start itself
+    (glibc reads them at start-up; a trim threshold this large means never)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(1 << 62),
+            "MALLOC_TOP_PAD_": str(TOP_PAD)}
+
+
 def retain_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory; False where it cannot (not glibc), or where the
     user's environment already tunes malloc (MALLOC_* variables, or another allocator preloaded)."""

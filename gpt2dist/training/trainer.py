@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,20 +309,21 @@ class Trainer:
         torch.distributed.barrier()
         return corpus(progress=False)
 
-    def _step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This step's micro-batches. In stream mode the ranks first agree that every rank has them:
-        a shard unavailable on any rank raises ShardUnavailable on all, before any rank computes."""
+    def _step_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """This step's micro-batches. In random mode they are taken one at a time, as the step
+        needs them (the prefetcher stays one ahead of the computation). In stream mode the ranks
+        first agree that every rank has them all: a shard unavailable on any rank raises
+        ShardUnavailable on all, before any rank computes."""
+        if not self.stores:
+            return (next(self.batches) for _ in range(self.grad_accum))
         error = None
         try:
             batches = [next(self.batches) for _ in range(self.grad_accum)]
         except ShardUnavailable as e:
-            if not self.stores:
-                raise
             error = error_line(e)
-        if self.stores:
-            failed, = self._sum_over_ranks(torch.tensor([float(error is not None)], device=self.device))
-            if failed:
-                raise ShardUnavailable(error or "a shard was unavailable on another rank (see its error)")
+        failed, = self._sum_over_ranks(torch.tensor([float(error is not None)], device=self.device))
+        if failed:
+            raise ShardUnavailable(error or "a shard was unavailable on another rank (see its error)")
         return batches
 
     def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
