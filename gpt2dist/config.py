@@ -137,7 +137,9 @@ class DataConfig:
     # A corpus prepared by `python -m data_tools.prepare`; null: the built-in one. Every data
     # config says which (a `???` left by data=custom must not be filled by a default).
     path: Optional[str] = MISSING
-    builtin: Builtin = Builtin.stdlib  # with path null: stdlib (both), pydoc (English prose) or pycode (Python source)
+    # With path null: stdlib (both), pydoc (English prose) or pycode (Python source); the tasks docsig (task=sft)
+    # and docpkg (task=classify)
+    builtin: Builtin = Builtin.stdlib
     cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
     seq_len: int = 256  # tokens per training sequence
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -421,6 +423,8 @@ def check(cfg, world_size: int) -> None:
     need(mode == DataMode.stream or not remote,
          f"data.mode=random reads local directories, not {remote}: use data.mode=stream (or leave it null)")
     if mode == DataMode.stream:
+        need(cfg.task.name == Task.pretrain, f"data.mode=stream reads pretraining corpora: task={cfg.task.name.value} "
+                                             "reads its examples with data.mode=random")
         need(len(sources) == 1, "data.mode=stream reads one source: data.sources has several")
         lanes, per_rank = d.stream.lanes, world_size * max(1, d.num_workers)
         need(lanes > 0 and lanes % per_rank == 0, f"data.stream.lanes={lanes} must be a multiple of world size "

@@ -151,7 +151,3 @@ class Examples:
         tokens, start, end = self.parts(i)
         response = tokens[start:end].tolist()
         return tokens[:start].tolist(), response[:-1] if response and response[-1] == EOT else response
-
-
-def is_sft(manifest: dict) -> bool:
-    return manifest.get("task") == TASK
