@@ -87,6 +87,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.metrics = self.preemption = None
+        self.stores = {}  # data.mode=stream: each source's shard store (_build_data)
         check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
         if cfg.train.retain_freed_memory:
             malloc.retain_freed_memory()  # before the large tensors are first allocated
