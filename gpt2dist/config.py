@@ -465,6 +465,7 @@ def check(cfg, world_size: int) -> None:
                                    f"{', '.join(str(k) for k in KEEP_BEST)}")
     task = METRIC_TASK.get(t.keep_best)
     need(task in (None, cfg.task.name), f"train.keep_best={t.keep_best} is a task={task and task.value} metric")
+    need(not m.labels or cfg.task.name == Task.classify, "model.labels make a classifier: they need task=classify")
     need(cfg.task.name != Task.classify or not cfg.evals.interval,
          "evals.interval: the downstream evaluations score a language model, not task=classify's classifier")
     p = cfg.peft

@@ -398,6 +398,7 @@ class Trainer:
             scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
             values.update({f"val_{k}": v for k, v in scores.items()})
         if self.cfg.task.name == Task.classify and self.val:
+            # One more pass over the dev batches: mean_loss keeps no logits.
             self.engine.eval()
             scores = classify_eval.scores(self.engine, next(iter(self.val.values())), len(self.cfg.model.labels),
                                           self.env.world_size)
@@ -524,14 +525,15 @@ class Trainer:
         batches = list(rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank,
                                     self.env.world_size))
         if cfg.task.name == Task.classify:
-            scores, counted = classify_eval.scores(self.engine, batches, len(cfg.model.labels), self.env.world_size), {}
+            scores = classify_eval.scores(self.engine, batches, len(cfg.model.labels), self.env.world_size)
+            scores = {f"test_{k}": v for k, v in scores.items()}
         else:
             loss, tokens = mean_loss(self.engine, batches, self.env.world_size)
-            scores = {"loss": loss, **sft_eval.generation_scores(
-                self.engine, *sft_eval.split_prompts(examples, len(examples)), cfg.task.max_new_tokens)}
-            counted = {"response_tokens": tokens}
+            generated = sft_eval.generation_scores(self.engine, *sft_eval.split_prompts(examples, len(examples)),
+                                                   cfg.task.max_new_tokens)
+            scores = {"test_loss": loss, "response_tokens": tokens, **{f"test_{k}": v for k, v in generated.items()}}
         result = {"checkpoint": self.best["tag"] if self.best else checkpoint.tag_of(self.step),
-                  "examples": len(examples), **{f"test_{k}": v for k, v in scores.items()}, **counted}
+                  "examples": len(examples), **scores}
         if self.is_main:
             (self.run_dir / "test.json").write_text(json.dumps(result, indent=1) + "\n")
             self.metrics.log(self.step, {k: v for k, v in result.items() if k.startswith("test_")})
