@@ -63,12 +63,14 @@ def hf_labels(hf_config) -> tuple[str, ...]:
 
 
 def hf_config_dict(config: GPTConfig) -> dict:
-    """config.json of a `GPT2LMHeadModel` with our shape (dropout off: exported models are for use)."""
+    """config.json of a `GPT2LMHeadModel` (a classifier: `GPT2ForSequenceClassification`) with our shape
+    (dropout off: exported models are for use)."""
     widths = {config.mlp_width(b) for b in range(config.n_blocks)}
     if len(widths) > 1:
         raise HFError(f"MLP widths {config.mlp_hidden} differ between blocks; Hugging Face's GPT-2 has one n_inner")
     (width,) = widths
-    classifier = {"id2label": dict(enumerate(config.labels)), "label2id": {l: i for i, l in enumerate(config.labels)},
+    classifier = {"id2label": dict(enumerate(config.labels)),
+                  "label2id": {label: i for i, label in enumerate(config.labels)},
                   "pad_token_id": config.pad_token_id} if config.labels else {}
     return {
         "n_inner": None if width == 4 * config.n_embd else width,
