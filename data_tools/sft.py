@@ -54,49 +54,62 @@ class Rows:
             raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
         return examples
 
-    def _example(self, raw: bytes, where: str) -> Example:
+    def _record(self, raw: bytes, where: str, strings: tuple[str, ...]) -> dict:
+        """The row's JSON object, checked to have the fields `strings` as strings."""
         line = _decode(raw, where)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: malformed JSON ({e.msg})") from None
-        for field in self.fields:
+        for field in strings:
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise InputError(f"{where}: no string field {field!r}")
+        return record
+
+    def _example(self, raw: bytes, where: str) -> Example:
+        record = self._record(raw, where, self.fields)
         example = Example(record[self.fields[0]], record[self.fields[1]])
         encode(example, self.seq_len)  # refuses an empty response or a prompt too long
         return example
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """The inputs and outputs of a preparation of examples (this command's and data_tools.classify's)."""
     p.add_argument("inputs", nargs="*", help="JSON Lines files to split by hash")
     p.add_argument("--train", nargs="+", default=[], help="files of the train split (instead of a hash split)")
     p.add_argument("--dev", nargs="+", default=[], help="files of the dev split (the corpus's val split)")
     p.add_argument("--test", nargs="+", default=[], help="files of the test split")
     p.add_argument("--output", required=True, help="directory to create")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per example: data.seq_len of the training run")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--response-field", default="response")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="hash split: share for dev (default: 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="hash split: share for test (default: 0.1)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted in the manifest) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus at --output (nothing else)")
-    args = p.parse_args(argv)
+
+
+def read_splits(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows) -> tuple[dict[str, list], str, str]:
+    """The examples of each split (train, val, test) as the arguments give them, how they were split,
+    and where they came from."""
     if bool(args.inputs) == bool(args.train):
         p.error("give either input files to split by hash, or --train (with --dev and --test)")
+    if args.train:
+        splits = {split: [e for f in files for e in rows.read(Path(f))]
+                  for split, files in (("train", args.train), ("val", args.dev), ("test", args.test))}
+        return splits, "files", " ".join(args.train + args.dev + args.test)
+    splits = split_by_hash((e for f in args.inputs for e in rows.read(Path(f))), args.dev_fraction, args.test_fraction)
+    return splits, f"hash (dev {args.dev_fraction}, test {args.test_fraction})", " ".join(args.inputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.sft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_split_arguments(p)
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--response-field", default="response")
+    args = p.parse_args(argv)
     rows = Rows(args.prompt_field, args.response_field, args.seq_len, args.skip_bad)
     try:
-        if args.train:
-            splits = {split: [e for f in files for e in rows.read(Path(f))]
-                      for split, files in (("train", args.train), ("val", args.dev), ("test", args.test))}
-            split_by, source = "files", " ".join(args.train + args.dev + args.test)
-        else:
-            splits = split_by_hash((e for f in args.inputs for e in rows.read(Path(f))), args.dev_fraction,
-                                   args.test_fraction)
-            split_by = f"hash (dev {args.dev_fraction}, test {args.test_fraction})"
-            source = " ".join(args.inputs)
+        splits, split_by, source = read_splits(p, args, rows)
         manifest = prepare_sft(splits, args.output, args.seq_len, source, args.overwrite, rows.skipped, split_by)
     except (InputError, ExampleError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -59,16 +59,20 @@ class Resume(str, Enum):
 class Task(str, Enum):
     pretrain = "pretrain"  # next-token loss on every token of a corpus (data_tools.prepare)
     sft = "sft"  # supervised fine-tuning: loss on the responses of prompt/response examples (data_tools.sft)
+    classify = "classify"  # a label for each text, from a head on its last token (data_tools.classify)
 
 
 @dataclass
 class TaskConfig:
-    """What the run learns (`conf/task/`). With sft, val_loss is the dev set's response-token loss."""
+    """What the run learns (`conf/task/`). With sft, val_loss is the dev set's response-token loss; with
+    classify, the dev set's cross-entropy on the labels, beside val_accuracy and val_macro_f1."""
 
     name: Task = Task.pretrain
     generate_examples: int = 16  # sft: dev examples answered greedily at each validation, scored val_bleu, val_chrf
     max_new_tokens: int = 64  # sft: the longest generated response
-    test: bool = True  # sft: at the end, score the test split (loss, BLEU, chrF) into <run_dir>/test.json
+    # sft, classify: at the end, score the test split (loss, and BLEU, chrF or accuracy, macro-F1) into
+    # <run_dir>/test.json
+    test: bool = True
 
 
 @dataclass
@@ -98,6 +102,9 @@ class ModelConfig:
     # Hidden width of each distinct block's MLP (structured pruning narrows them); null: 4 * n_embd everywhere
     mlp_hidden: Optional[List[int]] = None
     share_layers: int = 1  # consecutive layers that share one block's weights (ALBERT); 1: no sharing
+    # A classifier's class names (the rows of its score head); task=classify takes them from the corpus.
+    # Empty: a language model.
+    labels: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,7 +137,9 @@ class DataConfig:
     # A corpus prepared by `python -m data_tools.prepare`; null: the built-in one. Every data
     # config says which (a `???` left by data=custom must not be filled by a default).
     path: Optional[str] = MISSING
-    builtin: Builtin = Builtin.stdlib  # with path null: stdlib (both), pydoc (English prose) or pycode (Python source)
+    # With path null: stdlib (both), pydoc (English prose) or pycode (Python source); the tasks docsig (task=sft)
+    # and docpkg (task=classify)
+    builtin: Builtin = Builtin.stdlib
     cache_dir: str = "~/.cache/gpt2dist"  # where the built-in corpus is prepared, once
     seq_len: int = 256  # tokens per training sequence
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -262,7 +271,11 @@ class Config:
 
 
 # train.keep_best: the metric, and whether higher is better
-KEEP_BEST = {None: None, "val_loss": False, "val_bleu": True, "val_chrf": True}
+KEEP_BEST = {None: None, "val_loss": False, "val_bleu": True, "val_chrf": True, "val_accuracy": True,
+             "val_macro_f1": True}
+# The keep_best metrics that only one task reports.
+METRIC_TASK = {"val_bleu": Task.sft, "val_chrf": Task.sft, "val_accuracy": Task.classify,
+               "val_macro_f1": Task.classify}
 
 
 def register() -> None:
@@ -283,6 +296,7 @@ def gpt_config(model: ModelConfig) -> GPTConfig:
         # Configs saved before these keys existed had neither.
         mlp_hidden=None if model.get("mlp_hidden") is None else tuple(model.mlp_hidden),
         share_layers=model.get("share_layers", 1),
+        labels=tuple(model.get("labels", ())),
     )
 
 
@@ -409,6 +423,8 @@ def check(cfg, world_size: int) -> None:
     need(mode == DataMode.stream or not remote,
          f"data.mode=random reads local directories, not {remote}: use data.mode=stream (or leave it null)")
     if mode == DataMode.stream:
+        need(cfg.task.name == Task.pretrain, f"data.mode=stream reads pretraining corpora: task={cfg.task.name.value} "
+                                             "reads its examples with data.mode=random")
         need(len(sources) == 1, "data.mode=stream reads one source: data.sources has several")
         lanes, per_rank = d.stream.lanes, world_size * max(1, d.num_workers)
         need(lanes > 0 and lanes % per_rank == 0, f"data.stream.lanes={lanes} must be a multiple of world size "
@@ -447,8 +463,11 @@ def check(cfg, world_size: int) -> None:
     need(t.epochs is None or t.epochs > 0, f"train.epochs={t.epochs} must be positive")
     need(t.keep_best in KEEP_BEST, f"train.keep_best={t.keep_best}: must be one of "
                                    f"{', '.join(str(k) for k in KEEP_BEST)}")
-    need(t.keep_best in (None, "val_loss") or cfg.task.name == Task.sft,
-         f"train.keep_best={t.keep_best} is scored on generations: it needs task=sft")
+    task = METRIC_TASK.get(t.keep_best)
+    need(task in (None, cfg.task.name), f"train.keep_best={t.keep_best} is a task={task and task.value} metric")
+    need(not m.labels or cfg.task.name == Task.classify, "model.labels make a classifier: they need task=classify")
+    need(cfg.task.name != Task.classify or not cfg.evals.interval,
+         "evals.interval: the downstream evaluations score a language model, not task=classify's classifier")
     p = cfg.peft
     need(p.method == PeftMethod.none or t.init_from,
          f"peft.method={p.method.value if hasattr(p.method, 'value') else p.method} adapts a trained model: "

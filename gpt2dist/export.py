@@ -14,6 +14,10 @@ directory as above; with --adapter, as the adapter alone in PEFT's format instea
 
     python -m gpt2dist.export runs/lora exported/lora-adapter --adapter
     # in Python: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(<base>), "exported/lora-adapter")
+
+A classifier (task=classify) is written as `GPT2ForSequenceClassification`, its labels in config.json:
+
+    # in Python: transformers.GPT2ForSequenceClassification.from_pretrained("exported/classifier")
 """
 
 import argparse
@@ -40,6 +44,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = F
                            "no config.yaml with model states)")
     if is_adapted(ckpt_dir):
         model = load_adapted(ckpt_dir)
+        if adapter and model.config.labels:
+            raise WeightsError(f"{ckpt_dir}: a classifier's adapters are written merged only (its head trained in "
+                               "full): export without --adapter")
         if adapter:
             saved = OmegaConf.load(ckpt_dir / "config.yaml")
             return adapters.save_adapter(model, saved.peft, out_dir, base=saved.train.init_from)

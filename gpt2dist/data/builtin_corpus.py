@@ -6,6 +6,9 @@
 - `docsig`: a fine-tuning task (task=sft), not a corpus: the summary of a standard-library function's
   docstring -> its `def` line, from every public top-level function of the stdlib's modules
   (read with `ast`, nothing imported); split by hash (10% dev, 10% test), prepared per data.seq_len.
+- `docpkg`: a classification task (task=classify): the summary of a public function's, method's or
+  class's docstring -> the standard-library package it is in (asyncio, email, unittest or xml);
+  split and prepared as docsig.
 
 Prepared once into `<cache_dir>/builtin-<kind>-py<version>` and reused (prepared again if the
 shard format has changed since).
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
+from gpt2dist.data.classify import LabelledText, prepare_classify, text_ids
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft, split_by_hash
 from gpt2dist.data.shards import CorpusError, read_manifest
@@ -29,6 +33,7 @@ class Builtin(str, Enum):
     pydoc = "pydoc"
     pycode = "pycode"
     docsig = "docsig"  # a task=sft task: docstring -> signature
+    docpkg = "docpkg"  # a task=classify task: docstring -> package
 
     def __str__(self) -> str:  # in interpolations: data.name is builtin-${data.builtin}
         return self.value
@@ -63,6 +68,27 @@ def docsig_examples() -> Iterator[Example]:
                 yield Example(f'{path.stem}: """{summary}"""\n', f"def {node.name}({ast.unparse(node.args)}):")
 
 
+DOCPKG_LABELS = ("asyncio", "email", "unittest", "xml")  # packages with distinct vocabularies, ~100-300 docstrings each
+
+
+def docpkg_examples() -> Iterator[LabelledText]:
+    """(docstring summary, package) of each public function, method and class of the DOCPKG_LABELS packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for package in DOCPKG_LABELS:
+        for path in sorted((root / package).rglob("*.py")):
+            if "test" in path.relative_to(root).parts:  # a test suite's docstrings, where it ships
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        yield LabelledText(doc.split("\n\n")[0].strip(), package)
+
+
 def source_corpus(path: str | None, builtin: Builtin, cache_dir: str | Path, progress: bool = True,
                   seq_len: int | None = None) -> Path:
     """A training source's prepared corpus: its `path`, or else the built-in corpus `builtin` (a task
@@ -75,8 +101,8 @@ def builtin_corpus(kind: Builtin | str, cache_dir: str | Path, progress: bool = 
     kind = Builtin(kind).value
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     out = Path(cache_dir).expanduser() / f"builtin-{kind}-py{version}"
-    if kind == Builtin.docsig:
-        return _builtin_task(out.with_name(f"{out.name}-seq{seq_len}"), seq_len)
+    if kind in (Builtin.docsig, Builtin.docpkg):
+        return _builtin_task(kind, out.with_name(f"{out.name}-seq{seq_len}"), seq_len)
     try:
         read_manifest(out)
     except CorpusError:  # not prepared yet, or by an older version in another format
@@ -86,20 +112,27 @@ def builtin_corpus(kind: Builtin | str, cache_dir: str | Path, progress: bool = 
     return out
 
 
-def _builtin_task(out: Path, seq_len: int) -> Path:
-    """The docsig task at `out`, prepared on first use; examples too long for seq_len are left out (counted)."""
+def _builtin_task(kind: str, out: Path, seq_len: int) -> Path:
+    """The docsig or docpkg task at `out`, prepared on first use; examples too long for seq_len are left out
+    (counted)."""
     try:
         read_manifest(out)
         return out
     except CorpusError:
         pass
+    examples, check = ((docsig_examples(), lambda e: encode(e, seq_len)) if kind == Builtin.docsig else
+                       (docpkg_examples(), lambda e: text_ids(e.text, seq_len)))
     fitting, skipped = [], 0
-    for example in docsig_examples():
+    for example in examples:
         try:
-            encode(example, seq_len)
+            check(example)
             fitting.append(example)
         except ExampleError:
             skipped += 1
-    prepare_sft(split_by_hash(fitting, 0.1, 0.1), out, seq_len, source="builtin:docsig", overwrite=True,
-                skipped=skipped, split_by="hash (dev 0.1, test 0.1)")
+    about = {"source": f"builtin:{kind}", "overwrite": True, "skipped": skipped, "split_by": "hash (dev 0.1, test 0.1)"}
+    splits = split_by_hash(fitting, 0.1, 0.1)
+    if kind == Builtin.docsig:
+        prepare_sft(splits, out, seq_len, **about)
+    else:
+        prepare_classify(splits, list(DOCPKG_LABELS), out, seq_len, **about)
     return out

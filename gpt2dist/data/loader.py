@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gpt2dist.data.sft import Examples, is_sft
-from gpt2dist.data.shards import CorpusError, TokenBlocks
+from gpt2dist.data import classify, sft
+from gpt2dist.data.shards import CorpusError, TokenBlocks, corpus_task
 
 MIX_PERIOD = 10_000  # mixture weights are exact over every this many samples (to 1/MIX_PERIOD)
 FEISTEL_ROUNDS = 6
@@ -61,14 +61,15 @@ class Windows:
         return tokens[:-1], tokens[1:]
 
 
-def open_split(path: Path, split: str, seq_len: int) -> "Windows | Examples":
+def open_split(path: Path, split: str, seq_len: int) -> "Windows | sft.Examples | classify.LabelledTexts":
     """The samples of one split: windows of a pretraining corpus, or examples of a fine-tuning one
-    (`gpt2dist.data.sft`); both index as samples[i] -> (inputs, targets)."""
+    (`gpt2dist.data.sft`, `gpt2dist.data.classify`); all index as samples[i] -> (inputs, targets)."""
     blocks = TokenBlocks(path, split)
-    return Examples(blocks, seq_len) if is_sft(blocks.manifest) else Windows(blocks, seq_len)
+    samples = {sft.TASK: sft.Examples, classify.TASK: classify.LabelledTexts}.get(corpus_task(blocks.manifest), Windows)
+    return samples(blocks, seq_len)
 
 
-def train_windows(path: Path, seq_len: int, weight: float) -> "Windows | Examples":
+def train_windows(path: Path, seq_len: int, weight: float) -> "Windows | sft.Examples":
     """The training samples of a corpus; an empty train split (a held-out corpus) only with weight 0."""
     windows = open_split(path, "train", seq_len)
     if len(windows) == 0 and weight > 0:
@@ -164,7 +165,7 @@ class SampleStream:
 class MicroBatches(Dataset):
     """Global micro-batch c of the stream: (inputs, targets), each (micro_batch, seq_len) int64."""
 
-    def __init__(self, sources: Sequence["Windows | Examples"], stream: SampleStream, micro_batch: int):
+    def __init__(self, sources: Sequence["Windows | sft.Examples"], stream: SampleStream, micro_batch: int):
         self.sources, self.stream, self.micro = list(sources), stream, micro_batch
 
     def __getitem__(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,10 @@ class Example:
     prompt: str
     response: str
 
+    def key(self) -> list[str]:
+        """What its split is hashed from."""
+        return [self.prompt, self.response]
+
 
 class ExampleError(ValueError):
     """An example that cannot be trained on (the message says why; the caller adds file and line)."""
@@ -62,13 +66,13 @@ def encode(example: Example, seq_len: int) -> tuple[np.ndarray, bool]:
     return block.astype(TOKEN_DTYPE), len(prompt) + len(response) > seq_len + 1
 
 
-def hash_split(example: Example, dev_fraction: float, test_fraction: float) -> str:
-    """A stable split (train, val or test) for an example, from its prompt and response."""
-    u = zlib.crc32(json.dumps([example.prompt, example.response]).encode()) % 1_000_000 / 1_000_000
+def hash_split(example, dev_fraction: float, test_fraction: float) -> str:
+    """A stable split (train, val or test) for an example (an SFT or classification one), from its `key()`."""
+    u = zlib.crc32(json.dumps(example.key()).encode()) % 1_000_000 / 1_000_000
     return "val" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
 
 
-def split_by_hash(examples: Iterable[Example], dev_fraction: float, test_fraction: float) -> dict[str, list[Example]]:
+def split_by_hash(examples: Iterable, dev_fraction: float, test_fraction: float) -> dict[str, list]:
     splits = {s: [] for s in SPLITS}
     for example in examples:
         splits[hash_split(example, dev_fraction, test_fraction)].append(example)
@@ -85,27 +89,31 @@ def prepare_sft(splits: dict[str, list[Example]], out_dir: str | Path, seq_len: 
     """Write the examples of each split (train, val, test) as a corpus at `out_dir`; returns its manifest.
     Every example is encoded before anything is written, so a bad one (ExampleError) leaves nothing."""
     blocks = {s: [encode(e, seq_len) for e in splits.get(s, [])] for s in SPLITS}
+    return write_examples({s: [block for block, _ in b] for s, b in blocks.items()}, out_dir, overwrite, {
+        "task": TASK, "source": source, "seq_len": seq_len, "split_by": split_by,
+        "truncated_responses": sum(cut for b in blocks.values() for _, cut in b), "skipped_inputs": skipped})
+
+
+def write_examples(blocks: dict[str, list[np.ndarray]], out_dir: str | Path, overwrite: bool, about: dict) -> dict:
+    """Write encoded examples, one block each, by split (train, val, test), as a corpus at `out_dir`, its
+    manifest saying `about` them (task, seq_len, ...) and counting them by split; returns the manifest."""
     if not blocks["train"]:
         raise ExampleError("no training examples")
+    block_tokens = len(blocks["train"][0]) - 1
     with staged(out_dir, overwrite) as tmp:
-        writers = {s: SplitWriter(tmp, s, seq_len + 2, SHARD_EXAMPLES) for s in SPLITS}
+        writers = {s: SplitWriter(tmp, s, block_tokens, SHARD_EXAMPLES) for s in SPLITS}
         for split, encoded in blocks.items():
-            for block, _ in encoded:
+            for block in encoded:
                 writers[split].add_block(block)
         manifest = {
             "format": FORMAT,
-            "task": TASK,
-            "source": source,
             "tokenizer": TOKENIZER,
             "vocab_size": VOCAB_SIZE,
             "eot_token": EOT,
             "dtype": TOKEN_DTYPE.str,
-            "block_tokens": seq_len + 2,
-            "seq_len": seq_len,
-            "split_by": split_by,
+            "block_tokens": block_tokens,
+            **about,
             "examples": {s: len(b) for s, b in blocks.items()},
-            "truncated_responses": sum(cut for b in blocks.values() for _, cut in b),
-            "skipped_inputs": skipped,
             "splits": {s: w.close() for s, w in writers.items()},
         }
         write_manifest(tmp, manifest)
@@ -143,7 +151,3 @@ class Examples:
         tokens, start, end = self.parts(i)
         response = tokens[start:end].tolist()
         return tokens[:start].tolist(), response[:-1] if response and response[-1] == EOT else response
-
-
-def is_sft(manifest: dict) -> bool:
-    return manifest.get("task") == TASK

@@ -125,6 +125,11 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     return manifest
 
 
+def corpus_task(manifest: dict) -> str:
+    """What a corpus was prepared for: pretrain (data_tools.prepare), sft or classify (their manifests say)."""
+    return manifest.get("task", "pretrain")
+
+
 def check_tokenizer(manifest: dict, corpus_dir: str | Path, vocab_size: int) -> None:
     """A corpus tokenized with another tokenizer would train on meaningless ids: refuse it."""
     if manifest["tokenizer"] != TOKENIZER or manifest["vocab_size"] > vocab_size:

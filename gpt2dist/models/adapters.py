@@ -51,10 +51,13 @@ def apply(model: GPT, cfg) -> GPT:
 
     From then on the model's state_dict holds the trainable weights only, so that DeepSpeed's
     checkpoints do too: its `exclude_frozen_parameters` misses the tied LM head, which
-    `named_parameters` lists once, as the token embedding."""
+    `named_parameters` lists once, as the token embedding. A classifier's head trains in full
+    (what peft's `modules_to_save` does): it is new, and no adapter of the body can stand in for it."""
     import peft
 
     peft.inject_adapter_in_model(peft_config(cfg), model)
+    if model.config.labels:
+        model.score.requires_grad_(True)
     model.register_state_dict_post_hook(_drop_frozen)
     return model
 
@@ -70,9 +73,12 @@ def trainable_params(model: torch.nn.Module) -> int:
 
 
 def weights_sha256(model: GPT) -> str:
-    """SHA-256 of the model's weights (names, shapes, dtypes and bytes), whatever file they came from."""
+    """SHA-256 of the model's weights (names, shapes, dtypes and bytes), whatever file they came from; of a
+    classifier, all but its head, which trains with the adapters (so is no part of the frozen base)."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if name.startswith("score."):
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -5,6 +5,9 @@ Parameter names follow OpenAI / Hugging Face (`transformer.wte`, `transformer.h.
 difference is that our linear layers are `nn.Linear` ((out, in) weights) where Hugging Face
 uses `Conv1D` ((in, out) weights). `gpt2dist.models.hf` does that transpose.
 
+A classifier (`GPTConfig.labels`) adds the `score` head of `GPT2ForSequenceClassification`: a
+linear layer without bias on the hidden state of each row's last token that is not padding.
+
 This module is single-device code: it never imports DeepSpeed. Parallelism, precision and
 optimizer state are applied from outside by `gpt2dist.training.engine`.
 """
@@ -17,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2dist.data.tokenizer import EOT
 from gpt2dist.models.chunked_loss import chunked_lm_loss
 
 
@@ -38,9 +42,13 @@ class GPTConfig:
     mlp_hidden: tuple[int, ...] | None = None
     # Consecutive layers that run one block's weights (ALBERT's cross-layer sharing); 1: every layer its own.
     share_layers: int = 1
+    # A classifier's class names, in the order of the score head's rows; empty: a language model.
+    labels: tuple[str, ...] = ()
+    pad_token_id: int = EOT  # a classifier's padding, as Hugging Face's config.pad_token_id
 
     def __post_init__(self):
         assert self.n_layer % self.share_layers == 0, "share_layers must divide n_layer"
+        self.labels = tuple(self.labels)
         if self.mlp_hidden is not None:
             self.mlp_hidden = tuple(self.mlp_hidden)
             assert len(self.mlp_hidden) == self.n_blocks, "mlp_hidden needs one width per distinct block"
@@ -48,7 +56,11 @@ class GPTConfig:
     def shape(self) -> dict:
         """What decides whether weights fit this network (the vocabulary's padding aside)."""
         return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
-                                              "mlp_hidden", "share_layers")}
+                                              "mlp_hidden", "share_layers", "labels")}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
 
     @property
     def n_blocks(self) -> int:
@@ -170,6 +182,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.labels:
+            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.apply(self._init_weights)
         with torch.no_grad():
             # Padding rows stay zero: no token id reaches them and their logits are dropped, so
@@ -202,6 +216,7 @@ class GPT(nn.Module):
 
         With a cache, idx continues the cached positions (the cache is updated in place).
         With targets and loss_chunk > 0, the logits are never formed: returns (None, loss).
+        A classifier returns (logits (B, num_labels), loss or None); its targets are labels (B,).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -221,6 +236,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if self.config.labels:
+            return self._classify(idx, x, targets)
         if targets is not None and self.loss_chunk > 0:
             return None, chunked_lm_loss(x, self.lm_head.weight, targets, self.config.vocab_size, self.loss_chunk)
         logits = self.lm_head(x)  # (B, T, padded vocab)
@@ -232,3 +249,13 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits[..., : self.config.vocab_size], loss
+
+    def _classify(self, idx: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None):
+        """The score head on the hidden state of each row's rightmost token that is not padding (as Hugging
+        Face's GPT2ForSequenceClassification finds it), and the cross-entropy on `labels` (B,)."""
+        B, T = idx.shape
+        positions = torch.arange(T, device=idx.device)
+        last = (positions * (idx != self.config.pad_token_id)).argmax(-1)  # (B,)
+        logits = self.score(x[torch.arange(B, device=idx.device), last])  # (B, num_labels)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return logits, loss

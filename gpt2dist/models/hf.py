@@ -6,7 +6,9 @@ Names are the same on both sides; Hugging Face keeps the four linear layers of e
 (`attn.bias`, `attn.masked_bias`) that old Hugging Face checkpoints carry are buffers, not
 weights, and are skipped. A model with narrower MLPs (structured pruning) maps to `n_inner` when
 every block has the same width; a model whose layers share blocks (`share_layers`) is written with
-each shared block repeated, as a plain GPT-2 of n_layer layers.
+each shared block repeated, as a plain GPT-2 of n_layer layers. A classifier (`GPTConfig.labels`)
+is `GPT2ForSequenceClassification`: its `score` head (a plain linear layer) under the same name,
+and its labels as `id2label`/`label2id`, with `pad_token_id`, in config.json.
 
 Directories are read and written without transformers: config.json is plain JSON, and weights
 are read from safetensors, or from `pytorch_model.bin` through `gpt2dist.safe_load`, so a
@@ -29,6 +31,7 @@ from gpt2dist.data.tokenizer import EOT, hf_tokenizer_files
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
+CLASSIFIER = "GPT2ForSequenceClassification"
 
 
 class HFError(RuntimeError):
@@ -47,18 +50,32 @@ def config_from_hf(hf_config) -> GPTConfig:
         vocab_size=hf_config.vocab_size,
         dropout=0.0,
         layer_norm_epsilon=hf_config.layer_norm_epsilon,
+        labels=hf_labels(hf_config),
     )
 
 
+def hf_labels(hf_config) -> tuple[str, ...]:
+    """A sequence classifier's class names, in id order; () for a language model."""
+    if CLASSIFIER not in (getattr(hf_config, "architectures", None) or []):
+        return ()
+    id2label = hf_config.id2label
+    return tuple(id2label[k] for k in sorted(id2label, key=int))  # keys are strings in config.json
+
+
 def hf_config_dict(config: GPTConfig) -> dict:
-    """config.json of a `GPT2LMHeadModel` with our shape (dropout off: exported models are for use)."""
+    """config.json of a `GPT2LMHeadModel` (a classifier: `GPT2ForSequenceClassification`) with our shape
+    (dropout off: exported models are for use)."""
     widths = {config.mlp_width(b) for b in range(config.n_blocks)}
     if len(widths) > 1:
         raise HFError(f"MLP widths {config.mlp_hidden} differ between blocks; Hugging Face's GPT-2 has one n_inner")
     (width,) = widths
+    classifier = {"id2label": dict(enumerate(config.labels)),
+                  "label2id": {label: i for i, label in enumerate(config.labels)},
+                  "pad_token_id": config.pad_token_id} if config.labels else {}
     return {
         "n_inner": None if width == 4 * config.n_embd else width,
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [CLASSIFIER if config.labels else "GPT2LMHeadModel"],
+        **classifier,
         "model_type": "gpt2",
         "n_layer": config.n_layer,
         "n_head": config.n_head,
@@ -91,6 +108,8 @@ def read_hf_config(hf_dir: Path) -> GPTConfig:
         "scale_attn_by_inverse_layer_idx": (raw.get("scale_attn_by_inverse_layer_idx", False), False),
         "tie_word_embeddings": (raw.get("tie_word_embeddings", True), True),
     }
+    if CLASSIFIER in (raw.get("architectures") or []):  # our classifier pads with <|endoftext|>
+        differences["pad_token_id"] = (raw.get("pad_token_id"), EOT)
     for key, (value, allowed) in differences.items():
         if value != allowed and not (isinstance(allowed, tuple) and value in allowed):
             raise HFError(f"{path}: {key}={value!r} is not the GPT-2 architecture gpt2dist implements")
@@ -107,7 +126,7 @@ def from_hf_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] 
     """
     if name.endswith(_BUFFERS) or name == "lm_head.weight":
         return None
-    if not name.startswith("transformer."):
+    if not name.startswith("transformer.") and name != "score.weight":
         name = "transformer." + name
     return name, (tensor.t() if name.endswith(_TRANSPOSED) else tensor)
 

@@ -14,7 +14,7 @@ at a time so that loading or exporting never holds the model twice.
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +135,9 @@ def load_adapted(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GP
     ckpt_dir = Path(ckpt_dir)
     saved = _saved_config(ckpt_dir)
     base = read_manifest(ckpt_dir)["train_state"]["base"]
-    model = load_model(base["path"], device)
+    config = gpt_config(saved.model)
+    # A classifier's head trained with its adapters: the base is the rest (see adapters.weights_sha256).
+    model = load_into(empty_model(config, device), base["path"]) if config.labels else load_model(base["path"], device)
     if adapters.weights_sha256(model) != base["sha256"]:
         raise WeightsError(f"{ckpt_dir}: its adapters were trained on {base['path']}, whose weights have changed "
                            f"since (SHA-256 {base['sha256'][:12]} expected)")
@@ -158,8 +160,9 @@ def empty_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
     return model
 
 
-def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> GPT:
-    """Copy (name, tensor) pairs into the model, checking that every weight is given exactly once."""
+def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path, fresh: Collection[str] = ()) -> GPT:
+    """Copy (name, tensor) pairs into the model, checking that every weight is given exactly once; the
+    weights named in `fresh` may be missing (they keep their values)."""
     targets = model.state_dict()
     loaded = set()
     with torch.no_grad():
@@ -173,7 +176,7 @@ def fill(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) 
                 raise WeightsError(f"{source}: {name} {tuple(tensor.shape)} does not fit the model ({expected})")
             targets[name].copy_(tensor)
             loaded.add(name)
-    missing = sorted(set(targets) - loaded - {"lm_head.weight"})
+    missing = sorted(set(targets) - loaded - {"lm_head.weight", *fresh})
     if missing:
         raise WeightsError(f"{source}: {len(missing)} weights missing, such as {missing[0]}")
     return model
@@ -244,9 +247,13 @@ def describe(path: str | Path, model: GPT) -> str:
 
 def load_into(model: GPT, path: str | Path) -> GPT:
     """Overwrite a model's weights with those at `path` (to start training from them); the shapes must match
-    (the vocabulary's padding may differ)."""
+    (the vocabulary's padding may differ). A language model's weights start a classifier, whose head
+    keeps its values (a new head)."""
     config, tensors, source = open_weights(path)
     theirs, ours = config.shape(), model.config.shape()
+    fresh = {"score.weight"} if model.config.labels and not config.labels else set()
+    if fresh:
+        theirs["labels"] = ours["labels"]
     if theirs != ours:
         raise WeightsError(f"{source}: model {theirs} does not match {ours}")
-    return fill(model, tensors, source)
+    return fill(model, tensors, source, fresh)

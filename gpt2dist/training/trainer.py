@@ -23,10 +23,9 @@ from gpt2dist.data.builtin_corpus import source_corpus
 from gpt2dist.config import (KEEP_BEST, ConfigError, DataMode, Precision, Resume, Task, check, data_mode,
                              data_sources, gpt_config, grad_accum_steps, tokens_per_step)
 from gpt2dist.data.loader import open_split
-from gpt2dist.data.sft import is_sft
 from gpt2dist.models import adapters
 from gpt2dist.models.adapters import PeftMethod
-from gpt2dist.training import sft_eval
+from gpt2dist.training import classify_eval, sft_eval
 from gpt2dist.training.engine import check_precision
 from gpt2dist.evaluate import run_evals
 from gpt2dist.generate import generate
@@ -36,11 +35,16 @@ from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_toke
 from gpt2dist.models.gpt import GPT
 from gpt2dist.models.prune import fixed_masks, keep_masks
 from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
-from gpt2dist.data.shards import CorpusError, check_tokenizer, read_manifest
+from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest
 from gpt2dist.data.stream import ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.validation import mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import find_checkpoint, load_into
+
+
+# What each task trains on, as a corpus's manifest says (`corpus_task`).
+CORPUS_KINDS = {"pretrain": "a pretraining corpus", "sft": "fine-tuning examples (data_tools.sft)",
+                "classify": "classification examples (data_tools.classify)"}
 
 
 def run_name(run_dir: Path) -> str:
@@ -84,6 +88,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.metrics = self.preemption = None
+        self.stores = {}  # data.mode=stream: each source's shard store (_build_data)
         check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
         if cfg.train.retain_freed_memory:
             malloc.retain_freed_memory()  # before the large tensors are first allocated
@@ -99,6 +104,8 @@ class Trainer:
         cfg = self.cfg
         check_precision(Precision(cfg.train.precision))
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
+        if cfg.task.name == Task.classify:
+            self._take_labels()  # before a checkpoint is checked: they are part of the model's shape
         tag = self._run_directory()
         self._build_data(tag)
         self.universal = self._universal(tag)
@@ -144,6 +151,19 @@ class Trainer:
                    f"{self.env.world_size}: loading its universal form ({made}), {ckpt_dir / checkpoint.UNIVERSAL}")
         return True
 
+    def _take_labels(self) -> None:
+        """task=classify: model.labels, the classes of the score head, are the corpus's (every source's the same).
+        A corpus of another kind is left to _build_data to refuse."""
+        cfg = self.cfg
+        sets = {tuple(read_manifest(self._corpus(s)).get("labels", ())) for s in data_sources(cfg)}
+        if len(sets) > 1:
+            raise CorpusError(f"data.sources: their label sets differ ({' vs '.join(map(str, sorted(sets)))})")
+        (labels,) = sets
+        if cfg.model.labels and tuple(cfg.model.labels) != labels:
+            raise ConfigError(f"model.labels={list(cfg.model.labels)} differ from the corpus's labels {list(labels)}: "
+                              "leave model.labels out, task=classify takes them from the corpus")
+        cfg.model.labels = list(labels)
+
     def _checkpoint_dir(self, tag: str) -> Path:
         return checkpoint.checkpoint_root(self.run_dir) / tag
 
@@ -172,10 +192,10 @@ class Trainer:
         for name, path, _ in self.sources:
             manifest = self.train_windows[name].blocks.manifest
             check_tokenizer(manifest, path, cfg.model.vocab_size)
-            if is_sft(manifest) != (task == Task.sft):
-                kind = "fine-tuning examples (data_tools.sft)" if is_sft(manifest) else "a pretraining corpus"
-                raise CorpusError(f"{path}: holds {kind}, not data for task={task.value}: "
-                                  f"use task={'sft' if is_sft(manifest) else 'pretrain'}")
+            kind = corpus_task(manifest)
+            if kind != task.value:
+                raise CorpusError(f"{path}: holds {CORPUS_KINDS.get(kind, kind)}, not data for task={task.value}: "
+                                  f"use task={kind}")
         t = cfg.train
         if t.epochs:
             samples = sum(len(w) for (_, _, weight), w in zip(self.sources, self.train_windows.values()) if weight > 0)
@@ -379,6 +399,13 @@ class Trainer:
         if self.dev_prompts and self.dev_prompts[0]:
             scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
             values.update({f"val_{k}": v for k, v in scores.items()})
+        if self.cfg.task.name == Task.classify and self.val:
+            # One more pass over the dev batches: mean_loss keeps no logits.
+            self.engine.eval()
+            scores = classify_eval.scores(self.engine, next(iter(self.val.values())), len(self.cfg.model.labels),
+                                          self.env.world_size)
+            self.engine.train()
+            values.update({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]})
         return values
 
     def _improved(self, values: dict[str, float]) -> bool:
@@ -473,7 +500,7 @@ class Trainer:
                 return EXIT_REQUEUE
             if values:
                 t0, steps_since_log = time.perf_counter(), 0
-        if self.cfg.task.name == Task.sft and self.cfg.task.test:
+        if self.cfg.task.name in (Task.sft, Task.classify) and self.cfg.task.test:
             self.test()
         self.sample()
         return 0
@@ -486,8 +513,8 @@ class Trainer:
         return self.last_val_loss
 
     def test(self) -> None:
-        """Score the test split (loss, BLEU, chrF) with the best checkpoint's weights (train.keep_best) or
-        the last ones; logged as test_* and written to <run_dir>/test.json."""
+        """Score the test split (loss, and BLEU, chrF or accuracy, macro-F1) with the best checkpoint's weights
+        (train.keep_best) or the last ones; logged as test_* and written to <run_dir>/test.json."""
         cfg = self.cfg
         _, path, _ = self.sources[0]
         examples = open_split(path, "test", cfg.data.seq_len)
@@ -497,13 +524,18 @@ class Trainer:
         if self.best and self.best["tag"] != checkpoint.tag_of(self.step):
             checkpoint.load(self.engine, self.run_dir, self.best["tag"], self.env.rank, adapters_only=self.adapted)
         self.engine.eval()
-        loss, tokens = mean_loss(self.engine, rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank,
-                                                           self.env.world_size), self.env.world_size)
-        scores = sft_eval.generation_scores(self.engine, *sft_eval.split_prompts(examples, len(examples)),
-                                            cfg.task.max_new_tokens)
+        batches = list(rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank,
+                                    self.env.world_size))
+        if cfg.task.name == Task.classify:
+            scores = classify_eval.scores(self.engine, batches, len(cfg.model.labels), self.env.world_size)
+            scores = {f"test_{k}": v for k, v in scores.items()}
+        else:
+            loss, tokens = mean_loss(self.engine, batches, self.env.world_size)
+            generated = sft_eval.generation_scores(self.engine, *sft_eval.split_prompts(examples, len(examples)),
+                                                   cfg.task.max_new_tokens)
+            scores = {"test_loss": loss, "response_tokens": tokens, **{f"test_{k}": v for k, v in generated.items()}}
         result = {"checkpoint": self.best["tag"] if self.best else checkpoint.tag_of(self.step),
-                  "examples": len(examples), "test_loss": loss, "response_tokens": tokens,
-                  **{f"test_{k}": v for k, v in scores.items()}}
+                  "examples": len(examples), **scores}
         if self.is_main:
             (self.run_dir / "test.json").write_text(json.dumps(result, indent=1) + "\n")
             self.metrics.log(self.step, {k: v for k, v in result.items() if k.startswith("test_")})
@@ -512,7 +544,7 @@ class Trainer:
     def sample(self) -> None:
         """Print a short continuation of train.sample_prompt (every rank generates: ZeRO-3 needs them all)."""
         t = self.cfg.train
-        if t.sample_tokens <= 0:
+        if t.sample_tokens <= 0 or self.cfg.model.labels:  # a classifier does not generate
             return
         enc = get_tokenizer()
         idx = torch.tensor([enc.encode_ordinary(t.sample_prompt)], device=self.device)

@@ -1,0 +1,85 @@
+"""Prepare classification examples for `python train.py task=classify data.path=...`.
+
+    python -m data_tools.classify --output data/topics --seq-len 128 examples.jsonl      # split by hash
+    python -m data_tools.classify --output data/topics --seq-len 128 --train train.jsonl --dev dev.jsonl --test test.jsonl
+
+Input: JSON Lines (optionally `.gz` or `.zst`), one example a line: `{"text": ..., "label": ...}`
+(field names: --text-field, --label-field; a label is a string or an integer). Splits as for
+`data_tools.sft`: given as files, or by a stable hash of each text. The label set is --labels (in
+that order), or else the labels of the train split (sorted); the manifest records it with the
+count of each label in each split. See `gpt2dist.data.classify` for the format.
+
+A bad row (malformed JSON, a missing field, an empty text, a text longer than --seq-len, a label
+outside the label set: in any split when --labels gives it, in dev and test when it comes from
+train) stops the preparation with one line naming the file and line, and nothing is written;
+--skip-bad skips such rows instead, and counts them in the manifest.
+"""
+
+import argparse
+import sys
+
+from data_tools.sft import Rows, add_split_arguments, read_splits
+from data_tools.sources import InputError
+from gpt2dist.data.classify import LabelledText, prepare_classify, text_ids
+from gpt2dist.data.sft import SPLITS, ExampleError
+
+LABELS_SHOWN = 10  # labels an error lists
+
+
+class LabelledRows(Rows):
+    """The labelled texts of JSON Lines files (see `Rows`)."""
+
+    def _example(self, raw: bytes, where: str) -> LabelledText:
+        text_field, label_field = self.fields
+        record = self._record(raw, where, (text_field,))
+        label = record.get(label_field)
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise InputError(f"{where}: no string or integer field {label_field!r}")
+        text_ids(record[text_field], self.seq_len)  # refuses an empty text or one too long
+        return LabelledText(record[text_field], str(label), where)
+
+    def check_labels(self, splits: dict[str, list[LabelledText]], given: list[str] | None) -> list[str]:
+        """The label set (`given`, or the train split's); examples with a label outside it are bad rows."""
+        labels = given or sorted({e.label for e in splits["train"]})
+        shown = ", ".join(labels[:LABELS_SHOWN]) + (", ..." if len(labels) > LABELS_SHOWN else "")
+        named = f"--labels ({shown})" if given else f"the train split's labels ({shown})"
+        for split in SPLITS:
+            if given or split != "train":
+                for e in splits[split]:
+                    if e.label not in labels:
+                        self._bad(f"{e.where}: label {e.label!r} is not among {named}")
+                splits[split] = [e for e in splits[split] if e.label in labels]
+        return labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.classify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_split_arguments(p)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--labels", nargs="+", help="the label set, in the order of the class ids (default: the train "
+                                               "split's labels, sorted)")
+    args = p.parse_args(argv)
+    if args.labels and len(set(args.labels)) != len(args.labels):
+        p.error("--labels: each label once")
+    rows = LabelledRows(args.text_field, args.label_field, args.seq_len, args.skip_bad)
+    try:
+        splits, split_by, source = read_splits(p, args, rows)
+        labels = rows.check_labels(splits, args.labels)
+        manifest = prepare_classify(splits, labels, args.output, args.seq_len, source, args.overwrite, rows.skipped,
+                                    split_by)
+    except (InputError, ExampleError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = manifest["examples"]
+    print(f"examples: {counts['train']:,} train, {counts['val']:,} dev, {counts['test']:,} test; "
+          f"{len(labels)} labels")
+    if rows.skipped:
+        print(f"skipped {rows.skipped:,} bad rows (--skip-bad)")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
