@@ -20,7 +20,7 @@ from gpt2dist.data.builtin_corpus import documents
 from gpt2dist.data.loader import SampleStream, train_loader, train_windows
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.shards import read_manifest
-from gpt2dist.data.stream import ShardStore, stream_loader
+from gpt2dist.data.stream import Rounds, ShardStore, stream_loader
 
 SEQ, MICRO, BATCHES = 256, 8, 400
 
@@ -64,7 +64,7 @@ def main() -> None:
         store = ShardStore(url, tmp / f"cache{r}")  # a cold cache each round: every shard comes over HTTP
         store.local_corpus(splits=())
         results[f"stream (HTTP, +{args.latency_ms:g} ms)"].append(
-            tokens_per_s(stream_loader(store, manifest, SEQ, MICRO, 8, r, 0, 1, 0, 0, prefetch=2)))
+            tokens_per_s(stream_loader([(store, manifest)], Rounds([1.0], r, 8, MICRO), SEQ, 0, 1, 0, 0, prefetch=2)))
     print(f"corpus: {manifest['splits']['train']['tokens']:,} tokens in {len(manifest['splits']['train']['shards'])} "
           f"shards; {BATCHES} micro-batches of {MICRO} x {SEQ} tokens; 1 process, no workers")
     for name, values in results.items():

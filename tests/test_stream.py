@@ -19,7 +19,7 @@ from gpt2dist.data.builtin_corpus import documents
 from gpt2dist.data.loader import Windows
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.shards import TokenBlocks, read_manifest
-from gpt2dist.data.stream import ShardPlan, ShardStore, ShardUnavailable, stream_loader
+from gpt2dist.data.stream import Rounds, ShardPlan, ShardStore, ShardUnavailable, stream_loader
 from gpt2dist.training.checkpoint import latest_tag
 from tests.test_data_stream import rewind
 from tests.conftest import TINY, read_metrics, run_train, train_cfg
@@ -59,7 +59,8 @@ def micro_batches(url: str, cache: Path, rank: int, world: int, start: int, n: i
     """This rank's first n micro-batches (token arrays) from sample `start` on, with a fresh cache."""
     store = ShardStore(url, cache, retries=0)
     manifest = read_manifest(store.local_corpus())
-    loader = stream_loader(store, manifest, SEQ, MICRO, LANES, 1337, rank, world, start, workers, prefetch=2)
+    loader = stream_loader([(store, manifest)], Rounds([1.0], 1337, LANES, MICRO), SEQ, rank, world, start, workers,
+                           prefetch=2)
     return [np.concatenate([x, y[:, -1:]], axis=1).astype(np.uint16) for x, y in islice(loader, n)]
 
 
@@ -146,7 +147,7 @@ def test_corrupt_shard_stops_the_run_naming_its_url(server, tmp_path):
 def test_pipe_commands_and_unreachable_servers(small_shards, tmp_path):
     store = ShardStore(f"pipe:cat {small_shards}/{{file}}", tmp_path / "cache", retries=0)
     manifest = read_manifest(store.local_corpus())
-    loader = stream_loader(store, manifest, SEQ, MICRO, LANES, 1, 0, 1, 0, 0, prefetch=0)
+    loader = stream_loader([(store, manifest)], Rounds([1.0], 1, LANES, MICRO), SEQ, 0, 1, 0, 0, prefetch=0)
     assert next(iter(loader))[0].shape == (MICRO, SEQ)
     store = ShardStore(f"pipe:cat {tmp_path}/nothing/{{file}}", tmp_path / "cache", retries=1, backoff_s=0.01)
     with pytest.raises(ShardUnavailable, match=re.escape(f"cat {tmp_path}/nothing/manifest.json: exit status 1")):
