@@ -90,7 +90,11 @@ def open_url(url: str, timeout: float = 30):
         try:
             return fsspec.open(url, "rb").open()
         except ImportError:  # no use retrying
-            raise ShardUnavailable(f"{url}: reading s3:// needs s3fs (pip install gpt2dist[s3])") from None
+            raise ShardUnavailable(f"{url}: reading s3:// needs s3fs (pip install s3fs)") from None
+        except OSError:
+            raise
+        except Exception as e:  # botocore's own (no credentials, a bad endpoint), retried as network errors
+            raise OSError(f"{type(e).__name__}: {e}") from e
     return urllib.request.urlopen(url, timeout=timeout)
 
 
