@@ -162,7 +162,7 @@ def test_shard_lost_before_step_1_on_one_of_two_ranks_stops_both(server, tmp_pat
     (root / lost).unlink()
     run_dir = tmp_path / "run"
     result = run_train(stream_overrides(url, run_dir, "data.stream.retries=0"), nproc=2, timeout=180)
-    assert result.returncode != 0
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 2 ") == 2  # torchrun's report of each rank
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert sorted(errors) == sorted([f"error: {url}{lost}: HTTP 404 File not found (after 1 tries)",
                                      "error: a shard was unavailable on another rank (see its error)"])
