@@ -8,7 +8,8 @@
 3. memory: peak resident memory of a process streaming one epoch of a corpus, for two corpus
    sizes, against the bound: a decoded shard per lane (the shuffle window) and one more being
    decoded; the cache, on disk, held to its budget.
-4. resume: seconds to the first micro-batch of a resume, cold cache, at growing sample counts.
+4. resume: seconds to the first micro-batch of a resume, cold cache, at growing sample counts, in
+   a corpus of 100,000 shards (hard links to the small one's) and in the small one (read thousands of times).
 
 Each loader is 1 process, no DataLoader workers; the servers are other processes.
 
@@ -249,14 +250,34 @@ def memory(base: Path, tmp: Path, shard_mb: float, budget_mb: float, sizes: tupl
     return out
 
 
+def linked(corpus: Path, out: Path, shards: int) -> Path:
+    """A corpus of `shards` training shards, hard links to `corpus`'s in turn: a large corpus for
+    what a resume reads (the manifest, then one shard per lane), on little disk."""
+    out.mkdir()
+    manifest = read_manifest(corpus)
+    own = manifest["splits"]["train"]["shards"]
+    listed = []
+    for i in range(shards):
+        shard = own[i % len(own)]
+        os.link(corpus / shard["file"], out / f"train-{i:06d}.tar")
+        listed.append({**shard, "file": f"train-{i:06d}.tar"})
+    manifest["splits"] = {"train": {**manifest["splits"]["train"], "shards": listed},
+                          "val": {**manifest["splits"]["val"], "shards": []}}
+    write_manifest(out, manifest)
+    return out
+
+
 def resume(corpus: Path, tmp: Path, rounds: int, starts: tuple[int, ...]) -> dict:
+    """Seconds from making the loader (the manifest already read) to its first micro-batch, cold cache."""
     server = Server(corpus)
+    manifest = read_manifest(ShardStore(server.url, tmp / "manifest").local_corpus(splits=()))
     out = {f"{s:.0e} samples": [] for s in starts}
     try:
         for r in range(rounds):
             for s in starts:
+                store = ShardStore(server.url, tmp / f"resume{r}-{s}")
                 t = time.perf_counter()
-                next(iter(stream_batches(server.url, tmp / f"resume{r}-{s}", start=s)))
+                next(iter(stream_loader([(store, manifest)], Rounds([1.0], r, LANES, MICRO), SEQ, 0, 1, s, 0, 2)))
                 out[f"{s:.0e} samples"].append(time.perf_counter() - t)
     finally:
         server.stop()
@@ -288,7 +309,9 @@ def main() -> None:
                    "corpus_tokens": read_manifest(corpus)["splits"]["train"]["tokens"],
                    "latency": latency(corpus, tmp, args.rounds, args.latency_ms),
                    "per_core": per_core(corpus, tmp, args.rounds),
-                   "resume_s": resume(corpus, tmp, args.rounds, (0, 10**4, 10**6, 10**8)),
+                   "resume_s, 100k-shard corpus": resume(linked(corpus, tmp / "linked", 100_000), tmp, args.rounds,
+                                                         (0, 10**4, 10**6, 10**8)),
+                   "resume_s, the 9-shard corpus": resume(corpus, tmp, args.rounds, (0, 10**4, 10**6, 10**8)),
                    "memory": memory(base, tmp, shard_mb=4, budget_mb=32, sizes=(64, 256))}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,8 +331,9 @@ def report(results: dict) -> None:
     core = results["per_core"]
     print(f"local server: {spread(core['tokens/s'])} M tokens/s, "
           f"{spread(core['tokens per CPU-second'])} M tokens per CPU-second")
-    for key, values in results["resume_s"].items():
-        print(f"resume at {key}: {spread(values, 1)} s to the first micro-batch")
+    for corpus in ("100k-shard corpus", "the 9-shard corpus"):
+        for key, values in results[f"resume_s, {corpus}"].items():
+            print(f"resume at {key}, {corpus}: {spread(values, 1)} s to the first micro-batch")
     for key, m in results["memory"].items():
         print(f"memory, {key} ({m['shards']} shards): peak RSS {m['peak_rss_mib']:.0f} MiB, "
               f"{m['peak_rss_mib'] - m['rss_after_first_batch_mib']:.0f} MiB above the first batch's; "

@@ -116,6 +116,13 @@ def test_an_epoch_reads_every_window_once(small_shards):
         assert sorted(s for e, s in slots if e == epoch) == list(range(len(shards)))
     assert [s for e, s in slots if e == 0] != [s for e, s in slots if e == 1]
     assert sorted(plan.order(0, 3)) == list(range(8)) and list(plan.order(0, 3)) != list(plan.order(1, 3))
+    plan.sizes[::3] *= 2  # shards of two sizes: a seek skips each by its own
+    for lane, start in [(0, 0), (1, 7), (2, 8), (3, 1000), (1, 12345)]:
+        j, position = 0, start
+        while position >= (size := plan.sizes[plan.slot(lane, j)[1]]):  # one slot after another
+            position, j = position - size, j + 1
+        assert plan.seek(lane, start) == (j, position)
+
 
 
 def test_cache_stays_within_its_budget(server, tmp_path):

@@ -269,24 +269,35 @@ class ShardPlan:
     def __init__(self, shards: list[dict], per_block: int, lanes: int, seed: int, source: int = 0):
         self.shards, self.per_block, self.lanes = shards, per_block, lanes
         self.key = (seed, STREAM_KEY, source)  # each source of a mixture its own permutations
+        self.sizes = np.array([s["blocks"] for s in shards], dtype=np.int64) * per_block  # windows of each shard
         self._epoch: tuple[int, Permutation] | None = None
+
+    def _permutation(self, epoch: int) -> Permutation:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = epoch, Permutation(len(self.shards), (*self.key, epoch))
+        return self._epoch[1]
 
     def slot(self, lane: int, j: int) -> tuple[int, int]:
         """(epoch, shard) of lane `lane`'s j-th shard."""
         epoch, i = divmod(lane + j * self.lanes, len(self.shards))
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = epoch, Permutation(len(self.shards), (*self.key, epoch))
-        return epoch, int(self._epoch[1](np.array([i]))[0])
+        return epoch, int(self._permutation(epoch)(np.array([i]))[0])
 
     def windows(self, shard: int) -> int:
-        return self.shards[shard]["blocks"] * self.per_block
+        return int(self.sizes[shard])
 
     def seek(self, lane: int, position: int) -> tuple[int, int]:
-        """(slot j, window within it) of sample `position` of a lane: whole shards skipped by size."""
-        j = 0
-        while position >= (n := self.windows(self.slot(lane, j)[1])):
-            position, j = position - n, j + 1
-        return j, position
+        """(slot j, window within it) of sample `position` of a lane: whole shards skipped by their
+        sizes in the manifest, all of the lane's slots of an epoch at once."""
+        n, j = len(self.shards), 0
+        while True:
+            epoch = (lane + j * self.lanes) // n
+            end = -(-((epoch + 1) * n - lane) // self.lanes)  # the lane's first slot in the next epoch
+            slots = np.arange(j, end)
+            ends = np.cumsum(self.sizes[self._permutation(epoch)(lane + slots * self.lanes - epoch * n)])
+            k = int(np.searchsorted(ends, position, side="right"))  # the slot that holds the sample
+            if k < len(slots):
+                return j + k, position - (int(ends[k - 1]) if k else 0)
+            position, j = position - int(ends[-1]), end
 
     def order(self, epoch: int, shard: int) -> np.ndarray:
         """The seeded order in which a lane reads the windows of a shard in an epoch."""
