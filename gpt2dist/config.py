@@ -106,8 +106,8 @@ class SourceConfig:
 
     name: str = MISSING  # logged as tokens/<name> and val/<name>
     # A corpus prepared by `python -m data_tools.prepare`: a directory, or (data.mode=stream) an http(s)://
-    # or s3:// URL of one, or a `pipe:` command with {file}, any of them ending in a brace pattern of
-    # training shards (.../train-{000000..000009}.tar); null: the built-in `builtin`
+    # or s3:// URL of one, or a `pipe:` command with {file}; a directory or URL may end in a brace pattern
+    # of training shards (.../train-{000000..000009}.tar); null: the built-in `builtin`
     path: Optional[str] = None
     builtin: Builtin = Builtin.stdlib  # with path null: stdlib, pydoc or pycode
     weight: float = 1.0  # share of training samples (normalised over the sources); 0: evaluated, never trained on

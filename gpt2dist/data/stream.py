@@ -2,16 +2,17 @@
 directory or over the network, with the random-access mode's promises: the same batches on resume,
 and a stream that does not depend on the number of ranks.
 
-Where. A corpus location is a local directory, an `http(s)://` URL, an `s3://` URL (through fsspec's
-s3fs) or a `pipe:` command with `{file}` where the file name goes (`pipe:ssh host cat /data/owt/{file}`);
-the manifest is read from the same place. A location may end in a brace pattern of training shards,
-webdataset's convention (`https://host/owt/train-{000000..000099}.tar`): those shards are trained on,
-the manifest and validation split read from the directory they are in. Remote shards are downloaded whole into a local cache with a size
-budget (least recently used shards evicted first), checked against the manifest's SHA-256, fetched
-ahead in the background, and retried with backoff; a shard that stays unreachable or corrupt raises
-`ShardUnavailable`, naming its URL.
+Where. A corpus location is a local directory, an `http(s)://` URL, an `s3://` URL (through
+fsspec's s3fs) or a `pipe:` command with `{file}` where the file name goes (`pipe:ssh host cat
+/data/owt/{file}`); the manifest is read from the same place. A directory or URL may end in a brace
+pattern of training shards, webdataset's convention (`https://host/owt/train-{000000..000099}.tar`):
+those shards are trained on, the manifest and validation split read from their directory. Remote
+shards are downloaded whole into a local cache with a size budget (least recently used shards
+evicted first), checked against the manifest's SHA-256, fetched ahead in the background, and
+retried with backoff; a shard that stays unreachable or corrupt raises `ShardUnavailable`, naming
+its URL.
 
-Order. The training stream of a source is cut into `lanes` (data.stream.lanes) sequential sample streams:
+Order. Each source's training stream is cut into `lanes` (data.stream.lanes) sequential streams:
 - the shard slots of epoch e are a seeded permutation of all shards; slot g of the endless
   sequence (epoch g // n, position g % n) goes to lane g % lanes;
 - a lane reads its shards one after another, the windows of each in a seeded permutation of that
