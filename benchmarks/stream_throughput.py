@@ -18,7 +18,6 @@ Each loader is 1 process, no DataLoader workers; the servers are other processes
 
 import argparse
 import functools
-import http.server
 import json
 import os
 import shutil
@@ -48,53 +47,18 @@ SEQ, MICRO, LANES, BLOCK = 1024, 8, 8, 2048
 MB = 2**20
 
 
-class Handler(http.server.SimpleHTTPRequestHandler):
-    """A file server that waits `latency_s` before each answer and serves `Range: bytes=a-b`."""
-
-    latency_s = 0.0
-
-    def send_head(self):
-        time.sleep(self.latency_s)
-        spec = self.headers.get("Range", "")
-        if not spec.startswith("bytes="):
-            return super().send_head()
-        first, last = (int(x) for x in spec.removeprefix("bytes=").split("-"))
-        with open(self.translate_path(self.path), "rb") as f:
-            f.seek(first)
-            self.part = f.read(last - first + 1)
-        self.send_response(206)
-        self.send_header("Content-Length", str(len(self.part)))
-        self.end_headers()
-        return None
-
-    def do_GET(self):
-        self.part = None
-        super().do_GET()
-        if self.part is not None:
-            self.wfile.write(self.part)
-
-    def log_message(self, *args):
-        pass
-
-
-def serve(directory: str, host: str, port: int, latency_ms: float) -> None:
-    """Run the server (this script with --serve)."""
-    Handler.latency_s = latency_ms / 1000
-    http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, directory=directory)).serve_forever()
-
-
 class Server:
-    """This script's server as a process (in a network namespace, if given): `url`, `stop()`."""
+    """benchmarks/slow_server.py as a process (in a network namespace, if given): `url`, `stop()`."""
 
     def __init__(self, directory: Path, latency_ms: float = 0, host: str = "127.0.0.1", netns: str | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.proc = subprocess.Popen([*prefix, sys.executable, __file__, "--serve", str(directory), "--host", host,
-                                      "--port", str(port), "--latency-ms", str(latency_ms)])
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(Path(__file__).with_name("slow_server.py")),
+                                      str(directory), host, str(port), str(latency_ms)])
         self.url = f"http://{host}:{port}/"
-        for _ in range(200):
+        for _ in range(1200):  # a minute: the machine may be busy
             try:
                 urllib.request.urlopen(self.url + MANIFEST, timeout=5).read()
                 return
@@ -289,13 +253,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-ms", type=float, default=10)
     parser.add_argument("--out", type=Path, default=None, help="also write the results here (JSON)")
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
-    parser.add_argument("--host", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        return serve(args.serve, args.host, args.port, args.latency_ms)
     if args.memory:
         url, cache, budget, n = args.memory
         return epoch_memory(url, cache, float(budget), int(n))

@@ -233,3 +233,19 @@ def test_prepare_writes_through_a_pipe_command_or_to_a_directory_then_served(sma
     assert prepare_main([*args, "--output", f"pipe:cat > {tmp_path}/nowhere/{{file}}"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: cat > {tmp_path}/nowhere/train-000000.tar: exit status 2: ")  # the shell's
+
+
+def test_training_on_a_mixture_streams_each_source_by_weight(server, code_corpus, tmp_path):
+    url, _ = server
+    sources = (f"data.sources=[{{name: prose, path: '{url}', weight: 0.75}}, "
+               f"{{name: code, path: '{code_corpus}', weight: 0.25}}]")
+    metrics = train_cfg([*stream_overrides(url, tmp_path / "run", sources, "train.max_steps=6", "train.ckpt_interval=0",
+                                           "train.sample_tokens=0")], tmp_path / "run")
+    rounds = Rounds([0.75, 0.25], 1337, LANES, MICRO)  # train.seed 1337
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    for m in steps:
+        assert [m["tokens/prose"], m["tokens/code"]] == [n * SEQ for n in rounds.drawn(m["step"] * 4)]
+    assert steps[-1]["tokens/code"] > 0 and steps[-1]["tokens/prose"] > steps[-1]["tokens/code"]
+    evals = [m for m in metrics if "val_loss" in m]
+    assert evals and all(m["val_loss"] == m["val/prose"] != m["val/code"] for m in evals)
