@@ -64,6 +64,7 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"the server at {self.url} did not start")
 
     def stop(self) -> None:
