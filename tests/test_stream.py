@@ -1,7 +1,9 @@
 """Stream mode (gpt2dist/data/stream.py) from a real web server on 127.0.0.1: the stream does not
 depend on the number of ranks or workers, resumes exactly (loader and trainer), an elastic restart
-repeats and skips nothing, the cache stays within its budget, and a corrupt shard stops the run
-naming its URL, after a checkpoint, with exit status 2."""
+repeats and skips nothing, the cache stays within its budget, a corrupt shard stops the run naming
+its URL, after a checkpoint, with exit status 2; brace patterns of shards, mixtures drawn by weight,
+and data_tools.prepare writing through a pipe: command or to a directory then served. Servers run
+as processes, S3 and a shaped network: tests/test_stream_network.py."""
 
 import contextlib
 import functools
