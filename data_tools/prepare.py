@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from data_tools.sources import Documents, InputError, describe_skips, input_files
-from gpt2dist.data.prepare import prepare_corpus
+from gpt2dist.data.prepare import OutputError, prepare_corpus
 from gpt2dist.data.shards import DEFAULT_BLOCK_TOKENS
 
 
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, directories or glob patterns")
-    p.add_argument("--output", required=True, help="directory to create (manifest.json and shards)")
+    p.add_argument("--output", required=True,
+                   help="directory to create (manifest.json and shards), or 'pipe:COMMAND' with {file} where each "
+                        "file's name goes, run once per file with the file on its standard input")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="read only files whose name or path matches this glob pattern (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare_corpus(docs, args.output, source=" ".join(args.inputs), val_fraction=args.val_fraction,
                                   block_tokens=args.block_tokens, shard_mb=args.shard_mb, overwrite=args.overwrite,
                                   workers=args.workers, skipped=lambda: docs.skipped)
-    except (InputError, FileExistsError, ValueError) as e:
+    except (InputError, FileExistsError, ValueError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, s in manifest["splits"].items():

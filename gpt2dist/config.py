@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2dist.data.builtin_corpus import Builtin
-from gpt2dist.data.stream import REMOTE
+from gpt2dist.data.stream import streams_only
 from gpt2dist.training.metric_backends import BACKENDS, WandbMode
 from gpt2dist.models.adapters import PeftMethod
 from gpt2dist.models.gpt import GPTConfig
@@ -113,7 +113,8 @@ class SourceConfig:
 
     name: str = MISSING  # logged as tokens/<name> and val/<name>
     # A corpus prepared by `python -m data_tools.prepare`: a directory, or (data.mode=stream) an http(s)://
-    # or s3:// URL of one, or a `pipe:` command with {file}; null: the built-in `builtin`
+    # or s3:// URL of one, or a `pipe:` command with {file}; a directory or URL may end in a brace pattern
+    # of training shards (.../train-{000000..000009}.tar); null: the built-in `builtin`
     path: Optional[str] = None
     builtin: Builtin = Builtin.stdlib  # with path null: stdlib, pydoc or pycode
     weight: float = 1.0  # share of training samples (normalised over the sources); 0: evaluated, never trained on
@@ -320,7 +321,7 @@ def data_mode(cfg) -> DataMode:
     """data.mode, or where it is null, the mode the data's location calls for: stream for a URL."""
     if cfg.data.mode is not None:
         return DataMode(cfg.data.mode)
-    remote = any(s.path and s.path.startswith(REMOTE) for s in data_sources(cfg))
+    remote = any(s.path and streams_only(s.path) for s in data_sources(cfg))
     return DataMode.stream if remote else DataMode.random
 
 
@@ -419,13 +420,12 @@ def check(cfg, world_size: int) -> None:
     need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources: some weight must be positive")
     need(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
     mode, sources = data_mode(cfg), data_sources(cfg)
-    remote = next((s.path for s in sources if s.path and s.path.startswith(REMOTE)), None)
+    remote = next((s.path for s in sources if s.path and streams_only(s.path)), None)
     need(mode == DataMode.stream or not remote,
          f"data.mode=random reads local directories, not {remote}: use data.mode=stream (or leave it null)")
     if mode == DataMode.stream:
         need(cfg.task.name == Task.pretrain, f"data.mode=stream reads pretraining corpora: task={cfg.task.name.value} "
                                              "reads its examples with data.mode=random")
-        need(len(sources) == 1, "data.mode=stream reads one source: data.sources has several")
         lanes, per_rank = d.stream.lanes, world_size * max(1, d.num_workers)
         need(lanes > 0 and lanes % per_rank == 0, f"data.stream.lanes={lanes} must be a multiple of world size "
              f"{world_size} x max(1, data.num_workers={d.num_workers}) = {per_rank}")

@@ -72,7 +72,8 @@ def test_check_names_the_key(overrides, key):
 
 
 @pytest.mark.parametrize("path,mode", [("data/owt", "random"), ("https://host/owt", "stream"),
-                                       ("s3://bucket/owt", "stream"), ("'pipe:cat /d/{file}'", "stream")])
+                                       ("s3://bucket/owt", "stream"), ("'pipe:cat /d/{file}'", "stream"),
+                                       ("'data/owt/train-{000000..000003}.tar'", "stream")])
 def test_data_mode_follows_the_location(path, mode):
     assert data_mode(make_cfg(f"data.path={path}")) == DataMode(mode)
     assert data_mode(make_cfg(f"data.path={path}", "data.mode=stream")) == DataMode.stream

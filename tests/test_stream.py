@@ -1,11 +1,14 @@
 """Stream mode (gpt2dist/data/stream.py) from a real web server on 127.0.0.1: the stream does not
 depend on the number of ranks or workers, resumes exactly (loader and trainer), an elastic restart
-repeats and skips nothing, the cache stays within its budget, and a corrupt shard stops the run
-naming its URL, after a checkpoint, with exit status 2."""
+repeats and skips nothing, the cache stays within its budget, a corrupt shard stops the run naming
+its URL, after a checkpoint, with exit status 2; brace patterns of shards, mixtures drawn by weight,
+and data_tools.prepare writing through a pipe: command or to a directory then served. Servers run
+as processes, S3 and a shaped network: tests/test_stream_network.py."""
 
+import contextlib
 import functools
-import re
 import hashlib
+import re
 import http.server
 import shutil
 import threading
@@ -18,8 +21,10 @@ import pytest
 from gpt2dist.data.builtin_corpus import documents
 from gpt2dist.data.loader import Windows
 from gpt2dist.data.prepare import prepare_corpus
-from gpt2dist.data.shards import TokenBlocks, read_manifest
-from gpt2dist.data.stream import ShardPlan, ShardStore, ShardUnavailable, stream_loader
+from data_tools.prepare import main as prepare_main
+from gpt2dist.data.loader import MIX_PERIOD
+from gpt2dist.data.shards import CorpusError, TokenBlocks, read_manifest
+from gpt2dist.data.stream import Rounds, ShardPlan, ShardStore, ShardUnavailable, stream_loader
 from gpt2dist.training.checkpoint import latest_tag
 from tests.test_data_stream import rewind
 from tests.conftest import TINY, read_metrics, run_train, train_cfg
@@ -41,26 +46,47 @@ def small_shards(tmp_path_factory) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def serve(root: Path):
+    """Python's web server on 127.0.0.1, in a thread, serving `root`: yields its URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
 @pytest.fixture
 def server(small_shards, tmp_path):
     """A copy of the corpus served over HTTP on 127.0.0.1: (its URL, its directory)."""
     root = tmp_path / "served"
     shutil.copytree(small_shards, root)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with serve(root) as url:
+        yield url, root
 
 
-def micro_batches(url: str, cache: Path, rank: int, world: int, start: int, n: int, workers: int = 0) -> list:
-    """This rank's first n micro-batches (token arrays) from sample `start` on, with a fresh cache."""
-    store = ShardStore(url, cache, retries=0)
-    manifest = read_manifest(store.local_corpus())
-    loader = stream_loader(store, manifest, SEQ, MICRO, LANES, 1337, rank, world, start, workers, prefetch=2)
+def micro_batches(location: str | list[str], cache: Path, rank: int, world: int, start: int, n: int,
+                  workers: int = 0, weights: tuple[float, ...] = (1.0,), retries: int = 0) -> list:
+    """This rank's first n micro-batches (token arrays) from sample `start` on, with a fresh cache,
+    from one location or a mixture of several with these weights."""
+    locations = [location] if isinstance(location, str) else location
+    stores = [ShardStore(where, cache, retries=retries, backoff_s=0.1) for where in locations]
+    sources = [(store, read_manifest(store.local_corpus())) for store in stores]
+    loader = stream_loader(sources, Rounds(list(weights), 1337, LANES, MICRO), SEQ, rank, world, start, workers,
+                           prefetch=2)
     return [np.concatenate([x, y[:, -1:]], axis=1).astype(np.uint16) for x, y in islice(loader, n)]
+
+
+def window_hashes(corpus: Path, files: list[str] | None = None) -> set[str]:
+    """The hashes of every training window of a local corpus (or of these shards of it)."""
+    blocks = TokenBlocks(corpus, "train")
+    windows, starts = Windows(blocks, SEQ), blocks.starts * Windows(blocks, SEQ).per_block
+    picked = [i for i, s in enumerate(blocks.shards) if files is None or s["file"] in files]
+    return set(hashes([windows.tokens(w)[None] for i in picked for w in range(starts[i], starts[i + 1])]))
 
 
 def hashes(batches: list) -> list[str]:
@@ -77,9 +103,7 @@ def test_stream_is_the_same_on_any_world_size_and_resumes_elastically(server, tm
     assert all((a == b).all() for a, b in zip(before + after, whole, strict=True))
     # Nothing repeated, and every sample a window of the corpus.
     drawn = hashes(whole)
-    windows = Windows(TokenBlocks(root, "train"), SEQ)
-    assert len(set(drawn)) == len(drawn) and set(drawn) <= set(hashes([windows.tokens(i)[None]
-                                                                       for i in range(len(windows))]))
+    assert len(set(drawn)) == len(drawn) and set(drawn) <= window_hashes(root)
     # A resume many epochs in fetches one shard per lane (plus the 2 each fetches ahead) to get back.
     micro_batches(url, tmp_path / "c4", 0, 1, 100_000 * MICRO, LANES)
     assert len(list((tmp_path / "c4").glob("stream/*/shards/*.tar"))) <= LANES * 3
@@ -94,6 +118,13 @@ def test_an_epoch_reads_every_window_once(small_shards):
         assert sorted(s for e, s in slots if e == epoch) == list(range(len(shards)))
     assert [s for e, s in slots if e == 0] != [s for e, s in slots if e == 1]
     assert sorted(plan.order(0, 3)) == list(range(8)) and list(plan.order(0, 3)) != list(plan.order(1, 3))
+    plan.sizes[::3] *= 2  # shards of two sizes: a seek skips each by its own
+    for lane, start in [(0, 0), (1, 7), (2, 8), (3, 1000), (1, 12345)]:
+        j, position = 0, start
+        while position >= (size := plan.sizes[plan.slot(lane, j)[1]]):  # one slot after another
+            position, j = position - size, j + 1
+        assert plan.seek(lane, start) == (j, position)
+
 
 
 def test_cache_stays_within_its_budget(server, tmp_path):
@@ -146,10 +177,77 @@ def test_corrupt_shard_stops_the_run_naming_its_url(server, tmp_path):
 def test_pipe_commands_and_unreachable_servers(small_shards, tmp_path):
     store = ShardStore(f"pipe:cat {small_shards}/{{file}}", tmp_path / "cache", retries=0)
     manifest = read_manifest(store.local_corpus())
-    loader = stream_loader(store, manifest, SEQ, MICRO, LANES, 1, 0, 1, 0, 0, prefetch=0)
+    loader = stream_loader([(store, manifest)], Rounds([1.0], 1, LANES, MICRO), SEQ, 0, 1, 0, 0, prefetch=0)
     assert next(iter(loader))[0].shape == (MICRO, SEQ)
     store = ShardStore(f"pipe:cat {tmp_path}/nothing/{{file}}", tmp_path / "cache", retries=1, backoff_s=0.01)
     with pytest.raises(ShardUnavailable, match=re.escape(f"cat {tmp_path}/nothing/manifest.json: exit status 1")):
         store.local_corpus()
     with pytest.raises(ShardUnavailable, match=r"http://127.0.0.1:9/manifest.json: .*refused \(after 2 tries\)"):
         ShardStore("http://127.0.0.1:9", tmp_path / "cache", retries=1, backoff_s=0.01).local_corpus()
+
+
+def test_brace_pattern_trains_on_the_shards_it_names(server, tmp_path):
+    url, root = server
+    epoch = micro_batches(f"{url}train-{{000002..000005}}.tar", tmp_path / "c", 0, 1, 0, 4 * 8 // MICRO)
+    drawn = hashes(epoch)  # 4 one-block shards of 8 windows: one epoch, each window once
+    assert len(drawn) == 32 and set(drawn) == window_hashes(root, [f"train-{i:06d}.tar" for i in range(2, 6)])
+    with pytest.raises(CorpusError, match=re.escape(f"{url}train-999999.tar: not a training shard of "
+                                                    f"{url}manifest.json")):
+        micro_batches(f"{url}train-{{000000,999999}}.tar", tmp_path / "c", 0, 1, 0, 1)
+
+
+def test_mixture_draws_sources_by_weight_and_resumes_exactly(server, code_corpus, tmp_path):
+    url, root = server
+    sources, weights = [url, str(code_corpus)], (0.75, 0.25)  # over HTTP, and from a local directory
+    whole = micro_batches(sources, tmp_path / "c1", 0, 1, 0, 48, weights=weights)
+    rounds = Rounds(list(weights), 1337, LANES, MICRO)
+    corpora = window_hashes(root), window_hashes(code_corpus)
+    counts = [0, 0]
+    for c, batch in enumerate(whole):  # each micro-batch from the source its round names
+        source = rounds.locate(c)[0]
+        assert set(hashes([batch])) <= corpora[source]
+        counts[source] += MICRO
+    assert counts == rounds.drawn(48 * MICRO) and 0 < counts[1] < counts[0]
+    assert rounds.drawn(MIX_PERIOD * LANES * MICRO) == [n * LANES * MICRO for n in (7500, 2500)]  # exact by weight
+    # 2 ranks (rank 0 with 2 workers) for 12 micro-batches, then 1 rank resumes: the same stream.
+    ranks = [micro_batches(sources, tmp_path / f"c2-{r}", r, 2, 0, 6, workers=2 - r, weights=weights) for r in (0, 1)]
+    after = micro_batches(sources, tmp_path / "c3", 0, 1, 12 * MICRO, 36, weights=weights)
+    assert all((a == b).all() for a, b in zip([ranks[c % 2][c // 2] for c in range(12)] + after, whole, strict=True))
+
+
+def test_prepare_writes_through_a_pipe_command_or_to_a_directory_then_served(small_shards, tmp_path, capsys):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, text in zip(range(10), documents("pydoc")):
+        (texts / f"{i:02d}.txt").write_text(text)
+    args = [str(texts), "--block-tokens", "256", "--shard-mb", "0.0001", "--val-fraction", "0.1", "--workers", "1"]
+    piped, directory = tmp_path / "piped", tmp_path / "directory"
+    piped.mkdir()
+    assert prepare_main([*args, "--output", f"pipe:cat > {piped}/{{file}}"]) == 0
+    assert prepare_main([*args, "--output", str(directory)]) == 0
+    names = sorted(p.name for p in directory.iterdir())
+    assert sorted(p.name for p in piped.iterdir()) == names
+    assert all((piped / n).read_bytes() == (directory / n).read_bytes() for n in names)
+    with serve(directory) as url:
+        served = micro_batches(url, tmp_path / "c1", 0, 1, 0, 8)
+    assert all((a == b).all() for a, b in zip(micro_batches(str(piped), tmp_path / "c2", 0, 1, 0, 8), served))
+    # A command that fails: one line naming it, exit status 2.
+    assert prepare_main([*args, "--output", f"pipe:cat > {tmp_path}/nowhere/{{file}}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: cat > {tmp_path}/nowhere/train-000000.tar: exit status 2: ")  # the shell's
+
+
+def test_training_on_a_mixture_streams_each_source_by_weight(server, code_corpus, tmp_path):
+    url, _ = server
+    sources = (f"data.sources=[{{name: prose, path: '{url}', weight: 0.75}}, "
+               f"{{name: code, path: '{code_corpus}', weight: 0.25}}]")
+    metrics = train_cfg([*stream_overrides(url, tmp_path / "run", sources, "train.max_steps=6", "train.ckpt_interval=0",
+                                           "train.sample_tokens=0")], tmp_path / "run")
+    rounds = Rounds([0.75, 0.25], 1337, LANES, MICRO)  # train.seed 1337
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    for m in steps:
+        assert [m["tokens/prose"], m["tokens/code"]] == [n * SEQ for n in rounds.drawn(m["step"] * 4)]
+    assert steps[-1]["tokens/code"] > 0 and steps[-1]["tokens/prose"] > steps[-1]["tokens/code"]
+    evals = [m for m in metrics if "val_loss" in m]
+    assert evals and all(m["val_loss"] == m["val/prose"] != m["val/code"] for m in evals)

@@ -194,7 +194,7 @@ class DevicePrefetch:
 
     def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
         self.batches, self.device = iter(batches), device
-        self.ready = self._copy(next(self.batches))
+        self.ready = None  # fetched by the first step, where the ranks agree on a data error (stream mode)
 
     def _copy(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
@@ -203,5 +203,6 @@ class DevicePrefetch:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, self.ready = self.ready, self._copy(next(self.batches))
+        batch = self.ready if self.ready is not None else self._copy(next(self.batches))
+        self.ready = self._copy(next(self.batches))
         return batch

@@ -8,7 +8,11 @@ are in flight, so memory stays bounded whatever the corpus size.
 The corpus is written into a temporary directory beside the target and renamed into place
 only when complete, so an interrupted preparation never leaves something that looks done. An
 existing output is replaced only if it is a prepared corpus and nothing else (and only when
-asked): a directory gpt2dist did not write is never deleted.
+asked): a directory gpt2dist did not write is never deleted. An output `pipe:<command>` (stream
+mode's convention, gpt2dist/data/stream.py) is a command with `{file}` where each file's name goes,
+run once per file with the file on its standard input (`pipe:ssh host 'cat > /data/owt/{file}'`):
+the corpus is written to a temporary directory first, then sent, the shards before the manifest, so
+that a reader never finds a manifest whose shards are not there yet.
 """
 
 import contextlib
@@ -16,6 +20,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 import zlib
@@ -35,6 +40,10 @@ BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
 CORPUS_FILE = re.compile(r"(train|val|test)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
+
+
+class OutputError(Exception):
+    """An output that could not be written (a `pipe:` command that failed; names the command)."""
 
 
 def is_validation(utf8: bytes, val_fraction: float) -> bool:
@@ -125,10 +134,32 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(old)
 
 
+def send(corpus: Path, command: str) -> None:
+    """Run `command` (with `{file}`) once per file of the corpus, the file on its standard input;
+    the manifest last."""
+    files = sorted(p.name for p in corpus.iterdir() if p.name != MANIFEST) + [MANIFEST]
+    for name in files:
+        one = command.replace("{file}", name)  # names of our own making: nothing to quote
+        with open(corpus / name, "rb") as f:
+            result = subprocess.run(one, shell=True, stdin=f, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            said = result.stderr.decode(errors="replace").strip().splitlines() or [""]
+            raise OutputError(f"{one}: exit status {result.returncode}: {said[-1]}")
+
+
 @contextlib.contextmanager
 def staged(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `out_dir` to write a corpus into; published as `out_dir` when
-    the block ends without an error, removed in any case (see the module docstring)."""
+    """A temporary directory to write a corpus into, beside `out_dir`; published as `out_dir` (or,
+    for `pipe:<command>`, sent through the command) when the block ends without an error, removed
+    in any case (see the module docstring)."""
+    if str(out_dir).startswith("pipe:"):
+        command = str(out_dir).removeprefix("pipe:")
+        if "{file}" not in command:
+            raise OutputError(f"{out_dir}: a pipe: output needs {{file}} where each file's name goes")
+        with tempfile.TemporaryDirectory(prefix="gpt2dist-prepare-") as tmp:
+            yield Path(tmp)
+            send(Path(tmp), command)
+        return
     out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -2,20 +2,25 @@
 directory or over the network, with the random-access mode's promises: the same batches on resume,
 and a stream that does not depend on the number of ranks.
 
-Where. A corpus location is a local directory, an `http(s)://` URL, an `s3://` URL or a `pipe:`
-command with `{file}` where the file name goes (`pipe:ssh host cat /data/owt/{file}`); the manifest
-is read from the same place. Remote shards are downloaded whole into a local cache with a size
-budget (least recently used shards evicted first), checked against the manifest's SHA-256, fetched
-ahead in the background, and retried with backoff; a shard that stays unreachable or corrupt raises
-`ShardUnavailable`, naming its URL.
+Where. A corpus location is a local directory, an `http(s)://` URL, an `s3://` URL (through
+fsspec's s3fs) or a `pipe:` command with `{file}` where the file name goes (`pipe:ssh host cat
+/data/owt/{file}`); the manifest is read from the same place. A directory or URL may end in a brace
+pattern of training shards, webdataset's convention (`https://host/owt/train-{000000..000099}.tar`):
+those shards are trained on, the manifest and validation split read from their directory. Remote
+shards are downloaded whole into a local cache with a size budget (least recently used shards
+evicted first), checked against the manifest's SHA-256, fetched ahead in the background, and
+retried with backoff; a shard that stays unreachable or corrupt raises `ShardUnavailable`, naming
+its URL.
 
-Order. The training stream is cut into `lanes` (data.stream.lanes) sequential sample streams:
+Order. Each source's training stream is cut into `lanes` (data.stream.lanes) sequential streams:
 - the shard slots of epoch e are a seeded permutation of all shards; slot g of the endless
   sequence (epoch g // n, position g % n) goes to lane g % lanes;
 - a lane reads its shards one after another, the windows of each in a seeded permutation of that
   shard (the shuffle window is one shard; a micro-batch mixes nothing across lanes);
-- global micro-batch c is the (c // lanes)-th micro-batch of lane c % lanes, and goes to rank
-  c % world_size, as in the random-access mode.
+- the global micro-batches come in rounds of `lanes`, one from each lane, and each round from one
+  source: the random-access mode's mixture schedule (`SampleStream`), drawn by round, not by sample.
+  Global micro-batch c (round r = c // lanes) is the next micro-batch of lane c % lanes of round r's
+  source, and goes to rank c % world_size, as in the random-access mode.
 None of this depends on the number of ranks or workers, so an elastic restart continues the same
 stream; the position of every lane follows from the number of samples consumed alone, so a resume
 skips whole shards by their sizes in the manifest and reads at most one shard per lane to get back.
@@ -23,6 +28,7 @@ skips whole shards by their sizes in the manifest and reads at most one shard pe
 
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -34,15 +40,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tar_file_iterator
 
-from gpt2dist.data.loader import Permutation
+from gpt2dist.data.loader import MIX_PERIOD, Permutation, SampleStream
 from gpt2dist.data.shards import MANIFEST, TOKEN_DTYPE, CorpusError, read_manifest
 
 REMOTE = ("http://", "https://", "s3://", "pipe:")
 STREAM_KEY = 0x5354  # keeps the shard permutations apart from the random-access mode's
 DOWNLOAD_CHUNK = 1 << 20
+BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")  # {000000..000099} or {a,b}
 
 
 class ShardUnavailable(CorpusError):
@@ -51,6 +59,19 @@ class ShardUnavailable(CorpusError):
 
 def is_remote(location: str | Path) -> bool:
     return str(location).startswith(REMOTE)
+
+
+def split_pattern(location: str) -> tuple[str, list[str] | None]:
+    """(the corpus location, the training shard files a brace pattern at its end names, or None)."""
+    head, _, name = location.rpartition("/")
+    if location.startswith("pipe:") or not head or not BRACES.search(name):
+        return location, None
+    return head + "/", list(braceexpand(name))
+
+
+def streams_only(location: str) -> bool:
+    """Whether only stream mode reads this location (a URL, a command or a brace pattern)."""
+    return is_remote(location) or split_pattern(location)[1] is not None
 
 
 def file_url(location: str, file: str) -> str:
@@ -67,7 +88,14 @@ def open_url(url: str, timeout: float = 30):
     if url.startswith("s3://"):
         import fsspec  # s3fs behind it, which reads AWS_ENDPOINT_URL and the usual credentials
 
-        return fsspec.open(url, "rb").open()
+        try:
+            return fsspec.open(url, "rb").open()
+        except ImportError:  # no use retrying
+            raise ShardUnavailable(f"{url}: reading s3:// needs s3fs (pip install s3fs)") from None
+        except OSError:
+            raise
+        except Exception as e:  # botocore's own (no credentials, a bad endpoint), retried as network errors
+            raise OSError(f"{type(e).__name__}: {e}") from e
     return urllib.request.urlopen(url, timeout=timeout)
 
 
@@ -106,7 +134,7 @@ class ShardStore:
 
     def __init__(self, location: str | Path, cache_dir: str | Path, budget_bytes: int = 10 * 2**30,
                  retries: int = 5, backoff_s: float = 0.5):
-        self.location = str(location)
+        self.location, self.pattern = split_pattern(str(location))
         self.remote = is_remote(self.location)
         self.budget, self.retries, self.backoff = budget_bytes, retries, backoff_s
         key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
@@ -137,6 +165,18 @@ class ShardStore:
                 if not (dest.is_file() and dest.stat().st_size == shard["bytes"]):
                     self._download(shard["file"], dest, shard["sha256"])
         return self.dir
+
+    def train_shards(self, manifest: dict) -> list[dict]:
+        """The manifest's training shards, or those the location's brace pattern names, in its order."""
+        shards = manifest["splits"]["train"]["shards"]
+        if self.pattern is None:
+            return shards
+        listed = {s["file"]: s for s in shards}
+        for file in self.pattern:
+            if file not in listed:
+                raise CorpusError(f"{file_url(self.location, file)}: not a training shard of "
+                                  f"{file_url(self.location, MANIFEST)}")
+        return [listed[file] for file in self.pattern]
 
     def prefetch(self, shard: dict) -> None:
         """Start fetching a shard in the background (remote locations only)."""
@@ -227,30 +267,42 @@ def _reason(e: BaseException) -> str:
 class ShardPlan:
     """Which shard each lane reads, slot after slot, and the order of windows within it."""
 
-    def __init__(self, shards: list[dict], per_block: int, lanes: int, seed: int):
-        self.shards, self.per_block, self.lanes, self.seed = shards, per_block, lanes, seed
+    def __init__(self, shards: list[dict], per_block: int, lanes: int, seed: int, source: int = 0):
+        self.shards, self.per_block, self.lanes = shards, per_block, lanes
+        self.key = (seed, STREAM_KEY, source)  # each source of a mixture its own permutations
+        self.sizes = np.array([s["blocks"] for s in shards], dtype=np.int64) * per_block  # windows of each shard
         self._epoch: tuple[int, Permutation] | None = None
+
+    def _permutation(self, epoch: int) -> Permutation:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = epoch, Permutation(len(self.shards), (*self.key, epoch))
+        return self._epoch[1]
 
     def slot(self, lane: int, j: int) -> tuple[int, int]:
         """(epoch, shard) of lane `lane`'s j-th shard."""
         epoch, i = divmod(lane + j * self.lanes, len(self.shards))
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = epoch, Permutation(len(self.shards), (self.seed, STREAM_KEY, epoch))
-        return epoch, int(self._epoch[1](np.array([i]))[0])
+        return epoch, int(self._permutation(epoch)(np.array([i]))[0])
 
     def windows(self, shard: int) -> int:
-        return self.shards[shard]["blocks"] * self.per_block
+        return int(self.sizes[shard])
 
     def seek(self, lane: int, position: int) -> tuple[int, int]:
-        """(slot j, window within it) of sample `position` of a lane: whole shards skipped by size."""
-        j = 0
-        while position >= (n := self.windows(self.slot(lane, j)[1])):
-            position, j = position - n, j + 1
-        return j, position
+        """(slot j, window within it) of sample `position` of a lane: whole shards skipped by their
+        sizes in the manifest, all of the lane's slots of an epoch at once."""
+        n, j = len(self.shards), 0
+        while True:
+            epoch = (lane + j * self.lanes) // n
+            end = -(-((epoch + 1) * n - lane) // self.lanes)  # the lane's first slot in the next epoch
+            slots = np.arange(j, end)
+            ends = np.cumsum(self.sizes[self._permutation(epoch)(lane + slots * self.lanes - epoch * n)])
+            k = int(np.searchsorted(ends, position, side="right"))  # the slot that holds the sample
+            if k < len(slots):
+                return j + k, position - (int(ends[k - 1]) if k else 0)
+            position, j = position - int(ends[-1]), end
 
     def order(self, epoch: int, shard: int) -> np.ndarray:
         """The seeded order in which a lane reads the windows of a shard in an epoch."""
-        return Permutation(self.windows(shard), (self.seed, STREAM_KEY, epoch, shard))(np.arange(self.windows(shard)))
+        return Permutation(self.windows(shard), (*self.key, epoch, shard))(np.arange(self.windows(shard)))
 
 
 class Lane:
@@ -300,45 +352,77 @@ class Lane:
         return np.stack(out)
 
 
+class Rounds:
+    """Which source each round of `lanes` global micro-batches (one from each lane) reads: the
+    random-access mode's mixture schedule, drawn by round, so that a lane's micro-batches stay in
+    one worker (see StreamBatches.__iter__); the weights are exact over every MIX_PERIOD rounds."""
+
+    def __init__(self, weights: list[float], seed: int, lanes: int, micro_batch: int):
+        self.mix = SampleStream([1] * len(weights), weights, seed)
+        self.lanes, self.micro = lanes, micro_batch
+
+    def locate(self, c: int) -> tuple[int, int, int]:
+        """(source, lane, micro-batch number within that lane) of global micro-batch c."""
+        r, lane = divmod(c, self.lanes)
+        source = int(self.mix.schedule[r % MIX_PERIOD])
+        return source, lane, self.mix.drawn(r)[source]
+
+    def drawn(self, q: int) -> list[int]:
+        """Samples each source contributes to stream positions [0, q)."""
+        r, rest = divmod(q, self.lanes * self.micro)
+        drawn = [n * self.lanes * self.micro for n in self.mix.drawn(r)]
+        drawn[int(self.mix.schedule[r % MIX_PERIOD])] += rest
+        return drawn
+
+
+class StreamSource:
+    """One corpus of the stream: where its shards are, its manifest, and its shard plan."""
+
+    def __init__(self, store: ShardStore, manifest: dict, seq_len: int, lanes: int, seed: int, index: int):
+        self.store, self.manifest = store, manifest
+        self.plan = ShardPlan(store.train_shards(manifest), manifest["block_tokens"] // seq_len, lanes, seed, index)
+
+
 class StreamBatches(IterableDataset):
     """This rank's micro-batches of the stream, from global micro-batch `first` on (see the module
     docstring); DataLoader workers take turns, as the DataLoader collects them."""
 
-    def __init__(self, store: ShardStore, manifest: dict, seq_len: int, micro_batch: int, lanes: int, seed: int,
-                 rank: int, world_size: int, first: int, prefetch: int):
-        per_block = manifest["block_tokens"] // seq_len
-        self.plan = ShardPlan(manifest["splits"]["train"]["shards"], per_block, lanes, seed)
-        self.store, self.manifest, self.seq_len, self.micro, self.prefetch = store, manifest, seq_len, micro_batch, prefetch
+    def __init__(self, sources: list[StreamSource], rounds: Rounds, seq_len: int, micro_batch: int, rank: int,
+                 world_size: int, first: int, prefetch: int):
+        self.sources, self.rounds, self.seq_len, self.micro, self.prefetch = sources, rounds, seq_len, micro_batch, prefetch
         self.rank, self.world, self.first = rank, world_size, first
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        lanes: dict[int, Lane] = {}
+        lanes: dict[tuple[int, int], Lane] = {}
         c = self.first + self.rank + worker * self.world
         while True:
-            k, index = c % self.plan.lanes, c // self.plan.lanes
-            if k not in lanes:  # a lane starts at its first micro-batch that this worker serves
-                lanes[k] = Lane(k, index * self.micro, self.plan, self.store, self.manifest, self.seq_len,
-                                self.prefetch)
-            tokens = torch.from_numpy(lanes[k].take(self.micro).astype(np.int64))  # (B, T + 1)
+            s, k, index = self.rounds.locate(c)
+            if (s, k) not in lanes:  # a lane starts at its first micro-batch that this worker serves
+                source = self.sources[s]
+                lanes[s, k] = Lane(k, index * self.micro, source.plan, source.store, source.manifest, self.seq_len,
+                                   self.prefetch)
+            tokens = torch.from_numpy(lanes[s, k].take(self.micro).astype(np.int64))  # (B, T + 1)
             yield tokens[:, :-1], tokens[:, 1:]
             c += self.world * workers
 
 
-def stream_loader(store: ShardStore, manifest: dict, seq_len: int, micro_batch: int, lanes: int, seed: int,
-                  rank: int, world_size: int, start: int, num_workers: int, prefetch: int) -> DataLoader:
-    """Endless micro-batches for this rank in stream mode, starting `start` samples into the stream."""
-    assert start % micro_batch == 0, "the stream is resumed at a micro-batch boundary"
+def stream_loader(sources: list[tuple[ShardStore, dict]], rounds: Rounds, seq_len: int, rank: int, world_size: int,
+                  start: int, num_workers: int, prefetch: int) -> DataLoader:
+    """Endless micro-batches for this rank in stream mode from the sources (store and manifest each)
+    mixed by `rounds`, starting `start` samples into the stream."""
+    lanes, micro, seed = rounds.lanes, rounds.micro, rounds.mix.seed
+    assert start % micro == 0, "the stream is resumed at a micro-batch boundary"
     # Each worker then serves whole lanes, each lane in order (see StreamBatches.__iter__).
     assert lanes % (world_size * max(1, num_workers)) == 0, "checked by config.check"
-    if len(manifest["splits"]["train"]["shards"]) == 0:
-        raise CorpusError(f"{file_url(store.location, MANIFEST)}: the train split is empty")
-    batches = StreamBatches(store, manifest, seq_len, micro_batch, lanes, seed, rank, world_size,
-                            start // micro_batch, prefetch)
+    streams = [StreamSource(store, manifest, seq_len, lanes, seed, i) for i, (store, manifest) in enumerate(sources)]
+    for source, share in zip(streams, rounds.mix.per_period):
+        if share > 0 and not source.plan.shards:
+            raise CorpusError(f"{file_url(source.store.location, MANIFEST)}: the train split is empty")
+    batches = StreamBatches(streams, rounds, seq_len, micro, rank, world_size, start // micro, prefetch)
     return DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
-
 
 
 def error_line(e: ShardUnavailable) -> str:

@@ -36,7 +36,7 @@ from gpt2dist.models.gpt import GPT
 from gpt2dist.models.prune import fixed_masks, keep_masks
 from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
 from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest
-from gpt2dist.data.stream import ShardStore, ShardUnavailable, error_line, stream_loader
+from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.validation import mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import find_checkpoint, load_into
@@ -175,6 +175,8 @@ class Trainer:
         self.stores = {s.name: self._store(s) for s in data_sources(cfg)} if self.mode == DataMode.stream else {}
         self.sources = [(s.name, self._corpus(s), s.weight) for s in data_sources(cfg)]
         stream = {"lanes": cfg.data.stream.lanes, "micro_batch": cfg.train.micro_batch_size} if self.stores else None
+        if any(store.pattern for store in self.stores.values()):  # the manifest alone does not say which shards
+            stream["shards"] = {name: store.pattern for name, store in self.stores.items()}
         self.data = checkpoint.data_signature(self.sources, cfg.data.seq_len, cfg.train.seed, stream)
         if tag and not cfg.train.allow_data_change:
             checkpoint.check_same_data(self._checkpoint_dir(tag), self.data)
@@ -185,6 +187,8 @@ class Trainer:
                 if cfg.data.seq_len > self.manifests[name]["block_tokens"]:
                     raise CorpusError(f"{self.stores[name].location}: data.seq_len={cfg.data.seq_len} is longer than "
                                       f"the corpus blocks ({self.manifests[name]['block_tokens']} tokens)")
+            self.stream = Rounds([weight for *_, weight in self.sources], cfg.train.seed, cfg.data.stream.lanes,
+                                 cfg.train.micro_batch_size)
             return
         self.train_windows = {name: train_windows(path, cfg.data.seq_len, weight)
                               for name, path, weight in self.sources}
@@ -268,10 +272,9 @@ class Trainer:
                    f"{self.grad_accum} accumulation x {self.env.world_size} ranks = "
                    f"{tokens_per_step(cfg):,} tokens per step")
         if self.stores:
-            (name, store), = self.stores.items()
-            loader = stream_loader(store, self.manifests[name], cfg.data.seq_len, cfg.train.micro_batch_size,
-                                   cfg.data.stream.lanes, cfg.train.seed, self.env.rank, self.env.world_size,
-                                   self.samples, cfg.data.num_workers, cfg.data.stream.prefetch)
+            loader = stream_loader([(self.stores[name], self.manifests[name]) for name, *_ in self.sources],
+                                   self.stream, cfg.data.seq_len, self.env.rank, self.env.world_size, self.samples,
+                                   cfg.data.num_workers, cfg.data.stream.prefetch)
         else:
             loader = train_loader(list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size,
                                   self.env.rank, self.env.world_size, self.samples, cfg.data.num_workers)
@@ -444,7 +447,7 @@ class Trainer:
             try:
                 result = self.train_step()
             except ShardUnavailable:  # every rank raises it (see _step_batches): stop after a checkpoint
-                if checkpoint.latest_tag(self.run_dir) != checkpoint.tag_of(self.step):
+                if self.step > 0 and checkpoint.latest_tag(self.run_dir) != checkpoint.tag_of(self.step):
                     self.save()
                 raise
             skipped = result.skipped
