@@ -513,7 +513,8 @@ def one_line_errors(*expected: type[BaseException]):
     line on stderr and exit status 2. Used twice: around the Hydra main (composition errors)
     and around the work inside it (there Hydra would first print the job's overrides).
     HYDRA_FULL_ERROR=1 in the environment keeps Hydra's full traceback for its own errors."""
-    full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    full_trace = previous == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing two lines
     try:
         yield
@@ -525,3 +526,8 @@ def one_line_errors(*expected: type[BaseException]):
             raise
         _say_error(error_line(e))
         sys.exit(2)
+    finally:  # as the caller had it: a program calling train.main in its own process keeps its environment
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous

@@ -1,12 +1,14 @@
 """Every config file composes against the schema; bad values fail early, naming the key."""
 
+import os
 import re
 
 import pytest
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from hydra.errors import ConfigCompositionException
 
-from gpt2dist.config import CONF_DIR, ConfigError, DataMode, Precision, check, data_mode, grad_accum_steps
+from gpt2dist.config import (CONF_DIR, ConfigError, DataMode, Precision, check, data_mode, grad_accum_steps,
+                             one_line_errors)
 from gpt2dist.training.engine import deepspeed_config
 from tests.conftest import make_cfg, run_train
 
@@ -122,6 +124,21 @@ def test_cli_config_errors_are_one_line(tmp_path, override, message):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_one_line_errors_leave_the_environment_as_it_was(monkeypatch):
+    """train.main run in a caller's process (a sweep, a notebook, a test) does not leave
+    HYDRA_FULL_ERROR set behind it, which would turn later Hydra errors into tracebacks."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with one_line_errors():
+        pass
+    with pytest.raises(SystemExit), one_line_errors():
+        raise ConfigError("bad")
+    assert "HYDRA_FULL_ERROR" not in os.environ
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    with one_line_errors():
+        assert os.environ["HYDRA_FULL_ERROR"] == "1"
+    assert os.environ["HYDRA_FULL_ERROR"] == "0"
 
 
 def test_hydra_full_error_keeps_the_trace(tmp_path):
