@@ -22,7 +22,8 @@ from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.export import main as export_main
 from gpt2dist.models.weights import load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
-from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg
+from tests.conftest import ROOT, TINY, read_metrics, rewind, run_train, train, train_cfg
+from tests.test_faults import kill_repeatedly, resumed_steps, without_timing
 from tests.test_hf_interop import save_hf, tokens
 from tests.test_model import tiny_hf
 
@@ -35,9 +36,9 @@ def rows(words: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def sft_corpus(tmp_path_factory):
-    """Reverse-a-word examples, split by files: 24 train, 4 dev, 4 test, 16 tokens each."""
+    """Reverse-a-word examples, split by files: 24 train, 4 dev, 5 test (uneven over 2 ranks), 16 tokens each."""
     d = tmp_path_factory.mktemp("sft")
-    for name, words in (("train", WORDS * 2), ("dev", WORDS[:4]), ("test", WORDS[4:8])):
+    for name, words in (("train", WORDS * 2), ("dev", WORDS[:4]), ("test", WORDS[4:9])):
         (d / f"{name}.jsonl").write_text(rows(words))
     out = d / "corpus"
     assert sft_main(["--output", str(out), "--seq-len", "16", "--train", str(d / "train.jsonl"),
@@ -61,7 +62,7 @@ def sft_overrides(corpus, base, run_dir, *extra) -> list[str]:
 
 def test_examples_are_scored_on_the_response_only(sft_corpus):
     manifest = json.loads((sft_corpus / "manifest.json").read_text())
-    assert manifest["task"] == "sft" and manifest["examples"] == {"train": 24, "val": 4, "test": 4}
+    assert manifest["task"] == "sft" and manifest["examples"] == {"train": 24, "val": 4, "test": 5}
     enc = get_tokenizer()
     examples = open_split(sft_corpus, "train", 16)
     for i in range(len(examples)):
@@ -117,7 +118,7 @@ def test_sft_from_hf_keeps_the_best_and_scores_the_test_split(sft_corpus, hf_bas
     best_tag = (run_dir / CHECKPOINTS / "best").read_text()
     assert best_tag == f"step_{best['step']:08d}" and (run_dir / CHECKPOINTS / best_tag / "checkpoint.json").is_file()
     result = json.loads((run_dir / "test.json").read_text())
-    assert result["checkpoint"] == best_tag and result["examples"] == 4
+    assert result["checkpoint"] == best_tag and result["examples"] == 5
     assert {"test_loss", "test_bleu", "test_chrf"} <= result.keys() and math.isfinite(result["test_loss"])
 
 
@@ -157,6 +158,11 @@ def test_adapter_exports_load_in_peft_and_transformers_with_our_logits(sft_corpu
     run_dir = tmp_path / "run"
     adapter_run(sft_corpus, hf_base, run_dir, f"peft={method}", "train.max_steps=2", "train.eval_interval=0",
                 "task.generate_examples=0")
+    assert_exports_match(run_dir, hf_base, tmp_path)
+
+
+def assert_exports_match(run_dir, hf_base, tmp_path):
+    """The run's PEFT-format and merged exports give, in peft and transformers, the logits of the run's model."""
     assert export_main([str(run_dir), str(tmp_path / "adapter"), "--adapter"]) == 0
     assert export_main([str(run_dir), str(tmp_path / "merged")]) == 0
     idx = tokens(7, length=32)
@@ -182,6 +188,47 @@ def test_lora_at_zero2_on_two_ranks_in_bf16(sft_corpus, hf_base, tmp_path):
     assert sum(f.stat().st_size for f in ckpt.iterdir()) < 200_000  # adapters and their Adam moments, not the base
     model = load_model(run_dir)  # consolidated from both ranks' shards, on the base
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * (64 * 8 + 8 * 192)
+
+
+def test_adapters_at_zero3_on_two_ranks_resume_exactly_and_export(sft_corpus, hf_base, tmp_path):
+    """ZeRO-3 partitions the frozen base too, and each forward pass gathers it from both ranks: the test
+    split (5 examples, one per forward pass) is uneven over 2 ranks, and a rank short of a batch must
+    still take part in the other's last forward pass (else both wait there until dist.timeout_s)."""
+    def lora_run(run_dir):
+        overrides = sft_overrides(sft_corpus, hf_base, run_dir, "peft=lora", "peft.dropout=0.1", "zero=stage3",
+                                  "train.max_steps=4", "train.micro_batch_size=1", "train.eval_sequences=2",
+                                  "train.keep_best=val_loss", "optim.lr=1e-2", "optim.warmup_steps=1",
+                                  "dist.timeout_s=30")
+        result = run_train(overrides, nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    lora_run(tmp_path / "full")
+    full = read_metrics(tmp_path / "full")
+    test = json.loads((tmp_path / "full" / "test.json").read_text())
+    assert test["examples"] == 5 and math.isfinite(test["test_loss"])
+    assert sum(f.stat().st_size for f in (tmp_path / "full" / CHECKPOINTS / "step_00000004").iterdir()) < 200_000
+    resumed = rewind(tmp_path / "full", tmp_path / "resumed", 2)
+    assert "resumed from" in lora_run(resumed).stdout
+    assert without_timing(read_metrics(resumed)) == without_timing(full)  # adapter dropout included
+    assert_exports_match(resumed, hf_base, tmp_path)  # consolidated from both ranks' shards
+
+
+def test_adapter_run_killed_9_resumes_bit_identical(sft_corpus, hf_base, tmp_path):
+    """kill -9 at random moments of an IA3 run at ZeRO-3 (tests/test_faults.py's test, adapters only in
+    the checkpoints), resumed each time: the losses of a run that never died, to the bit (fp32)."""
+    def overrides(run_dir):
+        return sft_overrides(sft_corpus, hf_base, run_dir, "peft=ia3", "zero=stage3", "train.max_steps=12",
+                             "train.ckpt_interval=3", "train.eval_interval=4", "train.keep_last=2",
+                             "task.generate_examples=0", "task.test=false", "optim.lr=1e-2")
+
+    reference = run_train(overrides(tmp_path / "uninterrupted"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    outputs = kill_repeatedly(overrides(run_dir), run_dir, 0, kills=2, seed=3, tmp_path=tmp_path, steps=12)
+    assert resumed_steps(outputs)
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "uninterrupted"))
+    assert_exports_match(run_dir, hf_base, tmp_path)
 
 
 def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):
@@ -238,5 +285,5 @@ def test_evaluate_corpus_of_examples_is_the_response_token_loss(sft_corpus, hf_b
     examples = open_split(sft_corpus, "test", 16)
     expected, tokens = mean_loss(model, rank_batches(examples, len(examples), 8))
     result = corpus_loss(model, sft_corpus, "test")
-    responses = sum(len(get_tokenizer().encode_ordinary(f" {w[::-1]}")) + 1 for w in WORDS[4:8])  # + <|endoftext|>
+    responses = sum(len(get_tokenizer().encode_ordinary(f" {w[::-1]}")) + 1 for w in WORDS[4:9])  # + <|endoftext|>
     assert result["loss"] == expected and result["tokens"] == tokens == responses

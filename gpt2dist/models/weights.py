@@ -145,7 +145,7 @@ def load_adapted(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GP
     if set(state) != trainable:
         raise WeightsError(f"{ckpt_dir}: its weights are not the adapters of peft.method={saved.peft.method} "
                            f"({len(state)} tensors, {len(trainable)} expected)")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.load_state_dict({k: v.contiguous().float() for k, v in state.items()}, strict=False)  # ZeRO-3: gathered here
     return model.eval()
 
 

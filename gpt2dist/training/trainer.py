@@ -271,7 +271,9 @@ class Trainer:
         if self.is_main:
             run_dir.claim(self.run_dir)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            self.metrics = Metrics(self.cfg, self.run_dir, self.step, run_name(self.run_dir))
+            # A fresh start (again, after an attempt killed before its first checkpoint) keeps nothing
+            # an earlier attempt logged, not even its step-0 validation.
+            self.metrics = Metrics(self.cfg, self.run_dir, self.step if self.step else -1, run_name(self.run_dir))
 
     def train_state(self) -> dict:
         """What a checkpoint keeps of the loop itself, beside DeepSpeed's state."""
