@@ -3,7 +3,7 @@
     python -m gpt2dist.generate runs/gpt2-tiny --prompt "The meaning of" --max-new-tokens 40
 
 The model is a gpt2dist run or checkpoint directory, or a Hugging Face GPT-2 directory
-(see `gpt2dist.models.weights`). Each prompt is generated on its own; `--num-samples` continuations
+(see `gpt2dist.models.weights`), with `--adapter` an adapter in PEFT's format on it. Each prompt is generated on its own; `--num-samples` continuations
 of one prompt run as one batch.
 """
 
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")
     p.add_argument("--device", default=default_device())
     args = p.parse_args(argv)
     prompts = list(args.prompt)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         prompts = prompts or [""]  # no prompt: unconditional samples, each a new document
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device, adapter=args.adapter)
     except (OSError, UnicodeDecodeError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,13 +11,14 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from data_tools.sft import main as sft_main
 from gpt2dist import safe_load
 from gpt2dist.data.loader import open_split
 from gpt2dist.data.sft import IGNORE
 from gpt2dist.data.shards import CorpusError
+from gpt2dist.config import ConfigError
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.export import main as export_main
 from gpt2dist.models.weights import load_model
@@ -229,6 +230,75 @@ def test_adapter_run_killed_9_resumes_bit_identical(sft_corpus, hf_base, tmp_pat
     assert resumed_steps(outputs)
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "uninterrupted"))
     assert_exports_match(run_dir, hf_base, tmp_path)
+
+
+def test_init_from_an_adapter_run_trains_its_adapters_on_or_their_merge(sft_corpus, hf_base, tmp_path):
+    """train.init_from=<a LoRA run>: with the same peft settings its adapters train on, on its base (here
+    with its optimizer state too); with peft=none every weight trains, from base and adapters merged.
+    Both start where the LoRA run ended; other adapter settings are refused, before anything is written."""
+    source = tmp_path / "lora"
+    ended = adapter_run(sft_corpus, hf_base, source, "peft=lora", "train.max_steps=2", "task.generate_examples=0")
+    for name, extra in (("more", ["peft=lora", "train.init_optimizer=true"]), ("full", [])):
+        run_dir = tmp_path / name
+        metrics = adapter_run(sft_corpus, source, run_dir, *extra, "train.max_steps=1", "optim.warmup_steps=0",
+                               "task.generate_examples=0")
+        assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] == pytest.approx(ended[-1]["val_loss"], abs=1e-6)
+        module = safe_load.load(run_dir / CHECKPOINTS / "step_00000001" / "mp_rank_00_model_states.pt",
+                                CheckpointError)["module"]
+        assert all(".lora_" in n for n in module) if name == "more" else not any(".lora_" in n for n in module)
+    base = json.loads((tmp_path / "more" / CHECKPOINTS / "step_00000001" / "checkpoint.json").read_text())
+    assert base["train_state"]["base"]["path"] == str(hf_base.resolve())  # the LoRA run's base, still frozen
+    with pytest.raises(ConfigError, match="with the same peft.* settings, or every weight .* peft=none"):
+        adapter_run(sft_corpus, source, tmp_path / "other", "peft=lora", "peft.r=4", "train.max_steps=1", "optim.warmup_steps=0")
+    assert not (tmp_path / "other" / "config.yaml").exists()
+
+
+def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_training(sft_corpus, hf_base, tmp_path,
+                                                                                   capsys):
+    """A LoRA adapter made with peft itself on transformers' GPT2LMHeadModel, given with its base: our
+    logits are peft's, every command takes it, and a base it does not fit is one line, exit 2."""
+    import peft
+
+    from gpt2dist.evaluate import main as evaluate_main
+    from gpt2dist.generate import main as generate_main
+    from gpt2dist.lmeval import GPT2DistLM
+    from gpt2dist.models.weights import WeightsError
+    from gpt2dist.training.validation import mean_loss, rank_batches
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(hf_base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B starts at zero: the adapter would change nothing
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    adapter = tmp_path / "adapter"
+    theirs.save_pretrained(adapter)
+    idx = tokens(7, length=32)
+    with torch.no_grad():
+        ours = load_model(hf_base, adapter=adapter)
+        torch.testing.assert_close(ours(idx)[0], theirs.eval()(idx).logits, atol=1e-5, rtol=0)
+        assert torch.equal(GPT2DistLM(str(hf_base), device="cpu", adapter=str(adapter)).model(idx)[0], ours(idx)[0])
+    capsys.readouterr()
+    assert generate_main([str(hf_base), "--adapter", str(adapter), "--prompt", "Reverse apple:", "--temperature", "0",
+                          "--max-new-tokens", "3"]) == 0
+    assert f"with the adapter {adapter}" in capsys.readouterr().err
+    assert evaluate_main([str(hf_base), "--adapter", str(adapter), "--sft", str(sft_corpus), "--limit", "1",
+                          "--max-new-tokens", "2"]) == 0
+    expected = mean_loss(ours, rank_batches(open_split(sft_corpus, "val", 16), 4, 4))[0]
+    lora = ["peft=lora", "peft.r=4", "peft.alpha=8", "peft.target_modules=[c_attn,c_fc]", "train.max_steps=1",
+            f"train.init_adapter={adapter}", "task.generate_examples=0", "optim.warmup_steps=0"]
+    metrics = adapter_run(sft_corpus, hf_base, tmp_path / "run", *lora)
+    assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
+    other = tmp_path / "other-base"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(other)
+    capsys.readouterr()
+    assert generate_main([str(other), "--adapter", str(adapter), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {adapter}: ") and "do not fit" in err[-1]
+    with pytest.raises(WeightsError, match="does not match"):  # the run's model is the adapter's base's shape
+        adapter_run(sft_corpus, other, tmp_path / "refused", *lora)
+    assert not (tmp_path / "refused" / "config.yaml").exists()
 
 
 def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):

@@ -39,7 +39,7 @@ from gpt2dist.data.shards import CorpusError, check_tokenizer, read_manifest
 from gpt2dist.data.stream import ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.validation import mean_loss, rank_batches, validation_sets
-from gpt2dist.models.weights import find_checkpoint, load_into
+from gpt2dist.models.weights import attach, check_base, find_adapter, find_checkpoint, load_into
 
 
 def run_name(run_dir: Path) -> str:
@@ -195,11 +195,21 @@ class Trainer:
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
         model.loss_chunk = cfg.train.loss_chunk
         self.adapted = PeftMethod(cfg.peft.method) != PeftMethod.none
+        start = find_adapter(cfg.train.init_from, cfg.train.init_adapter) if cfg.train.init_from else None
+        if start and self.adapted and not adapters.same_adapters(start.settings, cfg.peft):
+            raise ConfigError(
+                f"{start.source} holds peft={OmegaConf.to_container(start.settings)}, this run asks for peft.method={cfg.peft.method.value} "
+                f"with other settings: train those adapters on with the same peft.* settings, or every weight from "
+                f"them merged with peft=none")
+        base_path = start.base if start else cfg.train.init_from
         # A resume takes its weights from the checkpoint, but adapters' checkpoints hold only the adapters:
         # their frozen base is loaded again, and must be the one they were trained on.
         if cfg.train.init_from and (not tag or self.adapted):
-            load_into(model, cfg.train.init_from)  # new optimizer and schedule
-            self.print(f"initialised from {cfg.train.init_from}")
+            load_into(model, base_path)  # new optimizer and schedule
+            if start and not self.adapted:  # full fine-tuning from the adapters folded into their base
+                check_base(start, model)
+                adapters.merge(attach(model, start))
+            self.print(f"initialised from {cfg.train.init_from}" + (f" with {start.source}" if start else ""))
         if cfg.train.init_from and (masks := fixed_masks(cfg.train.init_from)):
             keep_masks(model, masks)  # also on resume: the zeros of the pruned model stay zero to the end
             self.print(f"keeping the {len(masks)} pruning masks of {cfg.train.init_from} fixed")
@@ -207,10 +217,15 @@ class Trainer:
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         self.base = None
         if self.adapted:
-            self.base = {"path": str(Path(cfg.train.init_from).resolve()), "sha256": adapters.weights_sha256(model)}
+            sha256 = check_base(start, model) if start else adapters.weights_sha256(model)
+            self.base = {"path": str(Path(base_path).resolve()), "sha256": sha256}
             if tag:
                 checkpoint.check_same_base(self._checkpoint_dir(tag), self.base)
-            adapters.apply(model, cfg.peft)
+            if start and not tag:  # they train on from their weights, with this run's dropout
+                attach(model, start, cfg.peft)
+                self.print(f"adapters from {start.source}")
+            else:
+                adapters.apply(model, cfg.peft)
             self.print(f"peft {cfg.peft.method.value}: {adapters.trainable_params(model):,} trainable parameters")
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
         self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main, self.universal)
@@ -237,7 +252,7 @@ class Trainer:
             if ckpt_dir is None:
                 raise ConfigError(f"train.init_optimizer: {cfg.train.init_from} holds no gpt2dist checkpoint, so no "
                                   "optimizer state to take; drop train.init_optimizer to start from its weights only")
-            checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size)
+            checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size, adapters_only=self.adapted)
             self.print(f"took the optimizer state of {ckpt_dir}")
         return None
 
