@@ -23,7 +23,7 @@ from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.export import main as export_main
 from gpt2dist.models.weights import load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
-from tests.conftest import ROOT, TINY, read_metrics, rewind, run_train, train, train_cfg
+from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg
 from tests.test_faults import kill_repeatedly, resumed_steps, without_timing
 from tests.test_hf_interop import save_hf, tokens
 from tests.test_model import tiny_hf
@@ -154,11 +154,11 @@ def test_resume_with_other_adapters_or_on_a_changed_base_is_refused(sft_corpus, 
         adapter_run(sft_corpus, base, tmp_path / "run", "peft=lora", "train.max_steps=4")
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_adapter_exports_load_in_peft_and_transformers_with_our_logits(sft_corpus, hf_base, tmp_path, method):
+@pytest.mark.parametrize("method, stage", [("lora", 0), ("ia3", 3)])
+def test_adapter_exports_load_in_peft_and_transformers_with_our_logits(sft_corpus, hf_base, tmp_path, method, stage):
     run_dir = tmp_path / "run"
-    adapter_run(sft_corpus, hf_base, run_dir, f"peft={method}", "train.max_steps=2", "train.eval_interval=0",
-                "task.generate_examples=0")
+    adapter_run(sft_corpus, hf_base, run_dir, f"peft={method}", f"zero.stage={stage}", "train.max_steps=2",
+                "train.eval_interval=0", "task.generate_examples=0")
     assert_exports_match(run_dir, hf_base, tmp_path)
 
 
@@ -191,45 +191,30 @@ def test_lora_at_zero2_on_two_ranks_in_bf16(sft_corpus, hf_base, tmp_path):
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * (64 * 8 + 8 * 192)
 
 
-def test_adapters_at_zero3_on_two_ranks_resume_exactly_and_export(sft_corpus, hf_base, tmp_path):
-    """ZeRO-3 partitions the frozen base too, and each forward pass gathers it from both ranks: the test
-    split (5 examples, one per forward pass) is uneven over 2 ranks, and a rank short of a batch must
-    still take part in the other's last forward pass (else both wait there until dist.timeout_s)."""
-    def lora_run(run_dir):
-        overrides = sft_overrides(sft_corpus, hf_base, run_dir, "peft=lora", "peft.dropout=0.1", "zero=stage3",
-                                  "train.max_steps=4", "train.micro_batch_size=1", "train.eval_sequences=2",
-                                  "train.keep_best=val_loss", "optim.lr=1e-2", "optim.warmup_steps=1",
-                                  "dist.timeout_s=30")
-        result = run_train(overrides, nproc=2)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    lora_run(tmp_path / "full")
-    full = read_metrics(tmp_path / "full")
-    test = json.loads((tmp_path / "full" / "test.json").read_text())
-    assert test["examples"] == 5 and math.isfinite(test["test_loss"])
-    assert sum(f.stat().st_size for f in (tmp_path / "full" / CHECKPOINTS / "step_00000004").iterdir()) < 200_000
-    resumed = rewind(tmp_path / "full", tmp_path / "resumed", 2)
-    assert "resumed from" in lora_run(resumed).stdout
-    assert without_timing(read_metrics(resumed)) == without_timing(full)  # adapter dropout included
-    assert_exports_match(resumed, hf_base, tmp_path)  # consolidated from both ranks' shards
-
-
-def test_adapter_run_killed_9_resumes_bit_identical(sft_corpus, hf_base, tmp_path):
-    """kill -9 at random moments of an IA3 run at ZeRO-3 (tests/test_faults.py's test, adapters only in
-    the checkpoints), resumed each time: the losses of a run that never died, to the bit (fp32)."""
+def test_lora_at_zero3_on_two_ranks_killed_9_resumes_bit_identical(sft_corpus, hf_base, tmp_path):
+    """kill -9 at a random moment (tests/test_faults.py's test; once: each start of 2 ranks costs ~18 s, most of
+    it imports) of a LoRA run at ZeRO-3 on 2 ranks, resumed: the losses of a run that never died, to the
+    bit (fp32, adapter dropout included). ZeRO-3
+    partitions the frozen base too, and each forward pass gathers it from both ranks: the test split (5
+    examples, one per forward pass) is uneven over the ranks, and a rank short of a batch must still take
+    part in the other's last forward pass (else both wait there until dist.timeout_s)."""
     def overrides(run_dir):
-        return sft_overrides(sft_corpus, hf_base, run_dir, "peft=ia3", "zero=stage3", "train.max_steps=12",
-                             "train.ckpt_interval=3", "train.eval_interval=4", "train.keep_last=2",
-                             "task.generate_examples=0", "task.test=false", "optim.lr=1e-2")
+        return sft_overrides(sft_corpus, hf_base, run_dir, "peft=lora", "peft.dropout=0.1", "zero=stage3",
+                             "train.max_steps=9", "train.ckpt_interval=3", "train.eval_interval=3", "train.keep_last=2",
+                             "train.micro_batch_size=1", "train.eval_sequences=2", "train.keep_best=val_loss",
+                             "task.generate_examples=1", "optim.lr=1e-2", "dist.timeout_s=30")
 
-    reference = run_train(overrides(tmp_path / "uninterrupted"))
+    reference = run_train(overrides(tmp_path / "uninterrupted"), nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
+    test = json.loads((tmp_path / "uninterrupted" / "test.json").read_text())
+    assert test["examples"] == 5 and math.isfinite(test["test_loss"])
     run_dir = tmp_path / "run"
-    outputs = kill_repeatedly(overrides(run_dir), run_dir, 0, kills=2, seed=3, tmp_path=tmp_path, steps=12)
+    outputs = kill_repeatedly(overrides(run_dir), run_dir, 2, kills=1, seed=3, tmp_path=tmp_path, steps=9)
     assert resumed_steps(outputs)
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "uninterrupted"))
-    assert_exports_match(run_dir, hf_base, tmp_path)
+    assert json.loads((run_dir / "test.json").read_text()) == test
+    assert sum(f.stat().st_size for f in (run_dir / CHECKPOINTS / "step_00000009").iterdir()) < 200_000  # adapters
+    assert_exports_match(run_dir, hf_base, tmp_path)  # consolidated from both ranks' shards
 
 
 def test_init_from_an_adapter_run_trains_its_adapters_on_or_their_merge(sft_corpus, hf_base, tmp_path):
