@@ -202,7 +202,7 @@ def test_lora_at_zero3_on_two_ranks_killed_9_resumes_bit_identical(sft_corpus, h
         return sft_overrides(sft_corpus, hf_base, run_dir, "peft=lora", "peft.dropout=0.1", "zero=stage3",
                              "train.max_steps=9", "train.ckpt_interval=3", "train.eval_interval=3", "train.keep_last=2",
                              "train.micro_batch_size=1", "train.eval_sequences=2", "train.keep_best=val_loss",
-                             "task.generate_examples=1", "optim.lr=1e-2", "dist.timeout_s=30")
+                             "task.generate_examples=1", "optim.lr=1e-2", "dist.timeout_s=120")
 
     reference = run_train(overrides(tmp_path / "uninterrupted"), nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]

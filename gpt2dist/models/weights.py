@@ -276,12 +276,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", quiet: bool
     docstring); of a run that trained adapters, its base with the adapters; with `adapter`, a directory in
     PEFT's format, that adapter on the model at `path` (`load_adapted`). Prints (to stderr, unless quiet)
     what it loaded: the commands' outputs say which model spoke."""
-    found = None if compressed.is_compressed(path) else find_adapter(path, adapter)
-    if compressed.is_compressed(path):
+    found = find_adapter(path, adapter) if adapter is not None or not compressed.is_compressed(path) else None
+    if found is not None:
+        model = load_adapted(found, device, base=path if adapter is not None else None)
+    elif compressed.is_compressed(path):
         with _as_weights_error(compressed.CompressedError):
             model = compressed.load(path, device)
-    elif found is not None:
-        model = load_adapted(found, device, base=path if adapter is not None else None)
     else:
         config, tensors, source = open_weights(path)
         model = fill(empty_model(config, device), tensors, source).eval()
