@@ -264,6 +264,7 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
         ours = load_model(hf_base, adapter=adapter)
         torch.testing.assert_close(ours(idx)[0], theirs.eval()(idx).logits, atol=1e-5, rtol=0)
         assert torch.equal(GPT2DistLM(str(hf_base), device="cpu", adapter=str(adapter)).model(idx)[0], ours(idx)[0])
+        assert torch.equal(load_model(adapter)(idx)[0], ours(idx)[0])  # alone: on the base_model_name_or_path
     capsys.readouterr()
     assert generate_main([str(hf_base), "--adapter", str(adapter), "--prompt", "Reverse apple:", "--temperature", "0",
                           "--max-new-tokens", "3"]) == 0

@@ -160,6 +160,14 @@ def read_peft_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor
     return settings, {name.removeprefix(PEFT_PREFIX): t for name, t in state.items()}
 
 
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter directory in PEFT's format names (base_model_name_or_path)."""
+    try:
+        return read_adapter_config(Path(adapter_dir)).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: unreadable ({e})") from None
+
+
 def load_peft_weights(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """Put adapter weights by PEFT's names (`read_peft_dir`) into a model the same adapters were applied to."""
     from peft import set_peft_model_state_dict

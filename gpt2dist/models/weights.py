@@ -139,10 +139,18 @@ class Adapter:
 
 def find_adapter(path: str | Path, adapter_dir: str | Path | None = None) -> Adapter | None:
     """The adapters of a peft run (or checkpoint) at `path`, or those of `adapter_dir`, a directory in PEFT's
-    format, on the base `path`; None when `path` is a whole model and no adapter_dir is given."""
+    format, on the base `path`; `path` itself such a directory: on the base it names, a local directory.
+    None when `path` is a whole model and no adapter_dir is given."""
     from gpt2dist.models import adapters
     from gpt2dist.training.checkpoint import read_manifest
 
+    if adapter_dir is None and adapters.is_peft_dir(path):
+        with _as_weights_error(adapters.AdapterError):
+            base = adapters.recorded_base(path)
+        if not base or not Path(base).is_dir():
+            raise WeightsError(f"{path}: its base_model_name_or_path {base!r} is not a local directory: give the base "
+                               "model's path, and this directory as the adapter (--adapter, train.init_adapter)")
+        return find_adapter(base, path)
     if adapter_dir is not None:
         with _as_weights_error(adapters.AdapterError):
             settings, state = adapters.read_peft_dir(adapter_dir)
