@@ -240,7 +240,7 @@ def test_init_from_an_adapter_run_trains_its_adapters_on_or_their_merge(sft_corp
 
 def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_training(sft_corpus, hf_base, tmp_path,
                                                                                    capsys):
-    """A LoRA adapter made with peft itself on transformers' GPT2LMHeadModel, given with its base: our
+    """A LoRA adapter made with peft itself on transformers' GPT2LMHeadModel, with its base or alone: our
     logits are peft's, every command takes it, and a base it does not fit is one line, exit 2."""
     import peft
 
@@ -273,8 +273,8 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
                           "--max-new-tokens", "2"]) == 0
     expected = mean_loss(ours, rank_batches(open_split(sft_corpus, "val", 16), 4, 4))[0]
     lora = ["peft=lora", "peft.r=4", "peft.alpha=8", "peft.target_modules=[c_attn,c_fc]", "train.max_steps=1",
-            f"train.init_adapter={adapter}", "task.generate_examples=0", "optim.warmup_steps=0"]
-    metrics = adapter_run(sft_corpus, hf_base, tmp_path / "run", *lora)
+            "task.generate_examples=0", "optim.warmup_steps=0"]
+    metrics = adapter_run(sft_corpus, adapter, tmp_path / "run", *lora)  # train.init_from=<the adapter>
     assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
     other = tmp_path / "other-base"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(other)
@@ -283,7 +283,7 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {adapter}: ") and "do not fit" in err[-1]
     with pytest.raises(WeightsError, match="does not match"):  # the run's model is the adapter's base's shape
-        adapter_run(sft_corpus, other, tmp_path / "refused", *lora)
+        adapter_run(sft_corpus, other, tmp_path / "refused", *lora, f"train.init_adapter={adapter}")
     assert not (tmp_path / "refused" / "config.yaml").exists()
 
 

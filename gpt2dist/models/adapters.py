@@ -11,6 +11,10 @@ Exports:
   `nn.Linear` where Hugging Face's are `Conv1D` ((in, out) weights), so the config says
   `fan_in_fan_out`; the adapter tensors themselves have the same shapes on both sides.
 - `merge`: the adapters folded into the base weights, a plain GPT for `gpt2dist.models.hf.export_hf`.
+
+Reading: `read_peft_dir` takes a LoRA or IA3 adapter in PEFT's format (ours, or one peft saved on
+`transformers.GPT2LMHeadModel`) as peft.* settings and weights; `load_peft_weights` puts them into a
+GPT the same adapters were applied to (`gpt2dist.models.weights.find_adapter` joins it to its base).
 """
 
 import hashlib

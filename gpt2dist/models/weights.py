@@ -4,7 +4,9 @@ A model path is one of
 - a run directory (`<run_dir>/checkpoints/latest` names its newest checkpoint),
 - a checkpoint directory (`<run_dir>/checkpoints/step_XXXXXXXX/`, any ZeRO stage, any number of ranks),
 - a Hugging Face GPT-2 directory (config.json with model.safetensors or pytorch_model.bin),
-- a compressed directory (compress.json; quantized, cast or pruned by `gpt2dist.compress`).
+- a compressed directory (compress.json; quantized, cast or pruned by `gpt2dist.compress`);
+- an adapter directory in PEFT's format (adapter_config.json), on the base it names, or given with
+  its base (`adapter=`); a run that trained adapters loads as its base with them (`find_adapter`).
 
 ZeRO-1/2/3 checkpoints hold the fp32 master weights sharded across the ranks' optimizer
 files; DeepSpeed's `zero_to_fp32` consolidates them on the CPU without a process group. Stage 0
