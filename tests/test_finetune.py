@@ -234,7 +234,8 @@ def test_init_from_an_adapter_run_trains_its_adapters_on_or_their_merge(sft_corp
     base = json.loads((tmp_path / "more" / CHECKPOINTS / "step_00000001" / "checkpoint.json").read_text())
     assert base["train_state"]["base"]["path"] == str(hf_base.resolve())  # the LoRA run's base, still frozen
     with pytest.raises(ConfigError, match="with the same peft.* settings, or every weight .* peft=none"):
-        adapter_run(sft_corpus, source, tmp_path / "other", "peft=lora", "peft.r=4", "train.max_steps=1", "optim.warmup_steps=0")
+        adapter_run(sft_corpus, source, tmp_path / "other", "peft=lora", "peft.r=4", "train.max_steps=1",
+                    "optim.warmup_steps=0")
     assert not (tmp_path / "other" / "config.yaml").exists()
 
 
