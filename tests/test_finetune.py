@@ -192,12 +192,12 @@ def test_lora_at_zero2_on_two_ranks_in_bf16(sft_corpus, hf_base, tmp_path):
 
 
 def test_lora_at_zero3_on_two_ranks_killed_9_resumes_bit_identical(sft_corpus, hf_base, tmp_path):
-    """kill -9 at a random moment (tests/test_faults.py's test; once: each start of 2 ranks costs ~18 s, most of
+    """kill -9 at a random moment (tests/test_faults.py's test; once: each start of 2 ranks costs ~15 s, most of
     it imports) of a LoRA run at ZeRO-3 on 2 ranks, resumed: the losses of a run that never died, to the
-    bit (fp32, adapter dropout included). ZeRO-3
-    partitions the frozen base too, and each forward pass gathers it from both ranks: the test split (5
-    examples, one per forward pass) is uneven over the ranks, and a rank short of a batch must still take
-    part in the other's last forward pass (else both wait there until dist.timeout_s)."""
+    bit (fp32, adapter dropout included), and its test scores and exports. ZeRO-3 partitions the frozen
+    base too, and each forward pass gathers it from both ranks: the test split (5 examples, one per
+    forward pass) is uneven over the ranks, and a rank short of a batch must still take part in the
+    other's last forward pass (else both wait there until dist.timeout_s)."""
     def overrides(run_dir):
         return sft_overrides(sft_corpus, hf_base, run_dir, "peft=lora", "peft.dropout=0.1", "zero=stage3",
                              "train.max_steps=9", "train.ckpt_interval=3", "train.eval_interval=3", "train.keep_last=2",
