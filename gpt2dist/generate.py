@@ -44,7 +44,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
 
     With `stop_token`, generation ends once every row has produced it; rows that stopped earlier
     are padded with it. `model` is a GPT, or a DeepSpeed engine wrapping one (then every rank must
-    call this). The KV cache gives the same tokens as recomputing the context every step; once
+    call this; at ZeRO-3 every rank runs as many steps, see `_all_stopped`). The KV cache gives the same tokens as recomputing the context every step; once
     the context outgrows block_size, each step recomputes the last block_size tokens, as without it.
     """
     gpt = getattr(model, "module", model)
@@ -67,9 +67,22 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
             next_id[finished] = stop_token
             finished |= next_id[:, 0] == stop_token
         idx = torch.cat((idx, next_id), dim=1)
-        if stop_token is not None and finished.all():
+        if stop_token is not None and _all_stopped(finished, model):
             break
     return idx
+
+
+def _all_stopped(finished: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether every row has stopped; with a DeepSpeed engine at ZeRO-3 on several ranks, on every rank:
+    each forward pass gathers the weights from all of them, so a rank whose rows stopped first keeps
+    stepping (its rows padded with the stop token) rather than leave the others waiting in a forward
+    pass it never runs."""
+    stopped = finished.all()
+    partitioned = getattr(model, "zero_optimization_partition_weights", None)
+    if partitioned is not None and partitioned() and torch.distributed.get_world_size() > 1:
+        stopped = stopped.to(torch.int32)
+        torch.distributed.all_reduce(stopped, op=torch.distributed.ReduceOp.MIN)
+    return bool(stopped)
 
 
 def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_tokens: int, temperature: float,
