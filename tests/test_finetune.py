@@ -277,6 +277,9 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
             "task.generate_examples=0", "optim.warmup_steps=0"]
     metrics = adapter_run(sft_corpus, adapter, tmp_path / "run", *lora)  # train.init_from=<the adapter>
     assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
+    shutil.rmtree(tmp_path / "run" / CHECKPOINTS)  # as if killed before its first checkpoint: it starts again
+    again = adapter_run(sft_corpus, adapter, tmp_path / "run", *lora)
+    assert without_timing(again) == without_timing(metrics)  # its step 0 logged once
     other = tmp_path / "other-base"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(other)
     capsys.readouterr()
