@@ -201,6 +201,10 @@ class TrainConfig:
     keep_best: Optional[str] = None
     resume: Resume = Resume.auto  # auto: continue from the newest checkpoint in run_dir if any; never: refuse if one exists
     init_from: Optional[str] = None  # with nothing to resume: start from these weights (a run, checkpoint or HF GPT-2 dir)
+    # With init_from a run that trained adapters, or init_adapter: peft=none starts from base and adapters merged;
+    # the same peft settings train those adapters on, on their base (fresh optimizer). See the README.
+    # An adapter directory in PEFT's format (adapter_config.json) on the init_from base
+    init_adapter: Optional[str] = None
     # With init_from a gpt2dist run or checkpoint of the same ZeRO stage (and, stage >= 1, world size): also take
     # its optimizer state (AdamW moments); the learning rate still follows this run's schedule from step 0.
     init_optimizer: bool = False
@@ -457,6 +461,7 @@ def check(cfg, world_size: int) -> None:
     else:
         need(o.decay_steps == 0, "optim.decay_steps is for optim.schedule=constant (cosine decays over the whole run)")
     need(not t.init_optimizer or t.init_from, "train.init_optimizer needs train.init_from")
+    need(not t.init_adapter or t.init_from, "train.init_adapter needs train.init_from, the base it adapts")
     backends = list(cfg.logger.backends)
     need(set(backends) <= BACKENDS.keys() and len(set(backends)) == len(backends),
          f"logger.backends=[{','.join(backends)}]: each must be one of {', '.join(BACKENDS)}, at most once")

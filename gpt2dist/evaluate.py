@@ -5,6 +5,7 @@ or few-shot multiple choice; the same, chosen by `evals.*`, as downstream evalua
     python -m gpt2dist.evaluate runs/gpt2 --text held_out/ 'more/*.md'
     python -m gpt2dist.evaluate runs/gpt2 --choices hellaswag_val.jsonl --fewshot-file hellaswag_train.jsonl --fewshot-k 5
     python -m gpt2dist.evaluate hf/gpt2 --sft data/qa --shots 3 --template 'Q: {prompt}\nA:'
+    python -m gpt2dist.evaluate hf/gpt2 --adapter exported/lora-adapter --sft data/qa
 
 `--sft` scores a generation task (a corpus of `python -m data_tools.sft`) by prompting: greedy
 answers to the prompts of a split (test by default), zero-shot or after `--shots` solved train
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
+    p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")
     p.add_argument("--corpus", help="a prepared corpus (python -m data_tools.prepare) to score")
     p.add_argument("--text", nargs="+", metavar="INPUT",
                    help="raw text to score whole: files, directories or glob patterns (as data_tools.prepare reads)")
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         questions = read_choices(args.choices)[: args.limit] if args.choices else []
         shots = read_choices(args.fewshot_file) if args.fewshot_file else []
         device = args.device or (f"cuda:{env.local_rank}" if default_device() == "cuda" else "cpu")
-        model = load_model(args.model, device)
+        model = load_model(args.model, device, adapter=args.adapter)
         results = {}
         if args.corpus:
             results[args.split] = corpus_loss(model, args.corpus, args.split, args.seq_len, args.batch_size,

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from gpt2dist.models import adapters, compressed
 from gpt2dist.models.hf import HFError, export_hf, save_hf_dir
-from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint, is_adapted, load_adapted
+from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_adapter, find_checkpoint, load_adapted
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = False) -> Path:
@@ -42,8 +42,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = F
     if ckpt_dir is None:
         raise WeightsError(f"{source}: not a gpt2dist run or checkpoint directory (no checkpoints/latest, "
                            "no config.yaml with model states)")
-    if is_adapted(ckpt_dir):
-        model = load_adapted(ckpt_dir)
+    if (found := find_adapter(ckpt_dir)) is not None:
+        model = load_adapted(found)
         if adapter and model.config.labels:
             raise WeightsError(f"{ckpt_dir}: a classifier's adapters are written merged only (its head trained in "
                                "full): export without --adapter")

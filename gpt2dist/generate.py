@@ -3,7 +3,7 @@
     python -m gpt2dist.generate runs/gpt2-tiny --prompt "The meaning of" --max-new-tokens 40
 
 The model is a gpt2dist run or checkpoint directory, or a Hugging Face GPT-2 directory
-(see `gpt2dist.models.weights`). Each prompt is generated on its own; `--num-samples` continuations
+(see `gpt2dist.models.weights`), with `--adapter` an adapter in PEFT's format on it. Each prompt is generated on its own; `--num-samples` continuations
 of one prompt run as one batch.
 """
 
@@ -44,7 +44,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
 
     With `stop_token`, generation ends once every row has produced it; rows that stopped earlier
     are padded with it. `model` is a GPT, or a DeepSpeed engine wrapping one (then every rank must
-    call this). The KV cache gives the same tokens as recomputing the context every step; once
+    call this; at ZeRO-3 every rank runs as many steps, see `_all_stopped`). The KV cache gives the same tokens as recomputing the context every step; once
     the context outgrows block_size, each step recomputes the last block_size tokens, as without it.
     """
     gpt = getattr(model, "module", model)
@@ -67,9 +67,22 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
             next_id[finished] = stop_token
             finished |= next_id[:, 0] == stop_token
         idx = torch.cat((idx, next_id), dim=1)
-        if stop_token is not None and finished.all():
+        if stop_token is not None and _all_stopped(finished, model):
             break
     return idx
+
+
+def _all_stopped(finished: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether every row has stopped; with a DeepSpeed engine at ZeRO-3 on several ranks, on every rank:
+    each forward pass gathers the weights from all of them, so a rank whose rows stopped first keeps
+    stepping (its rows padded with the stop token) rather than leave the others waiting in a forward
+    pass it never runs."""
+    stopped = finished.all()
+    partitioned = getattr(model, "zero_optimization_partition_weights", None)
+    if partitioned is not None and partitioned() and torch.distributed.get_world_size() > 1:
+        stopped = stopped.to(torch.int32)
+        torch.distributed.all_reduce(stopped, op=torch.distributed.ReduceOp.MIN)
+    return bool(stopped)
 
 
 def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_tokens: int, temperature: float,
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")
     p.add_argument("--device", default=default_device())
     args = p.parse_args(argv)
     prompts = list(args.prompt)
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         prompts = prompts or [""]  # no prompt: unconditional samples, each a new document
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device, adapter=args.adapter)
     except (OSError, UnicodeDecodeError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
     python -m gpt2dist.lmeval runs/gpt2 --tasks hellaswag,lambada_openai --num-fewshot 0
     python -m gpt2dist.lmeval runs/gpt2 --tasks my_task --include-path my_tasks/
 
-The model is anything `gpt2dist.models.weights.load_model` reads. `GPT2DistLM` is registered with
+The model is anything `gpt2dist.models.weights.load_model` reads (with `--adapter`, or the model
+argument `adapter=`, an adapter in PEFT's format on it). `GPT2DistLM` is registered with
 lm-eval as "gpt2dist" (`model_args="pretrained=runs/gpt2"`) once this module is imported, for
 use from Python through `lm_eval.simple_evaluate`. lm-eval downloads its standard tasks' data
 from the Hugging Face hub; tasks of your own can read local files (`dataset_path: json`).
@@ -33,10 +34,10 @@ class GPT2DistLM(TemplateLM):
     (perplexity tasks) and greedy or sampled generation."""
 
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str | None = 8,
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None, adapter: str | None = None):
         super().__init__()
         self.device_name = device or default_device()
-        self.model = load_model(pretrained, self.device_name)
+        self.model = load_model(pretrained, self.device_name, adapter=adapter)
         self.block_size = self.model.config.block_size
         # lm-eval passes "auto" for automatic batch sizes; we take a fixed one.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2dist.lmeval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
+    p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="a directory of task YAML files of your own")
     p.add_argument("--num-fewshot", type=int, default=None)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     task_manager = TaskManager(include_path=args.include_path)
     try:
         check_tasks(tasks, task_manager)  # before the model is loaded: a typo fails in seconds
-        lm = GPT2DistLM(args.model, args.device, args.batch_size)
+        lm = GPT2DistLM(args.model, args.device, args.batch_size, adapter=args.adapter)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

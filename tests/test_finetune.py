@@ -11,18 +11,20 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from data_tools.sft import main as sft_main
 from gpt2dist import safe_load
 from gpt2dist.data.loader import open_split
 from gpt2dist.data.sft import IGNORE
 from gpt2dist.data.shards import CorpusError
+from gpt2dist.config import ConfigError
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.export import main as export_main
 from gpt2dist.models.weights import load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
 from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg
+from tests.test_faults import kill_repeatedly, resumed_steps, without_timing
 from tests.test_hf_interop import save_hf, tokens
 from tests.test_model import tiny_hf
 
@@ -35,9 +37,9 @@ def rows(words: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def sft_corpus(tmp_path_factory):
-    """Reverse-a-word examples, split by files: 24 train, 4 dev, 4 test, 16 tokens each."""
+    """Reverse-a-word examples, split by files: 24 train, 4 dev, 5 test (uneven over 2 ranks), 16 tokens each."""
     d = tmp_path_factory.mktemp("sft")
-    for name, words in (("train", WORDS * 2), ("dev", WORDS[:4]), ("test", WORDS[4:8])):
+    for name, words in (("train", WORDS * 2), ("dev", WORDS[:4]), ("test", WORDS[4:9])):
         (d / f"{name}.jsonl").write_text(rows(words))
     out = d / "corpus"
     assert sft_main(["--output", str(out), "--seq-len", "16", "--train", str(d / "train.jsonl"),
@@ -61,7 +63,7 @@ def sft_overrides(corpus, base, run_dir, *extra) -> list[str]:
 
 def test_examples_are_scored_on_the_response_only(sft_corpus):
     manifest = json.loads((sft_corpus / "manifest.json").read_text())
-    assert manifest["task"] == "sft" and manifest["examples"] == {"train": 24, "val": 4, "test": 4}
+    assert manifest["task"] == "sft" and manifest["examples"] == {"train": 24, "val": 4, "test": 5}
     enc = get_tokenizer()
     examples = open_split(sft_corpus, "train", 16)
     for i in range(len(examples)):
@@ -117,7 +119,7 @@ def test_sft_from_hf_keeps_the_best_and_scores_the_test_split(sft_corpus, hf_bas
     best_tag = (run_dir / CHECKPOINTS / "best").read_text()
     assert best_tag == f"step_{best['step']:08d}" and (run_dir / CHECKPOINTS / best_tag / "checkpoint.json").is_file()
     result = json.loads((run_dir / "test.json").read_text())
-    assert result["checkpoint"] == best_tag and result["examples"] == 4
+    assert result["checkpoint"] == best_tag and result["examples"] == 5
     assert {"test_loss", "test_bleu", "test_chrf"} <= result.keys() and math.isfinite(result["test_loss"])
 
 
@@ -152,11 +154,16 @@ def test_resume_with_other_adapters_or_on_a_changed_base_is_refused(sft_corpus, 
         adapter_run(sft_corpus, base, tmp_path / "run", "peft=lora", "train.max_steps=4")
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_adapter_exports_load_in_peft_and_transformers_with_our_logits(sft_corpus, hf_base, tmp_path, method):
+@pytest.mark.parametrize("method, stage", [("lora", 0), ("ia3", 3)])
+def test_adapter_exports_load_in_peft_and_transformers_with_our_logits(sft_corpus, hf_base, tmp_path, method, stage):
     run_dir = tmp_path / "run"
-    adapter_run(sft_corpus, hf_base, run_dir, f"peft={method}", "train.max_steps=2", "train.eval_interval=0",
-                "task.generate_examples=0")
+    adapter_run(sft_corpus, hf_base, run_dir, f"peft={method}", f"zero.stage={stage}", "train.max_steps=2",
+                "train.eval_interval=0", "task.generate_examples=0")
+    assert_exports_match(run_dir, hf_base, tmp_path)
+
+
+def assert_exports_match(run_dir, hf_base, tmp_path):
+    """The run's PEFT-format and merged exports give, in peft and transformers, the logits of the run's model."""
     assert export_main([str(run_dir), str(tmp_path / "adapter"), "--adapter"]) == 0
     assert export_main([str(run_dir), str(tmp_path / "merged")]) == 0
     idx = tokens(7, length=32)
@@ -182,6 +189,106 @@ def test_lora_at_zero2_on_two_ranks_in_bf16(sft_corpus, hf_base, tmp_path):
     assert sum(f.stat().st_size for f in ckpt.iterdir()) < 200_000  # adapters and their Adam moments, not the base
     model = load_model(run_dir)  # consolidated from both ranks' shards, on the base
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * (64 * 8 + 8 * 192)
+
+
+def test_lora_at_zero3_on_two_ranks_killed_9_resumes_bit_identical(sft_corpus, hf_base, tmp_path):
+    """kill -9 at a random moment (tests/test_faults.py's test; once: each start of 2 ranks costs ~15 s, most of
+    it imports) of a LoRA run at ZeRO-3 on 2 ranks, resumed: the losses of a run that never died, to the
+    bit (fp32, adapter dropout included), and its test scores and exports. ZeRO-3 partitions the frozen
+    base too, and each forward pass gathers it from both ranks: the test split (5 examples, one per
+    forward pass) is uneven over the ranks, and a rank short of a batch must still take part in the
+    other's last forward pass (else both wait there until dist.timeout_s)."""
+    def overrides(run_dir):
+        return sft_overrides(sft_corpus, hf_base, run_dir, "peft=lora", "peft.dropout=0.1", "zero=stage3",
+                             "train.max_steps=9", "train.ckpt_interval=3", "train.eval_interval=3", "train.keep_last=2",
+                             "train.micro_batch_size=1", "train.eval_sequences=2", "train.keep_best=val_loss",
+                             "task.generate_examples=1", "optim.lr=1e-2", "dist.timeout_s=120")
+
+    reference = run_train(overrides(tmp_path / "uninterrupted"), nproc=2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    test = json.loads((tmp_path / "uninterrupted" / "test.json").read_text())
+    assert test["examples"] == 5 and math.isfinite(test["test_loss"])
+    run_dir = tmp_path / "run"
+    outputs = kill_repeatedly(overrides(run_dir), run_dir, 2, kills=1, seed=3, tmp_path=tmp_path, steps=9)
+    assert resumed_steps(outputs)
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "uninterrupted"))
+    assert json.loads((run_dir / "test.json").read_text()) == test
+    assert sum(f.stat().st_size for f in (run_dir / CHECKPOINTS / "step_00000009").iterdir()) < 200_000  # adapters
+    assert_exports_match(run_dir, hf_base, tmp_path)  # consolidated from both ranks' shards
+
+
+def test_init_from_an_adapter_run_trains_its_adapters_on_or_their_merge(sft_corpus, hf_base, tmp_path):
+    """train.init_from=<a LoRA run>: with the same peft settings its adapters train on, on its base (here
+    with its optimizer state too); with peft=none every weight trains, from base and adapters merged.
+    Both start where the LoRA run ended; other adapter settings are refused, before anything is written."""
+    source = tmp_path / "lora"
+    ended = adapter_run(sft_corpus, hf_base, source, "peft=lora", "train.max_steps=2", "task.generate_examples=0")
+    for name, extra in (("more", ["peft=lora", "train.init_optimizer=true"]), ("full", [])):
+        run_dir = tmp_path / name
+        metrics = adapter_run(sft_corpus, source, run_dir, *extra, "train.max_steps=1", "optim.warmup_steps=0",
+                               "task.generate_examples=0")
+        assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] == pytest.approx(ended[-1]["val_loss"], abs=1e-6)
+        module = safe_load.load(run_dir / CHECKPOINTS / "step_00000001" / "mp_rank_00_model_states.pt",
+                                CheckpointError)["module"]
+        assert all(".lora_" in n for n in module) if name == "more" else not any(".lora_" in n for n in module)
+    base = json.loads((tmp_path / "more" / CHECKPOINTS / "step_00000001" / "checkpoint.json").read_text())
+    assert base["train_state"]["base"]["path"] == str(hf_base.resolve())  # the LoRA run's base, still frozen
+    with pytest.raises(ConfigError, match="with the same peft.* settings, or every weight .* peft=none"):
+        adapter_run(sft_corpus, source, tmp_path / "other", "peft=lora", "peft.r=4", "train.max_steps=1",
+                    "optim.warmup_steps=0")
+    assert not (tmp_path / "other" / "config.yaml").exists()
+
+
+def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_training(sft_corpus, hf_base, tmp_path,
+                                                                                   capsys):
+    """A LoRA adapter made with peft itself on transformers' GPT2LMHeadModel, with its base or alone: our
+    logits are peft's, every command takes it, and a base it does not fit is one line, exit 2."""
+    import peft
+
+    from gpt2dist.evaluate import main as evaluate_main
+    from gpt2dist.generate import main as generate_main
+    from gpt2dist.lmeval import GPT2DistLM
+    from gpt2dist.models.weights import WeightsError
+    from gpt2dist.training.validation import mean_loss, rank_batches
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(hf_base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B starts at zero: the adapter would change nothing
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    adapter = tmp_path / "adapter"
+    theirs.save_pretrained(adapter)
+    idx = tokens(7, length=32)
+    with torch.no_grad():
+        ours = load_model(hf_base, adapter=adapter)
+        torch.testing.assert_close(ours(idx)[0], theirs.eval()(idx).logits, atol=1e-5, rtol=0)
+        assert torch.equal(GPT2DistLM(str(hf_base), device="cpu", adapter=str(adapter)).model(idx)[0], ours(idx)[0])
+        assert torch.equal(load_model(adapter)(idx)[0], ours(idx)[0])  # alone: on the base_model_name_or_path
+    capsys.readouterr()
+    assert generate_main([str(hf_base), "--adapter", str(adapter), "--prompt", "Reverse apple:", "--temperature", "0",
+                          "--max-new-tokens", "3"]) == 0
+    assert f"with the adapter {adapter}" in capsys.readouterr().err
+    assert evaluate_main([str(hf_base), "--adapter", str(adapter), "--sft", str(sft_corpus), "--limit", "1",
+                          "--max-new-tokens", "2"]) == 0
+    expected = mean_loss(ours, rank_batches(open_split(sft_corpus, "val", 16), 4, 4))[0]
+    lora = ["peft=lora", "peft.r=4", "peft.alpha=8", "peft.target_modules=[c_attn,c_fc]", "train.max_steps=1",
+            "task.generate_examples=0", "optim.warmup_steps=0"]
+    metrics = adapter_run(sft_corpus, adapter, tmp_path / "run", *lora)  # train.init_from=<the adapter>
+    assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
+    shutil.rmtree(tmp_path / "run" / CHECKPOINTS)  # as if killed before its first checkpoint: it starts again
+    again = adapter_run(sft_corpus, adapter, tmp_path / "run", *lora)
+    assert without_timing(again) == without_timing(metrics)  # its step 0 logged once
+    other = tmp_path / "other-base"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(other)
+    capsys.readouterr()
+    assert generate_main([str(other), "--adapter", str(adapter), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {adapter}: ") and "do not fit" in err[-1]
+    with pytest.raises(WeightsError, match="does not match"):  # the run's model is the adapter's base's shape
+        adapter_run(sft_corpus, other, tmp_path / "refused", *lora, f"train.init_adapter={adapter}")
+    assert not (tmp_path / "refused" / "config.yaml").exists()
 
 
 def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):
@@ -238,5 +345,5 @@ def test_evaluate_corpus_of_examples_is_the_response_token_loss(sft_corpus, hf_b
     examples = open_split(sft_corpus, "test", 16)
     expected, tokens = mean_loss(model, rank_batches(examples, len(examples), 8))
     result = corpus_loss(model, sft_corpus, "test")
-    responses = sum(len(get_tokenizer().encode_ordinary(f" {w[::-1]}")) + 1 for w in WORDS[4:8])  # + <|endoftext|>
+    responses = sum(len(get_tokenizer().encode_ordinary(f" {w[::-1]}")) + 1 for w in WORDS[4:9])  # + <|endoftext|>
     assert result["loss"] == expected and result["tokens"] == tokens == responses

@@ -1,13 +1,15 @@
 """Generation: the KV cache changes nothing but speed, greedy decoding equals Hugging Face's, and
 the sampling filters keep only the tokens they should."""
 
+import json
+
 import pytest
 import torch
 
 from gpt2dist.generate import generate, main as generate_main, sample_next
 from gpt2dist.models.hf import export_hf
 from gpt2dist.models.gpt import GPT, GPTConfig, KVCache
-from tests.conftest import from_hf
+from tests.conftest import ROOT, from_hf, run_python
 from tests.test_model import tiny_hf
 
 
@@ -96,3 +98,15 @@ def test_generate_command(tmp_path, capsys):
     assert len(unprompted) == 2  # two unconditional samples (before: "error: no prompts")
     assert generate_main([str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'}: no such file or directory\n"
+
+
+def test_zero3_generation_runs_as_many_steps_on_every_rank():
+    """Under ZeRO-3 each forward pass gathers the weights from every rank: a rank whose rows all stopped
+    keeps stepping (padding with the stop token) until every rank's have, instead of leaving the others
+    waiting in a forward pass it never runs."""
+    result = run_python([str(ROOT / "tests" / "zero3_generate.py")], nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("rank "))
+    (stop0, tokens0), (stop1, tokens1) = [(int(k.split()[-1]), json.loads(v)) for k, v in sorted(ranks.items())]
+    assert tokens0 == [stop0] * len(tokens0) and len(tokens1) > 1 and stop1 not in tokens1[:-1]
+    assert len(tokens0) == len(tokens1)

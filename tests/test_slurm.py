@@ -124,3 +124,22 @@ def test_submitit_sweep(slurm_env, corpus, tmp_path):
         assert (sweep / job / CHECKPOINTS / "step_00000003" / "rng_rank1.pt").exists()  # 2 ranks in each job
         lrs.append(metrics[1]["lr"])  # step 2: warmup (2 steps) done, the peak rate
     assert lrs == [1e-3, 3e-3]
+
+
+def test_optuna_search_on_slurm(slurm_env, corpus, tmp_path):
+    """`python train.py -m hydra/sweeper=optuna hydra/launcher=slurm ...`: 3 trials at once (n_jobs), each a
+    SLURM job of one CPU task; the objective that each job's train.py returns comes back to the study."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/sweeper=optuna", "hydra/launcher=slurm",
+         "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=3", "hydra.sweeper.sampler.seed=1",
+         "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.timeout_min=10", "optim.lr=tag(log,interval(1e-4,1e-2))",
+         *tiny_overrides(corpus, sweep, "train.max_steps=2", "train.ckpt_interval=0", "train.sample_tokens=0")],
+        cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))  # one per SLURM job
+    assert all(f"run dir {sweep / str(job)}\n" in logs for job in range(3)), logs[-3000:]
+    finals = [read_metrics(sweep / str(job))[-1]["val_loss"] for job in range(3)]
+    assert len(set(finals)) == 3  # three learning rates, three results
+    assert f"best_value: {min(finals)}\n" in (sweep / "optimization_results.yaml").read_text()

@@ -11,6 +11,10 @@ Exports:
   `nn.Linear` where Hugging Face's are `Conv1D` ((in, out) weights), so the config says
   `fan_in_fan_out`; the adapter tensors themselves have the same shapes on both sides.
 - `merge`: the adapters folded into the base weights, a plain GPT for `gpt2dist.models.hf.export_hf`.
+
+Reading: `read_peft_dir` takes a LoRA or IA3 adapter in PEFT's format (ours, or one peft saved on
+`transformers.GPT2LMHeadModel`) as peft.* settings and weights; `load_peft_weights` puts them into a
+GPT the same adapters were applied to (`gpt2dist.models.weights.find_adapter` joins it to its base).
 """
 
 import hashlib
@@ -122,3 +126,77 @@ def merge(model: GPT) -> GPT:
 
 def read_adapter_config(adapter_dir: Path) -> dict:
     return json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+
+
+class AdapterError(ValueError):
+    """An adapter directory we cannot read, or adapters that do not fit a model (names the directory)."""
+
+
+# PEFT options that peft.* cannot express, with the value that means "not used".
+UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
+               "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_peft_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The peft.* settings and the weights (PEFT's names, no prefix or adapter name) of an adapter
+    directory in PEFT's format, as `save_adapter` or peft's `save_pretrained` write it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        raw = read_adapter_config(adapter_dir)
+        method = PeftMethod(str(raw.get("peft_type")).lower())
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: not a LoRA or IA3 adapter config of peft ({e})") from None
+    targets = raw.get("target_modules")
+    unsupported = [k for k, unused in UNSUPPORTED.items() if raw.get(k) and raw.get(k) != unused]
+    if not isinstance(targets, list) or unsupported:
+        what = ", ".join(unsupported) if unsupported else f"target_modules {targets!r} (a regular expression)"
+        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: uses {what}, which gpt2dist's peft.* settings do "
+                           "not express (supported: LoRA or IA3 on a list of target_modules)")
+    settings = {"method": method.value, "r": raw.get("r") or 8, "alpha": raw.get("lora_alpha") or 8,
+                "dropout": raw.get("lora_dropout") or 0.0, "target_modules": targets,
+                "feedforward_modules": list(raw.get("feedforward_modules") or [])}
+    try:
+        state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: unreadable ({e}); peft writes it with "
+                           "save_pretrained(safe_serialization=True), its default") from None
+    return settings, {name.removeprefix(PEFT_PREFIX): t for name, t in state.items()}
+
+
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter directory in PEFT's format names (base_model_name_or_path)."""
+    try:
+        return read_adapter_config(Path(adapter_dir)).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: unreadable ({e})") from None
+
+
+def load_peft_weights(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Put adapter weights by PEFT's names (`read_peft_dir`) into a model the same adapters were applied to."""
+    from peft import set_peft_model_state_dict
+
+    expected = {name: tuple(t.shape) for name, t in adapter_state(model).items()}
+    given = {name: tuple(t.shape) for name, t in state.items()}
+    if given != expected:
+        name = next(iter(sorted(set(given) ^ set(expected)) or [n for n in given if given[n] != expected[n]]))
+        raise AdapterError(f"{source}: the adapter weights do not fit this base model: {name} is "
+                           f"{given.get(name, 'missing')} in the adapter, {expected.get(name, 'absent')} in the model")
+    set_peft_model_state_dict(model, {name: t.float() for name, t in state.items()})
+
+
+def same_adapters(a, b) -> bool:
+    """Whether two peft.* settings make the same adapters (dropout, a training setting, aside)."""
+    def key(s) -> tuple:
+        method = PeftMethod(s.method)
+        lora = (s.r, float(s.alpha)) if method == PeftMethod.lora else ()
+        ia3 = s.feedforward_modules if method == PeftMethod.ia3 else []
+        return method, sorted(s.target_modules), lora, sorted(ia3)  # peft saves them as sets: in any order
+
+    return key(a) == key(b)

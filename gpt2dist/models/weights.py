@@ -4,7 +4,9 @@ A model path is one of
 - a run directory (`<run_dir>/checkpoints/latest` names its newest checkpoint),
 - a checkpoint directory (`<run_dir>/checkpoints/step_XXXXXXXX/`, any ZeRO stage, any number of ranks),
 - a Hugging Face GPT-2 directory (config.json with model.safetensors or pytorch_model.bin),
-- a compressed directory (compress.json; quantized, cast or pruned by `gpt2dist.compress`).
+- a compressed directory (compress.json; quantized, cast or pruned by `gpt2dist.compress`);
+- an adapter directory in PEFT's format (adapter_config.json), on the base it names, or given with
+  its base (`adapter=`); a run that trained adapters loads as its base with them (`find_adapter`).
 
 ZeRO-1/2/3 checkpoints hold the fp32 master weights sharded across the ranks' optimizer
 files; DeepSpeed's `zero_to_fp32` consolidates them on the CPU without a process group. Stage 0
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gpt2dist.training import deepspeed_env
 from gpt2dist import safe_load
@@ -125,30 +127,95 @@ def is_adapted(ckpt_dir: Path) -> bool:
     return _saved_config(ckpt_dir).get("peft", {}).get("method", "none") != "none"
 
 
-def load_adapted(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """A GPT with its adapters (unmerged), in eval mode, from a checkpoint of a peft run: the frozen base
-    from where the run took it (checked against the SHA-256 the checkpoint recorded), the adapters
-    from the checkpoint."""
+@dataclass
+class Adapter:
+    """Adapters to put on a base model: where they are, the base they were trained on, their peft.* settings,
+    and `load`, which puts their weights into that base once the same adapters are applied to it."""
+
+    source: Path  # a checkpoint of a peft run, or a directory in PEFT's format
+    base: Path
+    base_sha256: str | None  # as a peft run records it (`adapters.weights_sha256`); PEFT's format has none
+    settings: DictConfig
+    load: Callable[[GPT], None]
+    config: GPTConfig | None = None  # the adapted model's shape where it differs from the base's (a classifier's head)
+
+
+def find_adapter(path: str | Path, adapter_dir: str | Path | None = None) -> Adapter | None:
+    """The adapters of a peft run (or checkpoint) at `path`, or those of `adapter_dir`, a directory in PEFT's
+    format, on the base `path`; `path` itself such a directory: on the base it names, a local directory.
+    None when `path` is a whole model and no adapter_dir is given."""
     from gpt2dist.models import adapters
     from gpt2dist.training.checkpoint import read_manifest
 
-    ckpt_dir = Path(ckpt_dir)
+    if adapter_dir is None and adapters.is_peft_dir(path):
+        with _as_weights_error(adapters.AdapterError):
+            base = adapters.recorded_base(path)
+        if not base or not Path(base).is_dir():
+            raise WeightsError(f"{path}: its base_model_name_or_path {base!r} is not a local directory: give the base "
+                               "model's path, and this directory as the adapter (--adapter, train.init_adapter)")
+        return find_adapter(base, path)
+    if adapter_dir is not None:
+        with _as_weights_error(adapters.AdapterError):
+            settings, state = adapters.read_peft_dir(adapter_dir)
+        return Adapter(Path(adapter_dir), Path(path), None, OmegaConf.create(settings),
+                       lambda model: adapters.load_peft_weights(model, state, adapter_dir))
+    ckpt_dir = None if (Path(path) / "config.json").is_file() else find_checkpoint(path)
+    if ckpt_dir is None or not is_adapted(ckpt_dir):
+        return None
     saved = _saved_config(ckpt_dir)
     base = read_manifest(ckpt_dir)["train_state"]["base"]
-    config = gpt_config(saved.model)
-    # A classifier's head trained with its adapters: the base is the rest (see adapters.weights_sha256).
-    model = load_into(empty_model(config, device), base["path"]) if config.labels else load_model(base["path"], device)
-    if adapters.weights_sha256(model) != base["sha256"]:
-        raise WeightsError(f"{ckpt_dir}: its adapters were trained on {base['path']}, whose weights have changed "
-                           f"since (SHA-256 {base['sha256'][:12]} expected)")
-    adapters.apply(model, saved.peft)
-    state = _checkpoint_state(ckpt_dir, saved, model)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(state) != trainable:
-        raise WeightsError(f"{ckpt_dir}: its weights are not the adapters of peft.method={saved.peft.method} "
-                           f"({len(state)} tensors, {len(trainable)} expected)")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    return model.eval()
+
+    def load(model: GPT) -> None:
+        state = _checkpoint_state(ckpt_dir, saved, model)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise WeightsError(f"{ckpt_dir}: its weights are not the adapters of peft.method={saved.peft.method} "
+                               f"({len(state)} tensors, {len(trainable)} expected)")
+        # ZeRO-3 checkpoints give tensors gathered from the ranks' shards here (contiguous()).
+        model.load_state_dict({k: v.contiguous().float() for k, v in state.items()}, strict=False)
+
+    return Adapter(ckpt_dir, Path(base["path"]), base["sha256"], saved.peft, load, gpt_config(saved.model))
+
+
+def check_base(adapter: Adapter, model: GPT) -> str:
+    """Refuse a base whose weights changed since the adapters were trained on it; returns its SHA-256."""
+    from gpt2dist.models import adapters
+
+    sha256 = adapters.weights_sha256(model)
+    if adapter.base_sha256 and sha256 != adapter.base_sha256:
+        raise WeightsError(f"{adapter.source}: its adapters were trained on {adapter.base}, whose weights have changed "
+                           f"since (SHA-256 {adapter.base_sha256[:12]} expected, {sha256[:12]} found)")
+    return sha256
+
+
+def attach(model: GPT, adapter: Adapter, settings=None) -> GPT:
+    """Apply the adapters (with `settings`, by default theirs: a run may change their dropout) to the base
+    `model` in place and load their weights; adapters that do not fit the base are refused."""
+    from gpt2dist.models import adapters
+
+    try:
+        adapters.apply(model, settings or adapter.settings)
+    except ValueError as e:  # peft: a target module the base does not have
+        raise WeightsError(f"{adapter.source}: its adapters do not fit the base {adapter.base} ({e})") from None
+    with _as_weights_error(adapters.AdapterError):
+        adapter.load(model)
+    return model
+
+
+def load_adapted(adapter: Adapter, device: torch.device | str = "cpu", base: str | Path | None = None) -> GPT:
+    """A GPT with its adapters (unmerged), in eval mode: the frozen base (`base`, by default the one the
+    adapters record), checked against the SHA-256 a peft run recorded, then the adapters."""
+    base = base or adapter.base
+    if find_adapter(base) is not None:
+        raise WeightsError(f"{base}: a run that trained adapters is no base for other adapters: "
+                           "export it merged first (python -m gpt2dist.export)")
+    if adapter.config is not None and adapter.config.labels:
+        # A classifier's head trained with its adapters: the base holds the rest (see adapters.weights_sha256).
+        model = load_into(empty_model(adapter.config, device), base)
+    else:
+        model = load_model(base, device, quiet=True)
+    check_base(adapter, model)
+    return attach(model, adapter).eval()
 
 
 def empty_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
@@ -219,21 +286,23 @@ def _as_weights_error(error_cls: type[Exception]):
         raise WeightsError(str(e)) from None
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", quiet: bool = False) -> GPT:
+def load_model(path: str | Path, device: torch.device | str = "cpu", quiet: bool = False,
+               adapter: str | Path | None = None) -> GPT:
     """A GPT in eval mode, from a run, checkpoint, Hugging Face or compressed directory (see the module
-    docstring); of a run that trained adapters, its base with the adapters (`load_adapted`). Prints (to
-    stderr, unless quiet) what it loaded: the commands' outputs say which model spoke."""
-    ckpt_dir = find_checkpoint(path) if not (Path(path) / "config.json").is_file() else None
-    if compressed.is_compressed(path):
+    docstring); of a run that trained adapters, its base with the adapters; with `adapter`, a directory in
+    PEFT's format, that adapter on the model at `path` (`load_adapted`). Prints (to stderr, unless quiet)
+    what it loaded: the commands' outputs say which model spoke."""
+    found = find_adapter(path, adapter) if adapter is not None or not compressed.is_compressed(path) else None
+    if found is not None:
+        model = load_adapted(found, device, base=path if adapter is not None else None)
+    elif compressed.is_compressed(path):
         with _as_weights_error(compressed.CompressedError):
             model = compressed.load(path, device)
-    elif ckpt_dir is not None and is_adapted(ckpt_dir):
-        model = load_adapted(ckpt_dir, device)
     else:
         config, tensors, source = open_weights(path)
         model = fill(empty_model(config, device), tensors, source).eval()
     if not quiet:
-        print(f"loaded {describe(path, model)}", file=sys.stderr)
+        print(f"loaded {describe(path, model)}" + (f" with the adapter {adapter}" if adapter else ""), file=sys.stderr)
     return model
 
 

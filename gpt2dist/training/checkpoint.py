@@ -347,16 +347,18 @@ def load(engine, run_dir: str | Path, tag: str, rank: int, universal: bool = Fal
     return client_state["train_state"]
 
 
-def load_optimizer(engine, cfg, ckpt_dir: Path, world_size: int) -> None:
+def load_optimizer(engine, cfg, ckpt_dir: Path, world_size: int, adapters_only: bool = False) -> None:
     """Take a checkpoint's optimizer state (AdamW moments and step counts) into a new run
-    (`train.init_optimizer`); the new run keeps its own learning rate, schedule and hyperparameters."""
+    (`train.init_optimizer`); the new run keeps its own learning rate, schedule and hyperparameters.
+    `adapters_only`: as in `load`."""
     check_compatible(cfg, ckpt_dir, world_size, init_optimizer=True)
     # Loading an optimizer state also restores its param groups, whose lr is where the old schedule
     # ended; this run's values go back on afterwards, so its first step already follows its schedule.
     ours = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     with safe_load.only_weights(CheckpointError):
         path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False, load_module_only=False)
+                                         load_lr_scheduler_states=False, load_module_only=False,
+                                         load_module_strict=not adapters_only)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     for group, values in zip(engine.optimizer.param_groups, ours):

@@ -39,7 +39,7 @@ from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read
 from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.validation import mean_loss, rank_batches, validation_sets
-from gpt2dist.models.weights import find_checkpoint, load_into
+from gpt2dist.models.weights import Adapter, attach, check_base, find_adapter, find_checkpoint, load_into
 
 
 # What each task trains on, as a corpus's manifest says (`corpus_task`).
@@ -220,11 +220,7 @@ class Trainer:
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
         model.loss_chunk = cfg.train.loss_chunk
         self.adapted = PeftMethod(cfg.peft.method) != PeftMethod.none
-        # A resume takes its weights from the checkpoint, but adapters' checkpoints hold only the adapters:
-        # their frozen base is loaded again, and must be the one they were trained on.
-        if cfg.train.init_from and (not tag or self.adapted):
-            load_into(model, cfg.train.init_from)  # new optimizer and schedule
-            self.print(f"initialised from {cfg.train.init_from}")
+        start = self._init_weights(model, tag)
         if cfg.train.init_from and (masks := fixed_masks(cfg.train.init_from)):
             keep_masks(model, masks)  # also on resume: the zeros of the pruned model stay zero to the end
             self.print(f"keeping the {len(masks)} pruning masks of {cfg.train.init_from} fixed")
@@ -232,16 +228,48 @@ class Trainer:
         self.print(f"model {cfg.model.name}: {self.n_params:,} parameters")
         self.base = None
         if self.adapted:
-            self.base = {"path": str(Path(cfg.train.init_from).resolve()), "sha256": adapters.weights_sha256(model)}
-            if tag:
-                checkpoint.check_same_base(self._checkpoint_dir(tag), self.base)
-            adapters.apply(model, cfg.peft)
-            self.print(f"peft {cfg.peft.method.value}: {adapters.trainable_params(model):,} trainable parameters")
+            self._add_adapters(model, tag, start)
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
         self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main, self.universal)
         if cfg.train.compile:
             self.engine.compile()  # torch.compile, in place: parameter names and checkpoints unchanged
         self.device = self.engine.device
+
+    def _init_weights(self, model: GPT, tag: str | None) -> Adapter | None:
+        """Load train.init_from's weights (with nothing to resume, or under adapters: their frozen base);
+        returns the adapters it holds, or train.init_adapter's, if any."""
+        cfg = self.cfg
+        if not cfg.train.init_from:
+            return None
+        start = find_adapter(cfg.train.init_from, cfg.train.init_adapter)
+        if start and self.adapted and not adapters.same_adapters(start.settings, cfg.peft):
+            raise ConfigError(f"{start.source} holds peft={OmegaConf.to_container(start.settings)}, this run's "
+                              f"peft.* differ: train those adapters on with the same peft.* settings, or every "
+                              f"weight from them merged with peft=none")
+        # A resume takes its weights from the checkpoint, but adapters' checkpoints hold only the adapters:
+        # their frozen base is loaded again, and must be the one they were trained on.
+        if not tag or self.adapted:
+            load_into(model, start.base if start else cfg.train.init_from)  # new optimizer and schedule
+            if start and not self.adapted:  # full fine-tuning from the adapters folded into their base
+                check_base(start, model)
+                adapters.merge(attach(model, start))
+            self.print(f"initialised from {cfg.train.init_from}" + (f" with {start.source}" if start else ""))
+        return start
+
+    def _add_adapters(self, model: GPT, tag: str | None, start: Adapter | None) -> None:
+        """Apply peft.* to the base (recorded as self.base); from `start`'s weights unless resuming."""
+        cfg = self.cfg
+        base_path = start.base if start else cfg.train.init_from
+        sha256 = check_base(start, model) if start else adapters.weights_sha256(model)
+        self.base = {"path": str(Path(base_path).resolve()), "sha256": sha256}
+        if tag:
+            checkpoint.check_same_base(self._checkpoint_dir(tag), self.base)
+        if start and not tag:  # they train on from their weights, with this run's dropout
+            attach(model, start, cfg.peft)
+            self.print(f"adapters from {start.source}")
+        else:
+            adapters.apply(model, cfg.peft)
+        self.print(f"peft {cfg.peft.method.value}: {adapters.trainable_params(model):,} trainable parameters")
 
     def _restore(self, tag: str | None) -> dict | None:
         """Resume from checkpoint `tag`, or take init_from's optimizer state; returns the loss guard's state."""
@@ -262,7 +290,7 @@ class Trainer:
             if ckpt_dir is None:
                 raise ConfigError(f"train.init_optimizer: {cfg.train.init_from} holds no gpt2dist checkpoint, so no "
                                   "optimizer state to take; drop train.init_optimizer to start from its weights only")
-            checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size)
+            checkpoint.load_optimizer(self.engine, cfg, ckpt_dir, self.env.world_size, adapters_only=self.adapted)
             self.print(f"took the optimizer state of {ckpt_dir}")
         return None
 
@@ -295,7 +323,9 @@ class Trainer:
         if self.is_main:
             run_dir.claim(self.run_dir)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            self.metrics = Metrics(self.cfg, self.run_dir, self.step, run_name(self.run_dir))
+            # A fresh start (again, after an attempt killed before its first checkpoint) keeps nothing
+            # an earlier attempt logged, not even its step-0 validation.
+            self.metrics = Metrics(self.cfg, self.run_dir, self.step if self.step else -1, run_name(self.run_dir))
 
     def train_state(self) -> dict:
         """What a checkpoint keeps of the loop itself, beside DeepSpeed's state."""

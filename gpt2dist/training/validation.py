@@ -25,10 +25,22 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (batch, seq
 
 def rank_batches(windows: Windows, n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
     """This rank's share of windows (or fine-tuning examples) [0, n): batches of `batch_size` in order
-    (the last may be smaller), batch c going to rank c % world_size."""
-    for c in range(rank, math.ceil(n / batch_size), world_size):
+    (the last may be smaller), batch c going to rank c % world_size.
+
+    Every rank gets as many batches: under ZeRO-3 each forward pass gathers parameters from all ranks,
+    so a rank that stopped early would leave the others waiting. A rank short of one gets a padding
+    batch, the first one's inputs with every target IGNORE, which scores nothing."""
+    def batch(c: int) -> Batch:
         inputs, targets = zip(*(windows[i] for i in range(c * batch_size, min((c + 1) * batch_size, n))))
-        yield torch.stack(inputs), torch.stack(targets)  # (B, T) each
+        return torch.stack(inputs), torch.stack(targets)  # (B, T) each
+
+    batches = math.ceil(n / batch_size)
+    for c in range(rank, math.ceil(batches / world_size) * world_size, world_size):
+        if c < batches:
+            yield batch(c)
+        else:
+            inputs, _ = batch(0)
+            yield inputs, torch.full_like(inputs, IGNORE)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -52,7 +64,8 @@ def mean_loss(model: torch.nn.Module, batches: Iterable[Batch], world_size: int 
         x, y = x.to(device), y.to(device)
         _, loss = model(x, y)
         scored = (y != IGNORE).sum()
-        sums += torch.stack([loss.double() * scored, scored.double()])
+        # A batch with nothing to score (rank_batches' padding) has a NaN mean loss: it adds 0.
+        sums += torch.stack([torch.where(scored > 0, loss.double() * scored, 0.0), scored.double()])
     if world_size > 1:
         torch.distributed.all_reduce(sums)
     loss_sum, tokens = sums.tolist()
