@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         questions = read_choices(args.choices)[: args.limit] if args.choices else []
         shots = read_choices(args.fewshot_file) if args.fewshot_file else []
         device = args.device or (f"cuda:{env.local_rank}" if default_device() == "cuda" else "cpu")
-        model = load_model(args.model, device, adapter=args.adapter)
+        model = load_model(args.model, device, adapter=args.adapter, language_model=True)
         results = {}
         if args.corpus:
             results[args.split] = corpus_loss(model, args.corpus, args.split, args.seq_len, args.batch_size,

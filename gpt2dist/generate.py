@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         prompts = prompts or [""]  # no prompt: unconditional samples, each a new document
-        model = load_model(args.model, args.device, adapter=args.adapter)
+        model = load_model(args.model, args.device, adapter=args.adapter, language_model=True)
     except (OSError, UnicodeDecodeError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

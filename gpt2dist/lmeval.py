@@ -37,7 +37,7 @@ class GPT2DistLM(TemplateLM):
                  max_batch_size: int | None = None, adapter: str | None = None):
         super().__init__()
         self.device_name = device or default_device()
-        self.model = load_model(pretrained, self.device_name, adapter=adapter)
+        self.model = load_model(pretrained, self.device_name, adapter=adapter, language_model=True)
         self.block_size = self.model.config.block_size
         # lm-eval passes "auto" for automatic batch sizes; we take a fixed one.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8

@@ -18,8 +18,11 @@ from gpt2dist.config import ConfigError, check
 from gpt2dist.data.loader import open_split
 from gpt2dist.data.shards import CorpusError
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
+from gpt2dist.evaluate import main as evaluate_main
 from gpt2dist.export import main as export_main
-from gpt2dist.models.weights import load_model
+from gpt2dist.generate import main as generate_main
+from gpt2dist.lmeval import GPT2DistLM
+from gpt2dist.models.weights import WeightsError, load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
 from gpt2dist.training.classify_eval import confusion_scores
 from tests.conftest import TINY, make_cfg, read_metrics, run_train, train_cfg
@@ -180,6 +183,20 @@ def test_export_loads_in_transformers_with_our_logits(classify_run, tmp_path):
     again = load_model(tmp_path / "hf")  # and back: a Hugging Face classifier loads as ours
     assert again.config.labels == model.config.labels
     torch.testing.assert_close(again(padded_batch())[0], model(padded_batch())[0], atol=1e-6, rtol=0)
+
+
+def test_token_commands_refuse_a_classifier_in_one_line(classify_run, tmp_path, capsys):
+    """generate, evaluate and lmeval predict tokens, which a classifier does not: one line, exit 2."""
+    run_dir, _ = classify_run
+    text = tmp_path / "text.txt"
+    text.write_text("Alice likes the color red. " * 8)
+    capsys.readouterr()
+    assert generate_main([str(run_dir), "--prompt", "Alice likes", "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    assert evaluate_main([str(run_dir), "--text", str(text), "--seq-len", "16", "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"error: {run_dir}: a classifier") for line in lines), lines
+    with pytest.raises(WeightsError, match="a classifier"):
+        GPT2DistLM(pretrained=str(run_dir), device="cpu")
 
 
 def test_lora_trains_the_head_too_resumes_exactly_and_exports_merged(cls_corpus, hf_base, tmp_path, capsys):

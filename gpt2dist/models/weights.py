@@ -287,11 +287,12 @@ def _as_weights_error(error_cls: type[Exception]):
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", quiet: bool = False,
-               adapter: str | Path | None = None) -> GPT:
+               adapter: str | Path | None = None, language_model: bool = False) -> GPT:
     """A GPT in eval mode, from a run, checkpoint, Hugging Face or compressed directory (see the module
     docstring); of a run that trained adapters, its base with the adapters; with `adapter`, a directory in
-    PEFT's format, that adapter on the model at `path` (`load_adapted`). Prints (to stderr, unless quiet)
-    what it loaded: the commands' outputs say which model spoke."""
+    PEFT's format, that adapter on the model at `path` (`load_adapted`). `language_model`: refuse a
+    classifier (for the commands that predict tokens). Prints (to stderr, unless quiet) what it loaded: the
+    commands' outputs say which model spoke."""
     found = find_adapter(path, adapter) if adapter is not None or not compressed.is_compressed(path) else None
     if found is not None:
         model = load_adapted(found, device, base=path if adapter is not None else None)
@@ -301,6 +302,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", quiet: bool
     else:
         config, tensors, source = open_weights(path)
         model = fill(empty_model(config, device), tensors, source).eval()
+    if language_model and model.config.labels:
+        raise WeightsError(f"{path}: a classifier (task=classify, labels {', '.join(model.config.labels)}) scores "
+                           "texts and predicts no tokens: export it (python -m gpt2dist.export) to use it")
     if not quiet:
         print(f"loaded {describe(path, model)}" + (f" with the adapter {adapter}" if adapter else ""), file=sys.stderr)
     return model
