@@ -12,8 +12,10 @@
 #                                         in its namespaces and remove them, then check that no
 #                                         process of this cluster survives (exit 1 if one did)
 #   tests/slurm_cluster.sh exec DIR I CMD...   run CMD on node I (in its namespace, as nodeI)
-#   tests/slurm_cluster.sh kill-node DIR I     SIGKILL every process on node I (its slurmd too): a
-#                                              node that dies; print how many were killed
+#   tests/slurm_cluster.sh kill-node DIR I [unplug]   SIGKILL every process on node I (its slurmd
+#                                              too): a node that dies; print how many were killed.
+#                                              unplug: cut its link first, so that its peers see
+#                                              no closed connection, only silence (a power loss)
 #   tests/slurm_cluster.sh start-node DIR I    start node I's slurmd again (a rebooted node)
 set -euo pipefail
 cmd=$1
@@ -117,11 +119,12 @@ case $cmd in
     stop) stop; exit $? ;;
     exec) on_node "$3"; shift 3; exec "${node_cmd[@]}" "$@" ;;
     kill-node)
+        [ "${4:-}" != unplug ] || ip link set "$bridge-$3" down
         pids=$(ip netns pids "$(netns "$3")")
         kill -9 $pids
         echo "$pids" | wc -w
         exit 0 ;;
-    start-node) export SLURM_CONF=$dir/slurm.conf; start_slurmd "$3"; exit 0 ;;
+    start-node) export SLURM_CONF=$dir/slurm.conf; ip link set "$bridge-$3" up; start_slurmd "$3"; exit 0 ;;
     start) ;;
     *) echo "usage: $0 start DIR [N] | stop DIR | exec DIR I CMD... | kill-node DIR I | start-node DIR I" >&2; exit 2 ;;
 esac
@@ -142,6 +145,7 @@ if [ "$nodes" = 1 ]; then
 SlurmdSpoolDir=$dir/spool
 SlurmdPidFile=$dir/slurmd.pid
 SlurmdLogFile=$dir/slurmd.log
+KillWait=30
 NodeName=$host CPUs=$(nproc) State=UNKNOWN"
 else
     # Each slurmd has its own spool, pid and log file (%n: its node name), address and port.
@@ -150,7 +154,8 @@ else
 SlurmdSpoolDir=$dir/spool/%n
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmdLogFile=$dir/slurmd-%n.log
-SlurmdTimeout=10"
+# After a rank fails, srun waits KillWait + 2 s for the tasks of a node that is gone.
+KillWait=10"
     for i in $(seq "$nodes"); do
         mkdir -p "$dir/spool/node$i"
         cluster_conf+="
@@ -170,6 +175,8 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# A requeued job waits cred_expire, then the backfill scheduler starts it: every second here, not 30.
+SchedulerParameters=bf_interval=1
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
@@ -178,7 +185,6 @@ SlurmdPort=$slurmd_port
 StateSaveLocation=$dir/state
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmctldLogFile=$dir/slurmctld.log
-KillWait=30
 $cluster_conf
 PartitionName=test Nodes=$node_names Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
