@@ -5,6 +5,7 @@ requeues it across both, a node that dies mid-run stops its peer within dist.tim
 `error:` line, after which the requeued job continues from the last checkpoint; and one torchrun per
 node, joined by c10d rendezvous, trains and requeues as a job too."""
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -73,10 +74,10 @@ def sinfo_states(env) -> list[str]:
 def test_two_node_job_survives_preemption_and_a_dead_node(two_nodes, corpus, tmp_path, torchrun_reference):
     """`sbatch --nodes=2 slurm/train.sbatch`, one task per node. SIGUSR1 at step 5 checkpoints and
     requeues it across both nodes. Then every process of node2 is killed mid-run (its slurmd too): rank 0
-    on node1 stops at once with one line naming the lost rank and the job fails; once the node is back,
-    the job submitted again continues from the last checkpoint. The run ends with every step logged once
-    and the losses of 2 ranks on one node, to the last bit."""
-    run_dir, log, log2 = tmp_path / "run", tmp_path / "job.out", tmp_path / "job2.out"
+    on node1 stops at once with one line naming the lost rank; the node is found down, SLURM requeues the
+    job, and once the node is back the job continues from the last checkpoint. The run ends with every
+    step logged once and the losses of 2 ranks on one node, to the last bit."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
     steps = [s for s in SLURM_STEPS if not s.startswith("train.ckpt_interval")]
     overrides = tiny_overrides(corpus, run_dir, *steps, "train.ckpt_interval=10", "dist.timeout_s=10")
     job = submit(two_nodes, run_dir, log, *overrides, nodes=2, tasks_per_node=1)
@@ -95,24 +96,26 @@ def test_two_node_job_survives_preemption_and_a_dead_node(two_nodes, corpus, tmp
     state = str(cluster_dir(two_nodes))
     subprocess.run([str(CLUSTER), "kill-node", state, "2"], env=two_nodes, check=True, capture_output=True)
     last_checkpoint = newest_checkpoint(run_dir)
-    detected = timed(lambda: "error: " in log.read_text(), "rank 0 to stop", timeout=60)
-    failed = timed(lambda: job_field(two_nodes, job, "JobState") in DONE, "the job to end")
+    detected = timed(lambda: re.search(r"^error: .*\n", log.read_text(), re.MULTILINE), "rank 0 to stop", timeout=60)
     output = log.read_text()
     assert detected < 10, output[-3000:]  # within dist.timeout_s
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 lost rank 1 (node2): "), output[-3000:]
     assert "Traceback" not in output
-    assert (job_field(two_nodes, job, "JobState"), job_field(two_nodes, job, "ExitCode")) == ("FAILED", "1:0")
-
+    # SLURM finds a silent node DOWN after SlurmdTimeout and a few pings (minutes on a busy machine); a
+    # health check says so at once, as here. The job is requeued (--requeue) and waits for 2 nodes.
+    subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=killed by the test"],
+                   env=two_nodes, check=True)
+    requeued = timed(lambda: job_field(two_nodes, job, "Restarts") == "2" and sinfo_states(two_nodes)[0] == "idle",
+                     "the job requeued and node1 free")
     subprocess.run([str(CLUSTER), "start-node", state, "2"], env=two_nodes, check=True)
-    wait_for(lambda: sinfo_states(two_nodes) == ["idle", "idle"], "node2 back")
-    job2 = submit(two_nodes, run_dir, log2, *overrides, nodes=2, tasks_per_node=1)
-    resumed = timed(lambda: log2.exists() and "resumed from" in log2.read_text(), "the job to resume")
-    wait_for(lambda: job_field(two_nodes, job2, "JobState") in DONE, "the second job")
-    output = log2.read_text()
+    resumed = timed(lambda: log.read_text().count("resumed from") == 2, "the job to resume")
+    wait_for(lambda: job_field(two_nodes, job, "JobState") in DONE, "the job")
+    output = log.read_text()
     print(f"two-node job: SIGUSR1 to training again {requeue:.1f} s; node2 killed: rank 0 stopped after "
-          f"{detected:.1f} s, the job failed {failed:.1f} s later; submitted again, training after {resumed:.1f} s")
-    assert job_field(two_nodes, job2, "JobState") == "COMPLETED", output[-3000:]
+          f"{detected:.1f} s; node2 marked down: job requeued {requeued:.1f} s later; node2 started: "
+          f"training again {resumed:.1f} s later")
+    assert job_field(two_nodes, job, "JobState") == "COMPLETED", output[-3000:]
     assert f"resumed from {last_checkpoint} at step {int(last_checkpoint.name[5:])}" in output
     assert_same_run(run_dir, torchrun_reference)
 

@@ -142,12 +142,10 @@ def _lost_peer_message(error: str) -> str:
     lost = [f"rank {r} ({host})" for r, (host, addr) in enumerate(_peers) if address and addr == address.group(1)
             and r != _rank]
     if _CLOSED.search(error):
-        who = ", ".join(lost) if lost else "a peer rank"
-        what = f"lost {who}: {detail}"
+        what = f"lost {', '.join(lost) if lost else 'a peer rank'}: {detail}"
     else:
-        what = f"a collective waited dist.timeout_s={_timeout_s:g} s for a peer rank that stopped answering: {detail}"
-    return (f"rank {_rank} {what}; stopping (start the job again to resume from the newest checkpoint, "
-            f"with train.resume=auto)")
+        what = f"waited dist.timeout_s={_timeout_s:g} s in a collective for a peer rank that stopped answering ({detail})"
+    return f"rank {_rank} {what}; start the job again to resume from the newest checkpoint (train.resume=auto)"
 
 
 def _default_timeout(timeout: datetime.timedelta) -> None:
