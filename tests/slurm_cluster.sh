@@ -175,8 +175,9 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# A requeued job waits cred_expire, then the backfill scheduler starts it: every second here, not 30.
-SchedulerParameters=bf_interval=1
+# A requeued job waits cred_expire (AuthInfo), then the next pass of a scheduler starts it: every
+# second here, not every 30 s (backfill) or 60 s (main loop), SLURM's defaults.
+SchedulerParameters=bf_interval=1,sched_interval=1
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
