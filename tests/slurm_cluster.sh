@@ -66,8 +66,12 @@ net_up() {
 net_down() {
     [ -f "$dir/netns" ] || return 0
     for ns in $(cat "$dir/netns"); do
-        pids=$(ip netns pids "$ns" 2>/dev/null || true)
-        [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+        for _ in $(seq 50); do  # what is left on the node, until it is gone
+            pids=$(ip netns pids "$ns" 2>/dev/null || true)
+            [ -n "$pids" ] || break
+            kill -9 $pids 2>/dev/null || true
+            sleep 0.2
+        done
         ip netns del "$ns" 2>/dev/null || true  # its end of the veth pair goes with it
     done
     ip link del "$bridge" 2>/dev/null || true
