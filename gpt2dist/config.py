@@ -491,8 +491,9 @@ def _say_error(message: str) -> None:
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]):
     """A configuration error, or one of the `expected` errors, ends the program with one `error:`
-    line on stderr and exit status 2 (or the error's `exit_status`). Used twice: around the Hydra main (composition errors)
-    and around the work inside it (there Hydra would first print the job's overrides).
+    line on stderr and exit status 2 (or the error's `exit_status`). Used twice: around the Hydra
+    main (composition errors) and around the work inside it (there Hydra would first print the
+    job's overrides).
     HYDRA_FULL_ERROR=1 in the environment keeps Hydra's full traceback for its own errors."""
     full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing two lines

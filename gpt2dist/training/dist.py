@@ -104,6 +104,7 @@ def init(timeout_s: float = 600.0) -> DistEnv:
 
 
 def _gather_peers(world_size: int, timeout_s: float) -> None:
+    """Remember every rank's host name and address (one all-gather), this rank and the timeout."""
     global _rank, _timeout_s
     host = socket.gethostname()
     try:
@@ -135,6 +136,7 @@ def peer_loss_as_error():
 
 
 def _lost_peer_message(error: str) -> str:
+    """One line: this rank, the lost rank(s) on the address in `error` if any, and gloo's own words."""
     detail = error.strip().splitlines()[0]
     detail = re.sub(r"^\[[^\]]*\.(?:cc|cpp):\d+\] ", "", detail)  # gloo's source location
     detail = detail.split(". ")[0]  # gloo's advice after the first sentence
@@ -144,7 +146,8 @@ def _lost_peer_message(error: str) -> str:
     if _CLOSED.search(error):
         what = f"lost {', '.join(lost) if lost else 'a peer rank'}: {detail}"
     else:
-        what = f"waited dist.timeout_s={_timeout_s:g} s in a collective for a peer rank that stopped answering ({detail})"
+        what = (f"waited dist.timeout_s={_timeout_s:g} s in a collective for a peer rank that stopped answering "
+                f"({detail})")
     return f"rank {_rank} {what}; start the job again to resume from the newest checkpoint (train.resume=auto)"
 
 
