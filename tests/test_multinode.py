@@ -14,6 +14,7 @@ import pytest
 
 from gpt2dist.training.checkpoint import CHECKPOINTS
 from tests.conftest import SLURM_STEPS, read_metrics, tiny_overrides
+from tests.test_faults import logged_steps
 from tests.test_slurm import CLUSTER, job_field, slurm_cluster, submit, wait_for
 
 DONE = ("COMPLETED", "FAILED", "CANCELLED")
@@ -22,18 +23,15 @@ DONE = ("COMPLETED", "FAILED", "CANCELLED")
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """Environment for sbatch/scontrol, with a two-node cluster of our own running (node1, node2)."""
-    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
-        pytest.skip("network namespaces cannot be made here (`unshare --net` failed): no two-node cluster")
+    probe = subprocess.run("command -v ip && unshare --net true", shell=True, capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"network namespaces cannot be made here (needs root, unshare and iproute2's ip: "
+                    f"{probe.stderr.strip() or 'ip not found'}): no two-node cluster")
     yield from slurm_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
 
 
 def cluster_dir(env) -> Path:
     return Path(env["SLURM_CONF"]).parent
-
-
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def assert_same_run(run_dir: Path, reference: list[dict], rel: float = 0) -> None:
@@ -45,16 +43,6 @@ def assert_same_run(run_dir: Path, reference: list[dict], rel: float = 0) -> Non
         for key in ("loss", "val_loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=rel, abs=0), (a["step"], key)
-
-
-def timed(predicate, what: str, timeout: float = 300) -> float:
-    """Seconds until predicate() holds (polled every 50 ms)."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def node_address(env, node: int) -> str:
@@ -83,7 +71,7 @@ def test_two_node_job_survives_preemption_and_a_dead_node(two_nodes, corpus, tmp
     job = submit(two_nodes, run_dir, log, *overrides, nodes=2, tasks_per_node=1)
     wait_for(lambda: logged_steps(run_dir) >= 5, "step 5")
     subprocess.run(["scancel", "--signal=USR1", job], env=two_nodes, check=True)
-    requeue = timed(lambda: "resumed from" in log.read_text(), "the requeued job to resume")
+    requeue = wait_for(lambda: "resumed from" in log.read_text(), "the requeued job to resume", poll=0.05)
     output = log.read_text()
     assert f"on node[1-2]: 2 tasks, master node1:{20000 + int(job) % 20000}" in output  # from the allocation
     assert "launcher srun: rank 0 of 2" in output and "stopped by SIGUSR1 at step" in output
@@ -96,7 +84,8 @@ def test_two_node_job_survives_preemption_and_a_dead_node(two_nodes, corpus, tmp
     state = str(cluster_dir(two_nodes))
     subprocess.run([str(CLUSTER), "kill-node", state, "2"], env=two_nodes, check=True, capture_output=True)
     last_checkpoint = newest_checkpoint(run_dir)
-    detected = timed(lambda: re.search(r"^error: .*\n", log.read_text(), re.MULTILINE), "rank 0 to stop", timeout=60)
+    detected = wait_for(lambda: re.search(r"^error: .*\n", log.read_text(), re.MULTILINE), "rank 0 to stop",
+                        timeout=60, poll=0.05)
     output = log.read_text()
     assert detected < 10, output[-3000:]  # within dist.timeout_s
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
@@ -106,10 +95,10 @@ def test_two_node_job_survives_preemption_and_a_dead_node(two_nodes, corpus, tmp
     # health check says so at once, as here. The job is requeued (--requeue) and waits for 2 nodes.
     subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=killed by the test"],
                    env=two_nodes, check=True)
-    requeued = timed(lambda: job_field(two_nodes, job, "Restarts") == "2" and sinfo_states(two_nodes)[0] == "idle",
-                     "the job requeued and node1 free")
+    requeued = wait_for(lambda: job_field(two_nodes, job, "Restarts") == "2" and sinfo_states(two_nodes)[0] == "idle",
+                        "the job requeued and node1 free", poll=0.05)
     subprocess.run([str(CLUSTER), "start-node", state, "2"], env=two_nodes, check=True)
-    resumed = timed(lambda: log.read_text().count("resumed from") == 2, "the job to resume")
+    resumed = wait_for(lambda: log.read_text().count("resumed from") == 2, "the job to resume", poll=0.05)
     wait_for(lambda: job_field(two_nodes, job, "JobState") in DONE, "the job")
     output = log.read_text()
     print(f"two-node job: SIGUSR1 to training again {requeue:.1f} s; node2 killed: rank 0 stopped after "
@@ -130,7 +119,7 @@ def test_torchrun_per_node_job_requeues(two_nodes, corpus, tmp_path, torchrun_re
                  script="train_torchrun.sbatch")
     wait_for(lambda: logged_steps(run_dir) >= 5, "step 5")
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-    requeue = timed(lambda: "resumed from" in log.read_text(), "the requeued job to resume")
+    requeue = wait_for(lambda: "resumed from" in log.read_text(), "the requeued job to resume", poll=0.05)
     wait_for(lambda: job_field(env, job, "JobState") in DONE, "the job")
     output = log.read_text()
     print(f"torchrun job: SIGUSR1 to training again {requeue:.1f} s")

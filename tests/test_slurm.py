@@ -60,13 +60,14 @@ def job_field(env, job: str, field: str) -> str:
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
 
 
-def wait_for(predicate, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(predicate, what: str, timeout: float = 300, poll: float = 0.5) -> float:
+    """Wait until predicate() holds, checking every `poll` seconds; returns the seconds waited."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+    return time.monotonic() - start
 
 
 def test_sbatch_two_tasks_match_torchrun(slurm_env, corpus, tmp_path, torchrun_reference):
