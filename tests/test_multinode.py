@@ -90,7 +90,7 @@ def test_two_node_job_survives_preemption_and_a_dead_node(two_nodes, corpus, tmp
     assert detected < 10, output[-3000:]  # within dist.timeout_s
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 lost rank 1 (node2): "), output[-3000:]
-    assert "Traceback" not in output and "srun: error: node1: task 0: Exited with exit code 1" in output
+    assert "Traceback" not in output
     # SLURM finds a silent node DOWN after SlurmdTimeout and a few pings (minutes on a busy machine); a
     # health check says so at once, as here. The job is requeued (--requeue) and waits for 2 nodes.
     subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=killed by the test"],
