@@ -11,7 +11,6 @@
 #                                         the daemons that `start DIR` started, kill what is left
 #                                         in its namespaces and remove them, then check that no
 #                                         process of this cluster survives (exit 1 if one did)
-#   tests/slurm_cluster.sh exec DIR I CMD...   run CMD on node I (in its namespace, as nodeI)
 #   tests/slurm_cluster.sh kill-node DIR I [unplug]   SIGKILL every process on node I (its slurmd
 #                                              too): a node that dies; print how many were killed.
 #                                              unplug: cut its link first, so that its peers see
@@ -121,7 +120,6 @@ stop() {
 
 case $cmd in
     stop) stop; exit $? ;;
-    exec) on_node "$3"; shift 3; exec "${node_cmd[@]}" "$@" ;;
     kill-node)
         [ "${4:-}" != unplug ] || ip link set "$bridge-$3" down
         pids=$(ip netns pids "$(netns "$3")")
@@ -130,7 +128,7 @@ case $cmd in
         exit 0 ;;
     start-node) export SLURM_CONF=$dir/slurm.conf; ip link set "$bridge-$3" up; start_slurmd "$3"; exit 0 ;;
     start) ;;
-    *) echo "usage: $0 start DIR [N] | stop DIR | exec DIR I CMD... | kill-node DIR I | start-node DIR I" >&2; exit 2 ;;
+    *) echo "usage: $0 start DIR [N] | stop DIR | kill-node DIR I [unplug] | start-node DIR I" >&2; exit 2 ;;
 esac
 nodes=${3:-1}
 
