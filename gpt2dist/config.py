@@ -515,8 +515,9 @@ def _say_error(message: str) -> None:
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]):
     """A configuration error, or one of the `expected` errors, ends the program with one `error:`
-    line on stderr and exit status 2. Used twice: around the Hydra main (composition errors)
-    and around the work inside it (there Hydra would first print the job's overrides).
+    line on stderr and exit status 2 (or the error's `exit_status`). Used twice: around the Hydra
+    main (composition errors) and around the work inside it (there Hydra would first print the
+    job's overrides).
     HYDRA_FULL_ERROR=1 in the environment keeps Hydra's full traceback for its own errors."""
     previous = os.environ.get("HYDRA_FULL_ERROR")
     full_trace = previous == "1"
@@ -525,7 +526,7 @@ def one_line_errors(*expected: type[BaseException]):
         yield
     except (ConfigError, *expected) as e:
         _say_error(str(e))
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_status", 2))  # bad input; an expected error may name its own status
     except (HydraException, OmegaConfBaseException) as e:
         if full_trace:
             raise

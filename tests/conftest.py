@@ -66,6 +66,19 @@ def two_rank_run(corpus, tmp_path_factory):
     return run
 
 
+# The SLURM tests' runs: long enough to signal one mid-run.
+SLURM_STEPS = ["train.max_steps=30", "train.ckpt_interval=0", "train.eval_interval=10", "zero.stage=2"]
+
+
+@pytest.fixture(scope="session")
+def torchrun_reference(corpus, tmp_path_factory) -> list[dict]:
+    """The metrics of an uninterrupted SLURM_STEPS run on 2 ranks under torchrun, on one node."""
+    run_dir = tmp_path_factory.mktemp("torchrun")
+    result = run_train(tiny_overrides(corpus, run_dir, *SLURM_STEPS), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(run_dir)
+
+
 def rewind(run_dir: Path, dest: Path, step: int) -> Path:
     """A copy of run_dir as it was when the checkpoint of `step` was the newest."""
     shutil.copytree(run_dir, dest)

@@ -214,3 +214,5 @@ def test_a_hung_rank_stops_the_others_within_dist_timeout(corpus, tmp_path):
     print(f"rank 0 stopped {detected:.1f} s after its peer hung (dist.timeout_s={TIMEOUT_S})")
     assert TIMEOUT_S <= detected < TIMEOUT_S + 15, out[-3000:]
     assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in out  # it failed on gloo's timeout, not otherwise
+    assert f"error: rank 0 waited dist.timeout_s={TIMEOUT_S} s in a collective for a peer rank that stopped " \
+           "answering" in out  # one line, not a traceback

@@ -11,15 +11,14 @@ import time
 import pytest
 
 from gpt2dist.training.checkpoint import CHECKPOINTS
-from tests.conftest import ROOT, clean_env, read_metrics, run_train, tiny_overrides
+from tests.conftest import ROOT, SLURM_STEPS as STEPS, clean_env, read_metrics, tiny_overrides
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
-STEPS = ["train.max_steps=30", "train.ckpt_interval=0", "train.eval_interval=10", "zero.stage=2"]
 
 
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
-    """Environment for sbatch/scontrol, with a cluster of our own running."""
+def slurm_cluster(state, nodes: int = 1):
+    """A generator for a fixture: starts a cluster of `nodes` nodes in directory `state` (see
+    tests/slurm_cluster.sh), yields the environment for sbatch/scontrol, then stops it."""
     missing = [c for c in ("sbatch", "slurmctld", "slurmd", "munged") if not shutil.which(c)
                and not os.path.exists(f"/usr/sbin/{c}")]
     reason = None
@@ -31,8 +30,7 @@ def slurm_env(tmp_path_factory):
         if os.environ.get("GPT2DIST_REQUIRE_SLURM") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    state = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run([str(CLUSTER), "start", str(state)], capture_output=True, text=True)
+    started = subprocess.run([str(CLUSTER), "start", str(state), str(nodes)], capture_output=True, text=True)
     assert started.returncode == 0, started.stderr
     env = clean_env()
     env.update(SLURM_CONF=str(state / "slurm.conf"), GPT2DIST_PYTHON=sys.executable)
@@ -41,11 +39,18 @@ def slurm_env(tmp_path_factory):
     assert stopped.returncode == 0, f"the test cluster did not stop cleanly: {stopped.stderr}"
 
 
-def submit(env, run_dir, log, *overrides) -> str:
-    """sbatch slurm/train.sbatch with 2 CPU tasks; returns the job id."""
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    """Environment for sbatch/scontrol, with a one-node cluster of our own running."""
+    yield from slurm_cluster(tmp_path_factory.mktemp("slurm"))
+
+
+def submit(env, run_dir, log, *overrides, nodes: int = 1, tasks_per_node: int = 2, script: str = "train.sbatch"
+           ) -> str:
+    """sbatch slurm/<script> on `nodes` nodes with `tasks_per_node` CPU tasks each; returns the job id."""
     out = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-         f"--output={log}", str(ROOT / "slurm" / "train.sbatch"), *overrides],
+        ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
+         "--cpus-per-task=1", f"--output={log}", str(ROOT / "slurm" / script), *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
@@ -55,21 +60,14 @@ def job_field(env, job: str, field: str) -> str:
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
 
 
-def wait_for(predicate, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def torchrun_reference(corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("torchrun")
-    result = run_train(tiny_overrides(corpus, run_dir, *STEPS), nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return read_metrics(run_dir)
+def wait_for(predicate, what: str, timeout: float = 300, poll: float = 0.5) -> float:
+    """Wait until predicate() holds, checking every `poll` seconds; returns the seconds waited."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+    return time.monotonic() - start
 
 
 def test_sbatch_two_tasks_match_torchrun(slurm_env, corpus, tmp_path, torchrun_reference):

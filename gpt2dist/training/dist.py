@@ -5,8 +5,10 @@ One code path for every launcher: a plain `python train.py` (one process), `torc
 SLURM_LOCALID / SLURM_NTASKS). DeepSpeed then reads the standard variables we set.
 """
 
+import contextlib
 import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -51,6 +53,19 @@ def detect() -> DistEnv:
     return DistEnv(0, 0, 1, "plain")
 
 
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or stopped answering (its message is one line)."""
+
+    exit_status = 1  # a failed run, not bad input
+
+
+# Each rank's (host name, address), gathered once by init(): a lost peer is named by its rank. Kept
+# after close(), which the error passes through on its way out.
+_peers: list[tuple[str, str]] = []
+_rank = 0
+_timeout_s = 0.0
+
+
 # The variables init() may set, and their values before it did; close() puts them back, so
 # that the next job of an in-process sweep (`-m`) detects its own launcher, not ours.
 _EXPORTED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -84,7 +99,56 @@ def init(timeout_s: float = 600.0) -> DistEnv:
         with deepspeed_env.quiet():  # its gcc probes and build lines
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                        timeout=datetime.timedelta(seconds=timeout_s))
+        _gather_peers(dist_env.world_size, timeout_s)
     return dist_env
+
+
+def _gather_peers(world_size: int, timeout_s: float) -> None:
+    """Remember every rank's host name and address (one all-gather), this rank and the timeout."""
+    global _rank, _timeout_s
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)  # where gloo's connections come from, as it resolves it too
+    except OSError:
+        address = ""
+    _peers[:] = [("", "")] * world_size
+    torch.distributed.all_gather_object(_peers, (host, address))
+    _rank, _timeout_s = torch.distributed.get_rank(), timeout_s
+
+
+# How gloo, NCCL and the TCP store report a peer that died (its connections closed) or stopped
+# answering (the collective timed out).
+_CLOSED = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|remote process exited|"
+                     r"communicator was aborted", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"Timed out waiting \d+ms|Watchdog caught collective operation timeout|Socket Timeout")
+
+
+@contextlib.contextmanager
+def peer_loss_as_error():
+    """Turn the failure of a collective whose peer died or stopped answering into PeerLost, whose
+    message names the lost rank where the error gives its address. Other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo's and NCCL's errors (torch.distributed.DistError is one too)
+        if len(_peers) < 2 or not (_CLOSED.search(str(e)) or _TIMED_OUT.search(str(e))):
+            raise
+        raise PeerLost(_lost_peer_message(str(e))) from e
+
+
+def _lost_peer_message(error: str) -> str:
+    """One line: this rank, the lost rank(s) on the address in `error` if any, and gloo's own words."""
+    detail = error.strip().splitlines()[0]
+    detail = re.sub(r"^\[[^\]]*\.(?:cc|cpp):\d+\] ", "", detail)  # gloo's source location
+    detail = detail.split(". ")[0]  # gloo's advice after the first sentence
+    address = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", error)
+    lost = [f"rank {r} ({host})" for r, (host, addr) in enumerate(_peers) if address and addr == address.group(1)
+            and r != _rank]
+    if _CLOSED.search(error):
+        what = f"lost {', '.join(lost) if lost else 'a peer rank'}: {detail}"
+    else:
+        what = (f"waited dist.timeout_s={_timeout_s:g} s in a collective for a peer rank that stopped answering "
+                f"({detail})")
+    return f"rank {_rank} {what}; start the job again to resume from the newest checkpoint (train.resume=auto)"
 
 
 def _default_timeout(timeout: datetime.timedelta) -> None:

@@ -3,10 +3,21 @@ preemption or time limit. The trainer finishes the step, saves a checkpoint and 
 EXIT_REQUEUE, which a launcher takes as "requeue me"; `train.resume=auto` then continues.
 """
 
+import os
 import signal
+from pathlib import Path
 
 EXIT_REQUEUE = 3  # exit status after a signal-triggered checkpoint
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_MARKER = "GPT2DIST_REQUEUE_MARKER"  # environment variable: see mark_requeue()
+
+
+def mark_requeue() -> None:
+    """Create the file that $GPT2DIST_REQUEUE_MARKER names, if set, on the way out with EXIT_REQUEUE: how a
+    launcher that does not pass its workers' exit status on (torchrun reports any failure as 1) learns
+    that they checkpointed on a signal (slurm/train_torchrun.sbatch)."""
+    if path := os.environ.get(REQUEUE_MARKER):
+        Path(path).touch()
 
 
 class PreemptionWatch:

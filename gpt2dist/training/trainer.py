@@ -34,7 +34,7 @@ from gpt2dist.data.loader import DevicePrefetch, SampleStream, train_loader, tra
 from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
 from gpt2dist.models.gpt import GPT
 from gpt2dist.models.prune import fixed_masks, keep_masks
-from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch
+from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch, mark_requeue
 from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest
 from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
@@ -530,6 +530,7 @@ class Trainer:
                 torch.distributed.barrier()  # every rank's part of the checkpoint is on disk
                 self.print(f"stopped by {self.preemption.reason} at step "
                            f"{self.step}; exit {EXIT_REQUEUE}: run again with train.resume=auto to continue")
+                mark_requeue()
                 return EXIT_REQUEUE
             if values:
                 t0, steps_since_log = time.perf_counter(), 0
@@ -598,8 +599,9 @@ class Trainer:
 def run(cfg) -> tuple[int, float | None]:
     """Train one run of `cfg`; returns the exit status (see Trainer.train) and the run's objective
     (see Trainer.objective), which train.py returns to a sweeper (`-m hydra/sweeper=optuna`)."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.train(), trainer.objective()
-    finally:
-        trainer.close()
+    with dist.peer_loss_as_error():
+        trainer = Trainer(cfg)
+        try:
+            return trainer.train(), trainer.objective()
+        finally:
+            trainer.close()
