@@ -57,6 +57,29 @@ def test_two_ranks_resume_on_one(corpus, two_rank_run, tmp_path, capsys, stage):
     assert checkpoint.read_manifest(run_dir / CHECKPOINTS / "step_00000004")["world_size"] == 1
 
 
+@pytest.mark.parametrize("saved,stage", [(2, 1), (1, 2)])
+def test_another_zero_stage_resumes_through_the_universal_form(corpus, two_rank_run, tmp_path, capsys, saved, stage):
+    """A ZeRO-2 checkpoint of 2 ranks continues on 1 rank at ZeRO 1, and a ZeRO-1 one at ZeRO 2: the universal
+    form holds each parameter's fp32 weights and Adam moments whole, whatever sharded them."""
+    _, full = two_rank_run(saved)
+    run_dir = rewind(full, tmp_path / "run", RESUMED_STEP)
+    run_to_end(Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *STEPS, f"zero.stage={stage}"))))
+    assert (f"was saved by 2 ranks at ZeRO stage {saved}, this run has 1 at ZeRO stage {stage}: loading its "
+            "universal form") in capsys.readouterr().out
+    assert_continues(read_metrics(full), read_metrics(run_dir), rel=1e-5)
+    assert checkpoint.read_manifest(run_dir / CHECKPOINTS / "step_00000004")["zero_stage"] == stage
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_zero_stage_change_deepspeed_cannot_load_is_refused_naming_both(corpus, two_rank_run, tmp_path, stage):
+    """ZeRO 0 has no sharded state to convert, and DeepSpeed's ZeRO-3 loader reads only ZeRO-3 files."""
+    _, full = two_rank_run(2)
+    run_dir = rewind(full, tmp_path / "run", RESUMED_STEP)
+    with pytest.raises(CheckpointError, match=f"written by 2 ranks at ZeRO stage 2; this run has 1 ranks at ZeRO "
+                                              f"stage {stage}"):
+        Trainer(make_cfg(*tiny_overrides(corpus, run_dir, *STEPS, f"zero.stage={stage}")))
+
+
 @pytest.mark.parametrize("stage,precision", [(3, "bf16")])
 def test_one_rank_resumes_on_two(corpus, tmp_path, stage, precision):
     overrides = [*STEPS, f"zero.stage={stage}", f"train.precision={precision}"]

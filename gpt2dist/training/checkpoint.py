@@ -217,9 +217,12 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
         raise CheckpointError(f"{ckpt_dir}: checkpoint tokenizer {manifest['tokenizer']!r} is not this run's "
                               f"{TOKENIZER!r}")
     stage, ranks = manifest["zero_stage"], manifest["world_size"]
-    # Resuming on another number of ranks goes through the universal form (see needs_universal);
-    # taking the optimizer state into a new run does not.
-    if stage != cfg.zero.stage or (init_optimizer and stage > 0 and ranks != world_size):
+    # Resuming on another number of ranks, or from ZeRO 1 to 2 or back, goes through the universal form (see
+    # needs_universal); taking the optimizer state into a new run does not. DeepSpeed's ZeRO-3 loader reads
+    # its own files only (zero_pp_rank_*_model_states.pt), and stage 0 has no sharded state to convert.
+    restage = stage != cfg.zero.stage
+    if (restage and (init_optimizer or not {stage, cfg.zero.stage} <= {1, 2})) or \
+            (init_optimizer and stage > 0 and ranks != world_size):
         same = f"zero.stage={stage}" + (f" on {ranks} ranks" if init_optimizer and stage > 0 else "")
         remedy = (f"run with {same}, or without train.init_optimizer (fresh optimizer state)" if init_optimizer else
                   f"resume with {same}, or start another run from its weights (fresh optimizer state) with {fresh}")
@@ -256,10 +259,11 @@ def check_same_data(ckpt_dir: Path, data: dict) -> None:
         "or pass train.allow_data_change=true to continue this run on the new data")
 
 
-def needs_universal(manifest: dict, world_size: int) -> bool:
-    """Whether resuming this checkpoint on `world_size` ranks needs its universal form: its
-    optimizer state is sharded (ZeRO 1-3) over another number of ranks."""
-    return manifest["zero_stage"] > 0 and manifest["world_size"] != world_size
+def needs_universal(manifest: dict, world_size: int, stage: int) -> bool:
+    """Whether resuming this checkpoint on `world_size` ranks at ZeRO `stage` needs its universal form:
+    its optimizer state is sharded (ZeRO 1-3) over another number of ranks, or by another stage (1 or 2,
+    see check_compatible)."""
+    return manifest["zero_stage"] > 0 and (manifest["world_size"] != world_size or manifest["zero_stage"] != stage)
 
 
 def make_universal(ckpt_dir: Path, rank: int) -> float | None:

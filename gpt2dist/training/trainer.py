@@ -141,14 +141,19 @@ class Trainer:
 
     def _universal(self, tag: str | None) -> bool:
         """Whether the checkpoint resumed is loaded in its universal form (ZeRO state sharded over another
-        number of ranks); makes that form, once, after every check on the checkpoint has passed."""
-        if not tag or not checkpoint.needs_universal(self.manifest, self.env.world_size):
+        number of ranks, or by another stage); makes that form, once, after every check on the checkpoint
+        has passed."""
+        if not tag:
+            return False
+        saved, stage = self.manifest["zero_stage"], self.cfg.zero.stage
+        if not checkpoint.needs_universal(self.manifest, self.env.world_size, stage):
             return False
         ckpt_dir = self._checkpoint_dir(tag)
         seconds = checkpoint.make_universal(ckpt_dir, self.env.rank)
         made = "converted earlier" if seconds is None else f"converted in {seconds:.1f} s"
-        self.print(f"elastic resume: {ckpt_dir} was saved by {self.manifest['world_size']} ranks, this run has "
-                   f"{self.env.world_size}: loading its universal form ({made}), {ckpt_dir / checkpoint.UNIVERSAL}")
+        at = (f" at ZeRO stage {saved}", f" at ZeRO stage {stage}") if saved != stage else ("", "")
+        self.print(f"elastic resume: {ckpt_dir} was saved by {self.manifest['world_size']} ranks{at[0]}, this run has "
+                   f"{self.env.world_size}{at[1]}: loading its universal form ({made}), {ckpt_dir / checkpoint.UNIVERSAL}")
         return True
 
     def _take_labels(self) -> None:
