@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sft = [*SMALL, *SFT, f"train.init_from={base}", f"train.epochs={args.epochs}", "train.eval_interval=40",
            "optim.warmup_steps=10"]
     rows["full fine-tuning"] = trained(runs / "full", [*sft, "optim.lr=5e-4", "optim.min_lr=5e-5"])
-    rows["LoRA r=8"] = trained(runs / "lora", [*sft, *LORA, "optim.lr=3e-3", "optim.min_lr=3e-4"])
+    rows["LoRA r=8"] = trained(runs / "lora", [*sft, *LORA, "optim.lr=1e-2", "optim.min_lr=1e-3"])
     # gpt2 shape: random weights exported once as the base both start from.
     from gpt2dist.config import load_model_preset
     from gpt2dist.models.gpt import GPT
