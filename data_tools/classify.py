@@ -18,10 +18,10 @@ train) stops the preparation with one line naming the file and line, and nothing
 import argparse
 import sys
 
-from data_tools.sft import Rows, add_split_arguments, read_splits
+from data_tools.sft import Rows, add_split_arguments, prepare_and_report
 from data_tools.sources import InputError
 from gpt2dist.data.classify import LabelledText, prepare_classify, text_ids
-from gpt2dist.data.sft import SPLITS, ExampleError
+from gpt2dist.data.sft import SPLITS
 
 LABELS_SHOWN = 10  # labels an error lists
 
@@ -64,21 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.labels and len(set(args.labels)) != len(args.labels):
         p.error("--labels: each label once")
     rows = LabelledRows(args.text_field, args.label_field, args.seq_len, args.skip_bad)
-    try:
-        splits, split_by, source = read_splits(p, args, rows)
-        labels = rows.check_labels(splits, args.labels)
-        manifest = prepare_classify(splits, labels, args.output, args.seq_len, source, args.overwrite, rows.skipped,
-                                    split_by)
-    except (InputError, ExampleError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = manifest["examples"]
-    print(f"examples: {counts['train']:,} train, {counts['val']:,} dev, {counts['test']:,} test; "
-          f"{len(labels)} labels")
-    if rows.skipped:
-        print(f"skipped {rows.skipped:,} bad rows (--skip-bad)")
-    print(f"wrote {args.output}")
-    return 0
+    return prepare_and_report(
+        p, args, rows,
+        lambda splits, split_by, source: prepare_classify(splits, rows.check_labels(splits, args.labels), args.output,
+                                                          args.seq_len, source, args.overwrite, rows.skipped, split_by),
+        lambda manifest: f"{len(manifest['labels'])} labels")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ A bad row (malformed JSON, a missing or non-string field, an empty response, a p
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _decode, _open
@@ -100,6 +101,25 @@ def read_splits(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows
     return splits, f"hash (dev {args.dev_fraction}, test {args.test_fraction})", " ".join(args.inputs)
 
 
+def prepare_and_report(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows,
+                       prepare: Callable[[dict[str, list], str, str], dict], detail: Callable[[dict], str]) -> int:
+    """Read the splits, write the corpus with `prepare(splits, split_by, source)` (returns its manifest) and
+    report it, `detail(manifest)` last on the counts line; a bad input is one line and exit status 2.
+    (This command's and data_tools.classify's.)"""
+    try:
+        splits, split_by, source = read_splits(p, args, rows)
+        manifest = prepare(splits, split_by, source)
+    except (InputError, ExampleError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = manifest["examples"]
+    print(f"examples: {counts['train']:,} train, {counts['val']:,} dev, {counts['test']:,} test; {detail(manifest)}")
+    if rows.skipped:
+        print(f"skipped {rows.skipped:,} bad rows (--skip-bad)")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,19 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-field", default="response")
     args = p.parse_args(argv)
     rows = Rows(args.prompt_field, args.response_field, args.seq_len, args.skip_bad)
-    try:
-        splits, split_by, source = read_splits(p, args, rows)
-        manifest = prepare_sft(splits, args.output, args.seq_len, source, args.overwrite, rows.skipped, split_by)
-    except (InputError, ExampleError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = manifest["examples"]
-    print(f"examples: {counts['train']:,} train, {counts['val']:,} dev, {counts['test']:,} test; "
-          f"{manifest['truncated_responses']:,} responses cut at {args.seq_len} tokens")
-    if rows.skipped:
-        print(f"skipped {rows.skipped:,} bad rows (--skip-bad)")
-    print(f"wrote {args.output}")
-    return 0
+    return prepare_and_report(
+        p, args, rows,
+        lambda splits, split_by, source: prepare_sft(splits, args.output, args.seq_len, source, args.overwrite,
+                                                     rows.skipped, split_by),
+        lambda manifest: f"{manifest['truncated_responses']:,} responses cut at {args.seq_len} tokens")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_hash_split_keeps_each_text_in_one_split_and_is_stable(tmp_path):
         manifest = json.loads((tmp_path / out / "manifest.json").read_text())
         counts.append(manifest["label_counts"])
     assert counts[0] == counts[1] and manifest["labels"] == ["number", "color", "animal"]  # --labels' order
-    enc, seen = get_tokenizer(), {}
+    seen = {}
     for split in ("train", "val", "test"):
         samples = open_split(tmp_path / "a", split, 8)
         for i in range(len(samples)):

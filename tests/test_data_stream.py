@@ -3,7 +3,6 @@ sets, exact resume with DataLoader workers on 2 ranks, and elastic resume from 2
 
 import pytest
 
-from gpt2dist.training.checkpoint import CHECKPOINTS
 from gpt2dist.training.trainer import Trainer
 from tests.conftest import make_cfg, read_metrics, rewind, run_to_end, run_train, tiny_overrides
 

@@ -7,7 +7,6 @@ node, joined by c10d rendezvous, trains and requeues as a job too."""
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest

@@ -21,7 +21,7 @@ from gpt2dist.lmeval import main as lmeval_main
 from gpt2dist.fileio import sha256_of
 from gpt2dist.models.weights import find_checkpoint
 from gpt2dist.training.trainer import Trainer
-from tests.conftest import make_cfg, read_metrics, run_train, tiny_overrides, train
+from tests.conftest import make_cfg, run_train, tiny_overrides, train
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RANK1_OPTIM_STATES = "zero_pp_rank_1_mp_rank_00_optim_states.pt"

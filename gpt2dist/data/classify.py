@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2dist.data.sft import SPLITS, ExampleError, write_examples
-from gpt2dist.data.shards import TOKEN_DTYPE, CorpusError, TokenBlocks
+from gpt2dist.data.sft import SPLITS, ExampleError, PreparedExamples, write_examples
+from gpt2dist.data.shards import TOKEN_DTYPE
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 
 TASK = "classify"
@@ -71,18 +71,9 @@ def prepare_classify(splits: dict[str, list[LabelledText]], labels: list[str], o
         "skipped_inputs": skipped})
 
 
-class LabelledTexts:
+class LabelledTexts(PreparedExamples):
     """Example i of one split of a classification corpus: (inputs (seq_len,), label ()), int64 each.
     The same interface as `gpt2dist.data.loader.Windows`: batches stack to (B, seq_len) and (B,)."""
-
-    def __init__(self, blocks: TokenBlocks, seq_len: int):
-        if blocks.manifest.get("seq_len") != seq_len:
-            raise CorpusError(f"{blocks.dir}: examples prepared for seq_len {blocks.manifest.get('seq_len')}, "
-                              f"not data.seq_len={seq_len}: pass data.seq_len={blocks.manifest.get('seq_len')}")
-        self.blocks, self.seq_len = blocks, seq_len
-
-    def __len__(self) -> int:
-        return len(self.blocks)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = torch.from_numpy(self.blocks.read(int(i), 0, self.seq_len + 1).astype(np.int64))

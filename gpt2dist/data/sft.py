@@ -120,9 +120,8 @@ def write_examples(blocks: dict[str, list[np.ndarray]], out_dir: str | Path, ove
     return manifest
 
 
-class Examples:
-    """Example i of one split of an SFT corpus: (inputs, targets), each (seq_len,) int64, the targets
-    IGNORE outside the response. The same interface as `gpt2dist.data.loader.Windows`."""
+class PreparedExamples:
+    """One split of a corpus of examples, one per block, prepared for `seq_len` (SFT's and classification's)."""
 
     def __init__(self, blocks: TokenBlocks, seq_len: int):
         if blocks.manifest.get("seq_len") != seq_len:
@@ -132,6 +131,11 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+
+class Examples(PreparedExamples):
+    """Example i of one split of an SFT corpus: (inputs, targets), each (seq_len,) int64, the targets
+    IGNORE outside the response. The same interface as `gpt2dist.data.loader.Windows`."""
 
     def parts(self, i: int) -> tuple[np.ndarray, int, int]:
         """(tokens (seq_len + 1,), index of the first response token, number of real tokens)."""
