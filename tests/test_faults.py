@@ -147,7 +147,7 @@ def test_incomplete_checkpoint_is_ignored(finished_run, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message,hint", [
-    (["zero.stage=2"], "ZeRO stage 1; this run has 1 ranks at ZeRO stage 2", "train.init_from="),
+    (["zero.stage=3"], "ZeRO stage 1; this run has 1 ranks at ZeRO stage 3", "train.init_from="),
     (["zero.stage=1", "model.n_layer=3"], "'n_layer': 2.* does not match .*'n_layer': 3", "does not match"),
 ])
 def test_incompatible_resume_fails_before_training(corpus, finished_run, tmp_path, overrides, message, hint):

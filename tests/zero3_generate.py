@@ -2,6 +2,8 @@
 each rank from its own prompt, rank 0's stopping after its first token, rank 1's running on. Prints
 each rank's generated tokens."""
 
+import sys
+
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -23,5 +25,7 @@ engine.eval()
 first = generate(engine, torch.tensor([[1, 2, 3]]), 1, temperature=0)[0, -1].item()  # the same on every rank
 prompt = [1, 2, 3] if env.rank == 0 else [4, 5, 6]
 out = generate(engine, torch.tensor([prompt]), 6, temperature=0, stop_token=first)
-print(f"rank {env.rank} stop {first}: {out[0, 3:].tolist()}", flush=True)
+# One write per line: the two ranks share the pipe, and print's separate newline could land in the other's line.
+sys.stdout.write(f"rank {env.rank} stop {first}: {out[0, 3:].tolist()}\n")
+sys.stdout.flush()
 dist.close()
