@@ -268,8 +268,9 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
     from gpt2dist.training.validation import mean_loss, rank_batches
 
     torch.manual_seed(0)
+    # fan_in_fan_out: GPT-2's Conv1D stores its weight transposed (peft would set it, with a warning)
     theirs = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(hf_base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"))
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM", fan_in_fan_out=True))
     with torch.no_grad():  # B starts at zero: the adapter would change nothing
         for name, p in theirs.named_parameters():
             if "lora_B" in name:
