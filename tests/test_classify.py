@@ -24,7 +24,9 @@ from gpt2dist.generate import main as generate_main
 from gpt2dist.lmeval import GPT2DistLM
 from gpt2dist.models.weights import WeightsError, load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
+from gpt2dist.training import classify_eval
 from gpt2dist.training.classify_eval import confusion_scores
+from gpt2dist.training.validation import rank_batches
 from tests.conftest import TINY, make_cfg, read_metrics, run_train, train_cfg
 from tests.test_finetune import hf_base, sft_corpus, sft_overrides  # noqa: F401 (fixtures)
 
@@ -172,6 +174,16 @@ def assert_transformers_agree(exported, model) -> None:
     idx = padded_batch()
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_a_rank_short_of_a_batch_scores_only_its_own(classify_run, cls_corpus):
+    """Over 2 ranks, 6 test texts in batches of 2 are 3 batches: rank 1 gets batch 1 and rank_batches'
+    padding batch (so that under ZeRO-3 both ranks run as many forward passes), which counts for nothing."""
+    model = load_model(classify_run[0])
+    test = open_split(cls_corpus, "test", 8)
+    share = list(rank_batches(test, len(test), 2, rank=1, world_size=2))
+    assert len(share) == 2 and share[1][1].shape == share[0][1].shape
+    assert classify_eval.scores(model, share, 3) == classify_eval.scores(model, share[:1], 3)
 
 
 def test_export_loads_in_transformers_with_our_logits(classify_run, tmp_path):

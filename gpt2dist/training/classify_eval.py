@@ -6,8 +6,11 @@ Each rank fills a confusion matrix with its share of the batches, and one all-re
 ranks' matrices up: the scores are the same on any number of ranks, and no prediction is gathered.
 """
 
+from collections.abc import Iterable
+
 import torch
 
+from gpt2dist.data.sft import IGNORE
 from gpt2dist.training.validation import Batch, model_device
 
 
@@ -23,26 +26,21 @@ def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def scores(model: torch.nn.Module, batches: list[Batch], num_labels: int, world_size: int = 1) -> dict[str, float]:
+def scores(model: torch.nn.Module, batches: Iterable[Batch], num_labels: int, world_size: int = 1) -> dict[str, float]:
     """Mean loss, accuracy and macro-F1 of a classifier over every rank's `batches` ((inputs, labels) pairs,
-    this rank's share: `gpt2dist.training.validation.rank_batches`); with several ranks every rank calls this.
-    `model` is a classifier GPT or a DeepSpeed engine; its mode (eval or train) is the caller's."""
+    this rank's share: `gpt2dist.training.validation.rank_batches`, which gives every rank as many, as
+    ZeRO-3 needs; its padding batch's labels are all IGNORE and count for nothing here); with several
+    ranks every rank calls this. `model` is a classifier GPT or a DeepSpeed engine; its mode (eval or
+    train) is the caller's."""
     device = model_device(model)
-    batches = list(batches)
-    # Under ZeRO-3 each forward pass gathers parameters from every rank: all ranks run as many passes,
-    # a rank short of batches repeating a batch (or a 1-token dummy) whose results are not counted.
-    passes = torch.tensor([len(batches)], device=device)
-    if world_size > 1:
-        torch.distributed.all_reduce(passes, op=torch.distributed.ReduceOp.MAX)
-    dummy = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     counts = torch.zeros(num_labels * num_labels + 1, dtype=torch.float64, device=device)  # the matrix, the loss sum
-    for i in range(int(passes)):
-        x, y = (batches[i] if i < len(batches) else (batches or [dummy])[0])
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits, loss = model(x, y)
-        if i < len(batches):
-            counts[:-1] += torch.bincount(y * num_labels + logits.argmax(-1), minlength=num_labels * num_labels)
-            counts[-1] += loss.double() * len(y)
+        kept = y != IGNORE
+        if kept.any():
+            counts[:-1] += torch.bincount(y[kept] * num_labels + logits.argmax(-1)[kept], minlength=num_labels**2)
+            counts[-1] += loss.double() * kept.sum()
     if world_size > 1:
         torch.distributed.all_reduce(counts)
     confusion = counts[:-1].view(num_labels, num_labels)

@@ -29,7 +29,8 @@ def rank_batches(windows: Windows, n: int, batch_size: int, rank: int = 0, world
 
     Every rank gets as many batches: under ZeRO-3 each forward pass gathers parameters from all ranks,
     so a rank that stopped early would leave the others waiting. A rank short of one gets a padding
-    batch, the first one's inputs with every target IGNORE, which scores nothing."""
+    batch, the first one's inputs with every target IGNORE, which scores nothing (the targets keep
+    their shape: a token per position, or a classifier's one label per text)."""
     def batch(c: int) -> Batch:
         inputs, targets = zip(*(windows[i] for i in range(c * batch_size, min((c + 1) * batch_size, n))))
         return torch.stack(inputs), torch.stack(targets)  # (B, T) each
@@ -39,8 +40,8 @@ def rank_batches(windows: Windows, n: int, batch_size: int, rank: int = 0, world
         if c < batches:
             yield batch(c)
         else:
-            inputs, _ = batch(0)
-            yield inputs, torch.full_like(inputs, IGNORE)
+            inputs, targets = batch(0)
+            yield inputs, torch.full_like(targets, IGNORE)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
