@@ -413,12 +413,22 @@ class Trainer:
             grad_norm = ds_engine.step(self.engine)
         return StepResult(mean, lr, grad_norm, skip)
 
+    def _val_scores(self) -> dict[str, dict[str, float]]:
+        """Each source's validation scores, by name: its loss, and a classifier's accuracy and macro-F1
+        (from the same pass)."""
+        self.engine.eval()
+        if self.cfg.task.name == Task.classify:
+            scores = {name: classify_eval.scores(self.engine, batches, len(self.cfg.model.labels), self.env.world_size)
+                      for name, batches in self.val.items()}
+        else:
+            scores = {name: {"loss": mean_loss(self.engine, batches, self.env.world_size)[0]}
+                      for name, batches in self.val.items()}
+        self.engine.train()
+        return scores
+
     def _val_losses(self) -> dict[str, float]:
         """Each source's validation loss, by name."""
-        self.engine.eval()
-        losses = {name: mean_loss(self.engine, batches, self.env.world_size)[0] for name, batches in self.val.items()}
-        self.engine.train()
-        return losses
+        return {name: scores["loss"] for name, scores in self._val_scores().items()}
 
     def _val_metrics(self, losses: dict[str, float]) -> dict[str, float]:
         """val_loss (the first validated source's); with several sources val/<name> for each; with init_from
@@ -433,16 +443,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """The periodic validation metrics of this step (see _val_metrics); the downstream evaluations
         `evals.*` are run_evals'."""
-        values = self._val_metrics(self._val_losses())
+        sources = self._val_scores()
+        values = self._val_metrics({name: scores["loss"] for name, scores in sources.items()})
         if self.dev_prompts and self.dev_prompts[0]:
             scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
             values.update({f"val_{k}": v for k, v in scores.items()})
-        if self.cfg.task.name == Task.classify and self.val:
-            # One more pass over the dev batches: mean_loss keeps no logits.
-            self.engine.eval()
-            scores = classify_eval.scores(self.engine, next(iter(self.val.values())), len(self.cfg.model.labels),
-                                          self.env.world_size)
-            self.engine.train()
+        if self.cfg.task.name == Task.classify and sources:  # the first validated source's, as val_loss
+            scores = next(iter(sources.values()))
             values.update({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]})
         return values
 
