@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -161,18 +162,29 @@ def _default_timeout(timeout: datetime.timedelta) -> None:
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
 
 
+_WORKER_DRAIN_S = 0.05  # how long close() leaves the GIL to the groups' worker threads
+
+
 def close() -> None:
     """Leave the process group and put back the environment init() changed.
 
     Destroying the group stops its store and communication threads in order: a native thread
     still running when the interpreter exits aborts it (`terminate called without an active
     exception`, exit 134), which would replace a clean `error:` line and exit status.
+
+    A group something still references outlives the call, threads included: a ZeRO-3 engine's
+    partitioned parameters keep theirs. A gloo worker that finished a collective then releases its
+    tensors, which takes the GIL; when the main thread, woken by that collective, reaches the
+    interpreter's finalization first (a 2-rank ZeRO-3 generation did, about one exit in seven),
+    the worker is made to exit inside a destructor and the process aborts the same way
+    (pytorch/pytorch#190489). Releasing the GIL for a moment here lets such a worker finish.
     """
     global _saved_env
     if torch.distributed.is_initialized():
         from deepspeed import comm
 
         comm.destroy_process_group()  # also drops DeepSpeed's cached groups; the next init() makes new ones
+        time.sleep(_WORKER_DRAIN_S)
     if _saved_env is not None:
         for key, value in _saved_env.items():
             if value is None:
