@@ -15,10 +15,9 @@ train) stops the preparation with one line naming the file and line, and nothing
 --skip-bad skips such rows instead, and counts them in the manifest.
 """
 
-import argparse
 import sys
 
-from data_tools.sft import Rows, add_split_arguments, prepare_and_report
+from data_tools.sft import Rows, examples_parser, prepare_and_report
 from data_tools.sources import InputError
 from gpt2dist.data.classify import LabelledText, prepare_classify, text_ids
 from gpt2dist.data.sft import SPLITS
@@ -53,9 +52,7 @@ class LabelledRows(Rows):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.classify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_split_arguments(p)
+    p = examples_parser("python -m data_tools.classify", __doc__)
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--labels", nargs="+", help="the label set, in the order of the class ids (default: the train "

@@ -74,8 +74,10 @@ class Rows:
         return example
 
 
-def add_split_arguments(p: argparse.ArgumentParser) -> None:
-    """The inputs and outputs of a preparation of examples (this command's and data_tools.classify's)."""
+def examples_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A command line for a preparation of examples (this command's and data_tools.classify's): its
+    inputs and outputs; the caller adds its own fields."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="JSON Lines files to split by hash")
     p.add_argument("--train", nargs="+", default=[], help="files of the train split (instead of a hash split)")
     p.add_argument("--dev", nargs="+", default=[], help="files of the dev split (the corpus's val split)")
@@ -86,6 +88,7 @@ def add_split_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1, help="hash split: share for test (default: 0.1)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted in the manifest) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus at --output (nothing else)")
+    return p
 
 
 def read_splits(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows) -> tuple[dict[str, list], str, str]:
@@ -121,9 +124,7 @@ def prepare_and_report(p: argparse.ArgumentParser, args: argparse.Namespace, row
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_split_arguments(p)
+    p = examples_parser("python -m data_tools.sft", __doc__)
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--response-field", default="response")
     args = p.parse_args(argv)

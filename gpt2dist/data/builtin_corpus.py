@@ -15,6 +15,7 @@ shard format has changed since).
 """
 
 import ast
+import functools
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -120,8 +121,11 @@ def _builtin_task(kind: str, out: Path, seq_len: int) -> Path:
         return out
     except CorpusError:
         pass
-    examples, check = ((docsig_examples(), lambda e: encode(e, seq_len)) if kind == Builtin.docsig else
-                       (docpkg_examples(), lambda e: text_ids(e.text, seq_len)))
+    if kind == Builtin.docsig:
+        examples, check, prepare = docsig_examples(), lambda e: encode(e, seq_len), prepare_sft
+    else:
+        examples, check = docpkg_examples(), lambda e: text_ids(e.text, seq_len)
+        prepare = functools.partial(prepare_classify, labels=list(DOCPKG_LABELS))
     fitting, skipped = [], 0
     for example in examples:
         try:
@@ -129,10 +133,6 @@ def _builtin_task(kind: str, out: Path, seq_len: int) -> Path:
             fitting.append(example)
         except ExampleError:
             skipped += 1
-    about = {"source": f"builtin:{kind}", "overwrite": True, "skipped": skipped, "split_by": "hash (dev 0.1, test 0.1)"}
-    splits = split_by_hash(fitting, 0.1, 0.1)
-    if kind == Builtin.docsig:
-        prepare_sft(splits, out, seq_len, **about)
-    else:
-        prepare_classify(splits, list(DOCPKG_LABELS), out, seq_len, **about)
+    prepare(split_by_hash(fitting, 0.1, 0.1), out_dir=out, seq_len=seq_len, source=f"builtin:{kind}", overwrite=True,
+            skipped=skipped, split_by="hash (dev 0.1, test 0.1)")
     return out

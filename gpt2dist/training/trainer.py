@@ -88,7 +88,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.metrics = self.preemption = None
-        self.stores = {}  # data.mode=stream: each source's shard store (_build_data)
+        self.stores = {}  # data.mode=stream: each source's shard store (_find_sources)
         check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
         if cfg.train.retain_freed_memory:
             malloc.retain_freed_memory()  # before the large tensors are first allocated
@@ -104,6 +104,7 @@ class Trainer:
         cfg = self.cfg
         check_precision(Precision(cfg.train.precision))
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
+        self._find_sources()
         if cfg.task.name == Task.classify:
             self._take_labels()  # before a checkpoint is checked: they are part of the model's shape
         tag = self._run_directory()
@@ -119,7 +120,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
         self.preemption = PreemptionWatch()
         if cfg.train.init_from and not tag:
-            self.start_losses = self._val_losses()
+            self.start_losses = self._losses(self._val_scores())
             if self.metrics:
                 self.metrics.log(0, self._val_metrics(self.start_losses))
 
@@ -160,7 +161,7 @@ class Trainer:
         """task=classify: model.labels, the classes of the score head, are the corpus's (every source's the same).
         A corpus of another kind is left to _build_data to refuse."""
         cfg = self.cfg
-        sets = {tuple(read_manifest(self._corpus(s)).get("labels", ())) for s in data_sources(cfg)}
+        sets = {tuple(read_manifest(path).get("labels", ())) for _, path, _ in self.sources}
         if len(sets) > 1:
             raise CorpusError(f"data.sources: their label sets differ ({' vs '.join(map(str, sorted(sets)))})")
         (labels,) = sets
@@ -172,13 +173,18 @@ class Trainer:
     def _checkpoint_dir(self, tag: str) -> Path:
         return checkpoint.checkpoint_root(self.run_dir) / tag
 
-    def _build_data(self, tag: str | None) -> None:
-        """The training sources, each a corpus with a weight; the first one's validation split is val_loss.
-        A resumed run must read the same data as the checkpoint's (or say train.allow_data_change)."""
+    def _find_sources(self) -> None:
+        """The training sources, each (name, its local corpus, its weight); the first one's validation split
+        is val_loss. In stream mode, each source's shard store too."""
         cfg = self.cfg
         self.mode = data_mode(cfg)
         self.stores = {s.name: self._store(s) for s in data_sources(cfg)} if self.mode == DataMode.stream else {}
         self.sources = [(s.name, self._corpus(s), s.weight) for s in data_sources(cfg)]
+
+    def _build_data(self, tag: str | None) -> None:
+        """The sources' training data. A resumed run must read the same data as the checkpoint's (or say
+        train.allow_data_change)."""
+        cfg = self.cfg
         stream = {"lanes": cfg.data.stream.lanes, "micro_batch": cfg.train.micro_batch_size} if self.stores else None
         if any(store.pattern for store in self.stores.values()):  # the manifest alone does not say which shards
             stream["shards"] = {name: store.pattern for name, store in self.stores.items()}
@@ -426,9 +432,10 @@ class Trainer:
         self.engine.train()
         return scores
 
-    def _val_losses(self) -> dict[str, float]:
-        """Each source's validation loss, by name."""
-        return {name: scores["loss"] for name, scores in self._val_scores().items()}
+    @staticmethod
+    def _losses(sources: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Each source's validation loss, by name, from its scores (_val_scores)."""
+        return {name: scores["loss"] for name, scores in sources.items()}
 
     def _val_metrics(self, losses: dict[str, float]) -> dict[str, float]:
         """val_loss (the first validated source's); with several sources val/<name> for each; with init_from
@@ -444,7 +451,7 @@ class Trainer:
         """The periodic validation metrics of this step (see _val_metrics); the downstream evaluations
         `evals.*` are run_evals'."""
         sources = self._val_scores()
-        values = self._val_metrics({name: scores["loss"] for name, scores in sources.items()})
+        values = self._val_metrics(self._losses(sources))
         if self.dev_prompts and self.dev_prompts[0]:
             scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
             values.update({f"val_{k}": v for k, v in scores.items()})
@@ -570,8 +577,7 @@ class Trainer:
         if self.best and self.best["tag"] != checkpoint.tag_of(self.step):
             checkpoint.load(self.engine, self.run_dir, self.best["tag"], self.env.rank, adapters_only=self.adapted)
         self.engine.eval()
-        batches = list(rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank,
-                                    self.env.world_size))
+        batches = rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank, self.env.world_size)
         if cfg.task.name == Task.classify:
             scores = classify_eval.scores(self.engine, batches, len(cfg.model.labels), self.env.world_size)
             scores = {f"test_{k}": v for k, v in scores.items()}
