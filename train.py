@@ -7,13 +7,8 @@ import sys
 
 import hydra
 
-from gpt2dist.training.checkpoint import CheckpointError
 from gpt2dist.config import one_line_errors, register
-from gpt2dist.training.dist import PeerLost
-from gpt2dist.training.guard import TrainingDiverged
-from gpt2dist.data.shards import CorpusError
 from gpt2dist.training.trainer import run
-from gpt2dist.models.weights import WeightsError
 
 register()
 
@@ -21,7 +16,7 @@ register()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg) -> float | None:
     """Returns the run's objective (the last val_loss, or train.keep_best's best), which a sweeper minimises."""
-    with one_line_errors(CorpusError, CheckpointError, WeightsError, TrainingDiverged, PeerLost):
+    with one_line_errors():  # every gpt2dist error: one line, exit status 2 (or its own)
         status, objective = run(cfg)
     if status:
         sys.exit(status)

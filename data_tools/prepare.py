@@ -14,8 +14,9 @@ the same input and settings give byte-identical shards.
 import argparse
 import sys
 
-from data_tools.sources import Documents, InputError, describe_skips, input_files
-from gpt2dist.data.prepare import OutputError, prepare_corpus
+from gpt2dist.errors import Gpt2distError, report
+from data_tools.sources import Documents, describe_skips, input_files
+from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.shards import DEFAULT_BLOCK_TOKENS
 
 
@@ -48,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare_corpus(docs, args.output, source=" ".join(args.inputs), val_fraction=args.val_fraction,
                                   block_tokens=args.block_tokens, shard_mb=args.shard_mb, overwrite=args.overwrite,
                                   workers=args.workers, skipped=lambda: docs.skipped)
-    except (InputError, FileExistsError, ValueError, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Gpt2distError, FileExistsError, ValueError) as e:
+        return report(e)
     for split, s in manifest["splits"].items():
         print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
     skips.update(docs.skips)

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gpt2dist.errors import Gpt2distError, report
 from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _decode, _open
 from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft, split_by_hash
 
@@ -112,9 +113,8 @@ def prepare_and_report(p: argparse.ArgumentParser, args: argparse.Namespace, row
     try:
         splits, split_by, source = read_splits(p, args, rows)
         manifest = prepare(splits, split_by, source)
-    except (InputError, ExampleError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Gpt2distError, FileExistsError) as e:
+        return report(e)
     counts = manifest["examples"]
     print(f"examples: {counts['train']:,} train, {counts['val']:,} dev, {counts['test']:,} test; {detail(manifest)}")
     if rows.skipped:

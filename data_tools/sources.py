@@ -25,6 +25,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from gpt2dist.errors import Gpt2distError
+
 PARQUET_BATCH_ROWS = 1024
 SKIPS_SHOWN = 10  # skipped inputs named one by one on stderr; the rest are only counted
 GLOB_MAGIC = re.compile(r"[*?[]")
@@ -40,7 +42,7 @@ SKIP_REASONS = {
 }
 
 
-class InputError(ValueError):
+class InputError(Gpt2distError, ValueError):
     """Unusable input, naming the file (and line)."""
 
 

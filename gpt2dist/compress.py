@@ -22,15 +22,16 @@ from pathlib import Path
 
 import torch
 
-from gpt2dist.data.shards import CorpusError, TokenBlocks
+from gpt2dist.errors import Gpt2distError, report
+from gpt2dist.data.shards import TokenBlocks
 from gpt2dist.data.loader import Windows
 from gpt2dist.models import compressed, prune
 from gpt2dist.models.quantize import METHODS, quantize
-from gpt2dist.models.weights import WeightsError, find_checkpoint, load_model
+from gpt2dist.models.weights import find_checkpoint, load_model
 from gpt2dist.training.validation import rank_batches
 
 
-class CompressError(ValueError):
+class CompressError(Gpt2distError, ValueError):
     """An argument or input compress cannot use (names it)."""
 
 
@@ -154,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         print(run(args))
-    except (CompressError, WeightsError, CorpusError, compressed.CompressedError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Gpt2distError, ValueError) as e:
+        return report(e)
     return 0
 
 

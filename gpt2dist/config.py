@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gpt2dist.errors import Gpt2distError, say
 from gpt2dist.data.builtin_corpus import Builtin
 from gpt2dist.data.stream import streams_only
 from gpt2dist.training.metric_backends import BACKENDS, WandbMode
@@ -31,7 +32,7 @@ from gpt2dist.training.optim import Optimizer
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-class ConfigError(ValueError):
+class ConfigError(Gpt2distError, ValueError):
     """A config value that type-checks but makes no sense (the message names the key)."""
 
 
@@ -505,17 +506,11 @@ def error_line(e: BaseException) -> str:
     return "; ".join(dict.fromkeys(lines))
 
 
-def _say_error(message: str) -> None:
-    """One `error:` line on stderr in a single write, so that the lines of several ranks sharing
-    a terminal or pipe never interleave mid-line."""
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), f"error: {message}\n".encode(errors="replace"))
-
-
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]):
-    """A configuration error, or one of the `expected` errors, ends the program with one `error:`
-    line on stderr and exit status 2 (or the error's `exit_status`). Used twice: around the Hydra
+    """A gpt2dist error (`gpt2dist.errors`), a Hydra or OmegaConf configuration error, or one of the
+    `expected` errors, ends the program with one `error:` line on stderr and exit status 2 (or the
+    error's `exit_status`). Used twice: around the Hydra
     main (composition errors) and around the work inside it (there Hydra would first print the
     job's overrides).
     HYDRA_FULL_ERROR=1 in the environment keeps Hydra's full traceback for its own errors."""
@@ -524,13 +519,13 @@ def one_line_errors(*expected: type[BaseException]):
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing two lines
     try:
         yield
-    except (ConfigError, *expected) as e:
-        _say_error(str(e))
+    except (Gpt2distError, *expected) as e:
+        say(str(e))
         sys.exit(getattr(e, "exit_status", 2))  # bad input; an expected error may name its own status
     except (HydraException, OmegaConfBaseException) as e:
         if full_trace:
             raise
-        _say_error(error_line(e))
+        say(error_line(e))
         sys.exit(2)
     finally:  # as the caller had it: a program calling train.main in its own process keeps its environment
         if previous is None:

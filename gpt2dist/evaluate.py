@@ -40,16 +40,16 @@ from pathlib import Path
 
 import torch
 
+from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.training import dist
 from gpt2dist.config import EvalConfig
 from gpt2dist.data.prepare import prepare_corpus
-from gpt2dist.data.shards import CorpusError
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.sft_eval import prompted_scores
 from gpt2dist.training.validation import corpus_loss, model_device
 
 
-class EvalError(ValueError):
+class EvalError(Gpt2distError, ValueError):
     """A malformed evaluation file (names the file and line)."""
 
 
@@ -180,7 +180,7 @@ def run_evals(model: torch.nn.Module, cfg: EvalConfig, seq_len: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2dist.models.weights import WeightsError, default_device, load_model
+    from gpt2dist.models.weights import default_device, load_model
 
     p = argparse.ArgumentParser(prog="python -m gpt2dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sft:
             results[f"sft_{args.sft_split}"] = prompted_scores(model, args.sft, args.sft_split, args.shots, args.template,
                                                                args.seed, args.limit, args.max_new_tokens)
-    except (WeightsError, CorpusError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Gpt2distError as e:
+        return report(e)
     finally:
         if env.world_size > 1:
             dist.close()

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.models import adapters, compressed
-from gpt2dist.models.hf import HFError, export_hf, save_hf_dir
+from gpt2dist.models.hf import export_hf, save_hf_dir
 from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_adapter, find_checkpoint, load_adapted
 
 
@@ -67,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.source, args.output, args.adapter)
-    except (OSError, WeightsError, HFError, compressed.CompressedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Gpt2distError, OSError) as e:
+        return report(e)
     print(f"wrote {out}")
     return 0
 

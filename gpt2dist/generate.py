@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.models.gpt import KVCache
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 
@@ -102,7 +103,7 @@ def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_toke
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2dist.models.weights import WeightsError, default_device, load_model
+    from gpt2dist.models.weights import default_device, load_model
 
     p = argparse.ArgumentParser(prog="python -m gpt2dist.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         prompts = prompts or [""]  # no prompt: unconditional samples, each a new document
         model = load_model(args.model, args.device, adapter=args.adapter, language_model=True)
-    except (OSError, UnicodeDecodeError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Gpt2distError, OSError, UnicodeDecodeError) as e:
+        return report(e)
     generator = torch.Generator().manual_seed(args.seed)
     for prompt in prompts:
         for text in complete(model, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,

@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.evaluate import continuation_logprobs
 from gpt2dist.generate import generate
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
@@ -111,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_tasks(tasks, task_manager)  # before the model is loaded: a typo fails in seconds
         lm = GPT2DistLM(args.model, args.device, args.batch_size, adapter=args.adapter)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Gpt2distError as e:
+        return report(e)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                               task_manager=task_manager, log_samples=False)
     print(json.dumps(results["results"], indent=1, default=str))

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist.data.shards import DEFAULT_BLOCK_TOKENS, FORMAT, MANIFEST, TOKEN_DTYPE, SplitWriter, write_manifest
 from gpt2dist.data.tokenizer import EOT, TOKENIZER, VOCAB_SIZE, get_tokenizer
 
@@ -42,7 +43,7 @@ EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
 CORPUS_FILE = re.compile(r"(train|val|test)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
-class OutputError(Exception):
+class OutputError(Gpt2distError):
     """An output that could not be written (a `pipe:` command that failed; names the command)."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist.data.prepare import staged
 from gpt2dist.data.shards import FORMAT, TOKEN_DTYPE, CorpusError, SplitWriter, TokenBlocks, write_manifest
 from gpt2dist.data.tokenizer import EOT, TOKENIZER, VOCAB_SIZE, get_tokenizer
@@ -45,7 +46,7 @@ class Example:
         return [self.prompt, self.response]
 
 
-class ExampleError(ValueError):
+class ExampleError(Gpt2distError, ValueError):
     """An example that cannot be trained on (the message says why; the caller adds file and line)."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist.fileio import sha256_of
 from gpt2dist.data.tokenizer import TOKENIZER
 
@@ -39,7 +40,7 @@ TOKEN_DTYPE = np.dtype("<u2")
 DEFAULT_BLOCK_TOKENS = 8192  # the longest training sequence a prepared corpus serves
 
 
-class CorpusError(RuntimeError):
+class CorpusError(Gpt2distError, RuntimeError):
     """A prepared corpus that is missing, incomplete or inconsistent (names the file)."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist.models.gpt import GPT
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,7 +129,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
 
 
-class AdapterError(ValueError):
+class AdapterError(Gpt2distError, ValueError):
     """An adapter directory we cannot read, or adapters that do not fit a model (names the directory)."""
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist.data.tokenizer import hf_tokenizer_files
 from gpt2dist.fileio import sha256_of
 from gpt2dist.models.gpt import GPT, GPTConfig
@@ -31,7 +32,7 @@ QUANTIZED = ("int8-weight", "int4-weight", "int8-dynamic")  # torchao tensors (g
 CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CompressedError(RuntimeError):
+class CompressedError(Gpt2distError, RuntimeError):
     """A compressed directory that is unreadable or cannot serve the request (names the file)."""
 
 

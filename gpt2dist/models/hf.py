@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist import safe_load
 from gpt2dist.models.gpt import GPT, GPTConfig
 from gpt2dist.data.tokenizer import EOT, hf_tokenizer_files
@@ -34,7 +35,7 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")
 CLASSIFIER = "GPT2ForSequenceClassification"
 
 
-class HFError(RuntimeError):
+class HFError(Gpt2distError, RuntimeError):
     """A Hugging Face directory that is missing, unreadable or not a GPT-2 we can load (names the file)."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist.training import deepspeed_env
 from gpt2dist import safe_load
 from gpt2dist.training.checkpoint import CHECKPOINTS, complete_tags
@@ -35,7 +36,7 @@ from gpt2dist.training.optim import param_groups
 STAGE0_STATES = "mp_rank_00_model_states.pt"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(Gpt2distError, RuntimeError):
     """A model path that is missing or holds no weights we can load (names the file)."""
 
 

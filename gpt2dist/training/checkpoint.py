@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from gpt2dist.errors import Gpt2distError
 from gpt2dist import safe_load
 from gpt2dist.training import deepspeed_env
 from gpt2dist.training import engine as ds_engine
@@ -46,7 +47,7 @@ PRUNED = ".pruned-"  # a checkpoint being deleted: renamed out of view first, so
 UNIVERSAL = "universal"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Gpt2distError, RuntimeError):
     """A checkpoint that cannot be written or used for this run (names the checkpoint)."""
 
 

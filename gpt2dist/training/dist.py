@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2dist.errors import Gpt2distError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -54,7 +56,7 @@ def detect() -> DistEnv:
     return DistEnv(0, 0, 1, "plain")
 
 
-class PeerLost(RuntimeError):
+class PeerLost(Gpt2distError, RuntimeError):
     """A collective failed because another rank died or stopped answering (its message is one line)."""
 
     exit_status = 1  # a failed run, not bad input

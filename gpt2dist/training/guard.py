@@ -9,8 +9,10 @@ do not enter the window, so a run of bad batches cannot make itself look normal.
 import math
 from collections import deque
 
+from gpt2dist.errors import Gpt2distError
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(Gpt2distError, RuntimeError):
     """Too many bad steps in a row: the run stops, its last checkpoint untouched."""
 
 
