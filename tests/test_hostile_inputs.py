@@ -1,0 +1,154 @@
+"""Hostile inputs, one table: every reader of a file from elsewhere and every writer of an output, each
+fed what a careless or malicious source could give it.
+
+Each row (`Case`) builds its inputs in a directory of its own, from valid artifacts made once per
+session (`Valid`), then damages them; the command line it returns then runs (all rows in one process,
+`tests/hostile_runner.py`, so that Python and torch start once). Every row must:
+- exit with status 2, printing exactly one `error:` line that names the file (`names`) and, where one
+  is at fault, the key (`key`), and no traceback;
+- leave every file and link that was in its directory before byte-identical, and write nothing there
+  (only `may_write`, a path the command is allowed to have created before it refused);
+- not grow the process's peak memory by more than PEAK_GROWTH_MIB (a header that claims a huge model
+  must be refused before anything is allocated).
+
+A new reader or writer adds its rows here: a few lines each.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY, clean_env, tiny_overrides
+
+PEAK_GROWTH_MIB = 512
+
+
+class Valid:
+    """Valid artifacts, each made on first use and then copied by the rows that damage it."""
+
+    def __init__(self, base: Path, corpus: Path):
+        self.base, self._corpus, self._made = base, corpus, {}
+
+    def _once(self, name: str, make: Callable[[Path], None]) -> Path:
+        if name not in self._made:
+            make(self.base / name)
+            self._made[name] = self.base / name
+        return self._made[name]
+
+    def copy(self, name: str, dest: Path) -> Path:
+        """A copy of artifact `name` at dest."""
+        shutil.copytree(getattr(self, name)(), dest, symlinks=True)
+        return dest
+
+    def corpus(self) -> Path:
+        """A prepared pretraining corpus (the suite's pydoc one)."""
+        return self._corpus
+
+    def hf(self) -> Path:
+        """A tiny Hugging Face GPT-2 directory (config.json, model.safetensors)."""
+        def make(out: Path) -> None:
+            import torch
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(out)
+
+        return self._once("hf", make)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile input. `make(d, valid)` writes the inputs under d and returns the command line, as
+    `python` takes it (`["-m", "gpt2dist.export", ...]` or `["train.py", ...]`), run with d as the
+    working directory; its error line must contain `names` and `key`."""
+
+    id: str
+    make: Callable[[Path, Valid], list[str]]
+    names: str
+    key: str | None = None
+    may_write: tuple[str, ...] = ()
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> Path:
+    """Rewrite a JSON file with `change(data)` applied (its return value replaces the data if not None)."""
+    data = json.loads(path.read_text())
+    changed = change(data)
+    path.write_text(json.dumps(data if changed is None else changed))
+    return path
+
+
+GENERATE_HF = ["-m", "gpt2dist.generate", "hf", "--prompt", "The", "--max-new-tokens", "1"]
+
+
+def hf_config(change: Callable[[dict], object]) -> Callable[[Path, Valid], list[str]]:
+    """A row: a Hugging Face directory whose config.json is changed, loaded to generate from."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        edit_json(valid.copy("hf", d / "hf") / "config.json", change)
+        return GENERATE_HF
+
+    return make
+
+
+# ---- Hugging Face directories (gpt2dist.models.hf) ----
+HF_CASES = [
+    Case("hf-config-not-json", lambda d, v: (write(v.copy("hf", d / "hf") / "config.json", "{oops"), GENERATE_HF)[1],
+         names="hf/config.json"),
+    Case("hf-config-other-architecture", hf_config(lambda c: c.update(model_type="llama")), names="hf/config.json",
+         key="model_type"),
+]
+
+# ---- prepared corpora (gpt2dist.data.shards) ----
+CORPUS_CASES = [
+    Case("corpus-manifest-missing", lambda d, v: (write(d / "corpus" / "notes.txt", "mine"),
+                                                  ["train.py", *TINY, "data.path=corpus", "train.run_dir=run"])[1],
+         names="corpus/manifest.json"),
+]
+
+CASES = [*HF_CASES, *CORPUS_CASES]
+
+
+@pytest.fixture(scope="module")
+def outcomes(corpus, tmp_path_factory) -> dict[str, dict]:
+    """Every row built, then run in one process; the runner's results by row id."""
+    base = tmp_path_factory.mktemp("hostile")
+    valid = Valid(base / "valid", corpus)
+    (base / "valid").mkdir()
+    specs = []
+    for case in CASES:
+        d = base / case.id
+        d.mkdir()
+        specs.append({"id": case.id, "cwd": str(d), "root": str(d), "argv": case.make(d, valid)})
+    (base / "cases.json").write_text(json.dumps(specs))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "hostile_runner.py"), str(base / "cases.json"),
+                    str(base / "results.json")], cwd=ROOT, env=clean_env(), check=True, timeout=1800)
+    return json.loads((base / "results.json").read_text())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_is_one_line_and_harms_nothing(case, outcomes):
+    got = outcomes[case.id]
+    shown = f"stdout:\n{got['stdout'][-2000:]}\nstderr:\n{got['stderr'][-3000:]}"
+    assert "Traceback" not in got["stderr"], shown
+    errors = [line for line in got["stderr"].splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, shown
+    assert case.names in errors[0], errors[0]
+    if case.key:
+        assert case.key in errors[0], errors[0]
+    assert got["status"] == 2, shown
+    changed = {path for path in got["before"].keys() | got["after"].keys()
+               if got["before"].get(path) != got["after"].get(path)}
+    allowed = {p for p in changed if any(p == w or p.startswith(w + "/") for w in case.may_write)}
+    assert changed == allowed, f"changed or created: {sorted(changed - allowed)}"
+    assert got["peak_growth_mib"] < PEAK_GROWTH_MIB, f"peak memory grew {got['peak_growth_mib']:.0f} MiB"
