@@ -61,20 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parts.check_part_options(args.part, args.of, args.merge, args.output)
         files, skips = input_files(args.inputs, args.include, args.exclude)
-        if args.of is None:
+        plan = None if args.of is None else parts.make_plan(files, args.of, args.text_field, args.val_fraction,
+                                                             args.skip_bad)
+        if args.part is not None:
+            _say_part(*parts.prepare_part(plan, args.part, args.output, source, args.overwrite, args.workers),
+                      parts.part_dir(args.output, args.part, args.of))
+            return 0
+        if args.merge:
+            manifest, part_skips = parts.merge_parts(plan, args.output, source, args.block_tokens, args.shard_mb,
+                                                     args.overwrite)
+            skips.update(part_skips)
+        else:
             docs = Documents(files, args.text_field, args.skip_bad)
             manifest = prepare_corpus(docs, args.output, source=source, val_fraction=args.val_fraction,
                                       block_tokens=args.block_tokens, shard_mb=args.shard_mb,
                                       overwrite=args.overwrite, workers=args.workers, skipped=lambda: docs.skipped)
             skips.update(docs.skips)
-        else:
-            plan = parts.make_plan(files, args.of, args.text_field, args.val_fraction, args.skip_bad)
-            if args.part is not None:
-                return _report_part(*parts.prepare_part(plan, args.part, args.output, source, args.overwrite,
-                                                        args.workers), parts.part_dir(args.output, args.part, args.of))
-            manifest, part_skips = parts.merge_parts(plan, args.output, source, args.block_tokens, args.shard_mb,
-                                                     args.overwrite)
-            skips.update(part_skips)
     except (Gpt2distError, FileExistsError, ValueError) as e:
         return report(e)
     for split, s in manifest["splits"].items():
@@ -87,15 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report_part(manifest: dict, already: bool, where) -> int:
+def _say_part(manifest: dict, already: bool, where) -> None:
     part = f"part {manifest['part']} of {manifest['of']}"
     if already:
         print(f"{part}: already complete in {where}, nothing to do")
-        return 0
-    counts = ", ".join(f"{split} {s['documents']:,} documents, {s['tokens']:,} tokens"
-                       for split, s in manifest["splits"].items())
-    print(f"{part}: {counts}; wrote {where}")
-    return 0
+    else:
+        counts = ", ".join(f"{split} {s['documents']:,} documents, {s['tokens']:,} tokens"
+                           for split, s in manifest["splits"].items())
+        print(f"{part}: {counts}; wrote {where}")
 
 
 if __name__ == "__main__":

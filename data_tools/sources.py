@@ -231,7 +231,7 @@ def _parquet(path: Path, text_field: str, row_groups: range | None = None) -> It
                 for text in batch.column(0).to_pylist():
                     row += 1
                     yield text if text is not None else InputError(f"{path}: row {row}: {text_field!r} is null")
-        except pa.ArrowException as e:
+        except (pa.ArrowException, OSError) as e:  # a corrupt page raises OSError ("Corrupt snappy compressed data")
             yield InputError(f"{path}: damaged Parquet row group {group} after row {row} ({e})")
         row = end
 

@@ -54,6 +54,15 @@ def make_inputs(root: Path) -> Path:
     return root
 
 
+def damage_row_group(path: Path, group: int) -> None:
+    """Scramble the data of one row group of a Parquet file, its footer left intact."""
+    column = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 40 : start + column.total_compressed_size - 10] = bytes(column.total_compressed_size - 50)
+    path.write_bytes(data)
+
+
 def run(*args: str) -> tuple[int, str, str]:
     """data_tools.prepare in this process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -127,16 +136,24 @@ def test_skip_bad_counts_every_bad_input_once_whatever_the_parts(inputs, tmp_pat
     without the column, cut into several parts, counts once."""
     bad = tmp_path / "in"
     bad.mkdir()
-    pq.write_table(pa.table({"body": ["x"] * 100}), bad / "1-nocolumn.parquet", row_group_size=10)
-    texts = [None if i % 7 == 3 else f"row {i}: " + " ".join(WORDS[i % 9:]) for i in range(200)]
-    pq.write_table(pa.table({"text": texts}), bad / "2-nulls.parquet", row_group_size=10)
+    texts = pq.read_table(inputs / "data" / "CC-MAIN-2024-10" / "000_00000.parquet")["text"].to_pylist()
+    pq.write_table(pa.table({"body": texts}), bad / "1-nocolumn.parquet", row_group_size=10)
+    pq.write_table(pa.table({"text": [None if i % 7 == 3 else t for i, t in enumerate(texts)]}),
+                   bad / "2-nulls.parquet", row_group_size=10)
     (bad / "3-mixed.jsonl").write_bytes((inputs / "a.jsonl").read_bytes() + b"{oops\n")
     (bad / "4-binary.dat").write_bytes(b"\0" * 100)
+    pq.write_table(pa.table({"text": texts}), bad / "0-damaged.parquet", row_group_size=10)
+    damage_row_group(bad / "0-damaged.parquet", 3)
+    files, _ = input_files([str(bad)])
+    cut = {p.path.name for of in (2, 3, 5) for part in make_plan(files, of, "text", 0.1, True).parts for p in part
+           if p.row_groups is not None}
+    assert cut == {"1-nocolumn.parquet", "2-nulls.parquet", "0-damaged.parquet"}
     args = [str(bad), *SETTINGS, "--skip-bad"]
     status, printed, err = run(*args, "--output", str(tmp_path / "one"))
     assert status == 0, err
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
-    assert manifest["skipped_inputs"] == 1 + 29 + 1 and "skipped 1 files: 1 binary" in printed
+    assert manifest["skipped_inputs"] == 1 + 36 + 1 + 1 and "skipped 1 files: 1 binary" in printed
+    assert "0-damaged.parquet: damaged Parquet row group 3 after row 30" in err  # and its rows after are read
     for of in (2, 3, 5):
         status, out, err = in_parts(bad, tmp_path / f"out{of}", of, "--skip-bad")
         assert status == 0, err
@@ -213,6 +230,8 @@ def test_sbatch_arrays_of_1_2_3_tasks_give_the_single_machine_corpus(two_nodes, 
         assert files_of(tmp_path / f"out{of}") == files_of(reference[0]), of
     part_log = (tmp_path / "part-3-2.log").read_text()
     assert "part 2 of 3: tokenizing" in part_log and "part 2 of 3: train " in part_log  # progress in its log
+    hosts = {log.read_text().split(" on ", 1)[1].split(":", 1)[0] for log in tmp_path.glob("part-*.log")}
+    assert hosts == {"node1", "node2"}  # the tasks of an array ran on both nodes
     print(f"3 arrays (6 tasks) and their merges: {time.monotonic() - start:.1f} s")
 
 
