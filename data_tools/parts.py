@@ -171,7 +171,7 @@ def _check_part(part: Path, k: int, manifest: dict, plan: Plan) -> None:
     """Refuse a part made from other inputs or settings than `plan`'s, or whose token files are not
     the size its manifest says."""
     path = part / PART_MANIFEST
-    again = f"run part {k} again (--part {k} --of {plan.of})"
+    again = _again(k, plan.of)
     settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
     for key, value in plan.settings.items():
         if settings.get(key) != value:
@@ -243,7 +243,11 @@ def prepare_part(plan: Plan, k: int, output: str | Path, source: str, overwrite:
     return manifest, False
 
 
-def _tokens(path: Path, sha256: str, key: str) -> Iterator[np.ndarray]:
+def _again(k: int, of: int) -> str:
+    return f"run part {k} again (--part {k} --of {of})"
+
+
+def _tokens(path: Path, sha256: str, key: str, again: str) -> Iterator[np.ndarray]:
     """A part's token file in chunks, checked against its checksum once read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -251,7 +255,7 @@ def _tokens(path: Path, sha256: str, key: str) -> Iterator[np.ndarray]:
             h.update(chunk)
             yield np.frombuffer(chunk, dtype=TOKEN_DTYPE)
     if h.hexdigest() != sha256:
-        raise BadFile(path, "SHA-256 differs from part.json (damaged or replaced)", key=key)
+        raise BadFile(path, f"SHA-256 differs from part.json (damaged or replaced): {again}", key=key)
 
 
 def merge_parts(plan: Plan, output: str | Path, source: str, block_tokens: int, shard_mb: float,
@@ -274,9 +278,10 @@ def merge_parts(plan: Plan, output: str | Path, source: str, block_tokens: int, 
         with tqdm(total=total, desc=f"merging {plan.of} parts", unit=" tokens", unit_scale=True,
                   disable=not progress, mininterval=1.0) as bar:
             for split in SPLITS:  # each split's stream: its parts' streams in order
-                for part, manifest in zip(parts, manifests):
+                for k, (part, manifest) in enumerate(zip(parts, manifests)):
                     entry = manifest["splits"][split]
-                    for tokens in _tokens(part / f"{split}.tokens", entry["sha256"], f"splits.{split}.sha256"):
+                    for tokens in _tokens(part / f"{split}.tokens", entry["sha256"], f"splits.{split}.sha256",
+                                          _again(k, plan.of)):
                         corpus.add(split, tokens, 0)
                         bar.update(len(tokens))
                     corpus.add(split, np.empty(0, TOKEN_DTYPE), entry["documents"])
