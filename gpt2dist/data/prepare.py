@@ -3,7 +3,9 @@
 Documents are read in order, grouped into batches, and tokenized by a pool of worker
 processes. Results are taken back in submission order, so the shards are byte-identical for
 the same input and settings whatever the number of workers; at most a few batches per worker
-are in flight, so memory stays bounded whatever the corpus size.
+are in flight, so memory stays bounded whatever the corpus size. `tokenize` gives the token
+streams; `CorpusWriter` cuts each split's stream into blocks and shards and writes the manifest,
+so a corpus tokenized in parts elsewhere (data_tools/parts.py) is written by the same code.
 
 The corpus is written into a temporary directory beside the target and renamed into place
 only when complete, so an interrupted preparation never leaves something that looks done. An
@@ -55,6 +57,7 @@ def is_validation(utf8: bytes, val_fraction: float) -> bool:
 
 
 def check_val_fraction(val_fraction: float) -> None:
+    """Refuse a share of documents held out that is not between 0 and 1."""
     if not 0 <= val_fraction <= 1:
         raise ValueError(f"val_fraction={val_fraction} is not between 0 and 1")
 
