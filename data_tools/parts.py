@@ -69,26 +69,25 @@ class Plan:
 def make_plan(files: list[Path], of: int, text_field: str, val_fraction: float, skip_bad: bool) -> Plan:
     """Cut the input files (input_files' list) into `of` parts of about equal size on disk."""
     check_val_fraction(val_fraction)
-    inputs = [(path, path.stat().st_size, parquet_row_groups(path) if path.name.endswith(".parquet") else [])
-              for path in files]
-    units = [unit for path, size, groups in inputs
-             for unit in ([(path, g, s) for g, s in enumerate(groups)] or [(path, None, size)])]
-    total, done = sum(size for *_, size in units), 0
+    size = {path: path.stat().st_size for path in files}
+    groups = {path: parquet_row_groups(path) if path.name.endswith(".parquet") else [] for path in files}
+    # Units, in order: (file, row group, its bytes), or (file, None, its bytes) for a file read whole.
+    units = [(path, g, n) for path in files
+             for g, n in (enumerate(groups[path]) if groups[path] else [(None, size[path])])]
+    total, done = sum(n for *_, n in units), 0
     parts: list[list[Piece]] = [[] for _ in range(of)]
-    for path, group, size in units:
-        pieces = parts[min(of - 1, (2 * done + size) * of // (2 * total)) if total else 0]  # where its middle falls
-        done += size
+    for path, group, n in units:
+        pieces = parts[min(of - 1, (2 * done + n) * of // (2 * total)) if total else 0]  # where its middle falls
+        done += n
         if group is not None and pieces and pieces[-1].path == path:  # the next row group of the same file
             pieces[-1] = Piece(path, range(pieces[-1].row_groups.start, group + 1))
         else:
             pieces.append(Piece(path, None if group is None else range(group, group + 1)))
-    groups = {path: len(g) for path, _, g in inputs}
-    parts = [[Piece(p.path) if p.row_groups == range(groups[p.path]) else p for p in part] for part in parts]
+    parts = [[Piece(p.path) if p.row_groups == range(len(groups[p.path])) else p for p in part] for part in parts]
     settings = {"text_field": text_field, "val_fraction": val_fraction, "skip_bad": skip_bad}
     described = {"format": PART_FORMAT, "tokenizer": TOKENIZER, "of": of, "settings": settings,
-                 "inputs": [(str(path), size, g) for path, size, g in inputs]}
-    fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
-    return Plan(parts, settings, fingerprint)
+                 "inputs": [(str(path), size[path], groups[path]) for path in files]}
+    return Plan(parts, settings, hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest())
 
 
 def check_part_options(part: int | None, of: int | None, merge: bool, output: str) -> None:

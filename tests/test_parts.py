@@ -216,7 +216,8 @@ def finished(env, job: str) -> str:
     return job_field(env, job, "JobState")
 
 
-def test_sbatch_arrays_of_1_2_3_tasks_give_the_single_machine_corpus(two_nodes, inputs, reference, tmp_path):  # noqa: F811
+def test_sbatch_arrays_of_1_2_3_tasks_give_the_single_machine_corpus(two_nodes, inputs, reference,  # noqa: F811
+                                                                     tmp_path):
     start = time.monotonic()
     merges = {}
     for of in (1, 2, 3):  # all at once: array tasks on both nodes
@@ -251,7 +252,9 @@ def test_a_task_killed_mid_way_reruns_alone_and_the_corpus_is_the_same(two_nodes
     out = tmp_path / "out"
     args = [str(inputs), "--output", str(out), *SETTINGS, "--of", "2"]
     array = sbatch(two_nodes, tmp_path / "part-%a.log", "--array=0-1", *args, "--workers", "2")
-    leftovers = lambda: list(parts_dir(out).glob(".part-00001-of-00002.tmp-*"))  # noqa: E731
+    def leftovers() -> list[Path]:  # what part 1's staging leaves while it writes (prepare.staged's name)
+        return list(parts_dir(out).glob(".part-00001-of-00002.tmp-*"))
+
     wait_for(lambda: leftovers() and pid_of_part(out, 1), "part 1 to start writing", timeout=120, poll=0.01)
     os.kill(pid_of_part(out, 1), signal.SIGKILL)  # mid-way: its part is staged, not complete
     assert finished(two_nodes, f"{array}_1") == "FAILED" and finished(two_nodes, f"{array}_0") == "COMPLETED"
@@ -260,8 +263,8 @@ def test_a_task_killed_mid_way_reruns_alone_and_the_corpus_is_the_same(two_nodes
     merge = sbatch(two_nodes, tmp_path / "merge-refused.log", "--merge", *args)
     assert finished(two_nodes, merge) == "FAILED"
     errors = [line for line in (tmp_path / "merge-refused.log").read_text().splitlines() if line.startswith("error")]
-    assert errors == [f"error: {parts_dir(out)}: 1 of 2 parts not complete (part 1): run it (--part K --of 2) "
-                      "before the merge"]
+    assert errors == [(f"error: {parts_dir(out)}: 1 of 2 parts not complete (part 1): run it (--part K --of 2) "
+                       "before the merge")]
     assert not out.exists()
 
     rerun = sbatch(two_nodes, tmp_path / "rerun-%a.log", "--array=1", *args)
