@@ -9,7 +9,9 @@
 
 Every command runs as users run it (a new process, start-up included). The three measurements
 alternate, `--repeats` times, so that a change in the machine's load hits them alike; medians are
-reported, with the load average before and after.
+reported, with the load average before and after. On a machine shared with other work the wall
+times of two tasks depend on what else runs; each task's CPU seconds are what its wall time would
+be on a core (a machine) of its own, so the ratio is also given from those.
 
     python benchmarks/prepare_parallel.py --out benchmarks/results/prepare_parallel.json
 """
@@ -39,30 +41,32 @@ FILES = 8  # Parquet files, FineWeb's layout: a text column, row groups of ROW_G
 ROW_GROUP = 64
 
 
-def prepare(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "data_tools.prepare", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def timed(*commands: list[str]) -> float:
-    """Seconds from starting these commands at once until the last one ends."""
-    start = time.perf_counter()
-    procs = [prepare(*c) for c in commands]
-    for proc in procs:
-        _, err = proc.communicate()
-        assert proc.returncode == 0, err[-2000:]
-    return time.perf_counter() - start
+def timed(*commands: list[str]) -> tuple[float, list[float]]:
+    """Start these data_tools.prepare command lines at once: the seconds until the last one ends, and
+    each one's CPU seconds (user + system, its worker processes included)."""
+    start, cpu = time.perf_counter(), []
+    with tempfile.TemporaryFile() as err:
+        procs = [subprocess.Popen([sys.executable, "-m", "data_tools.prepare", *c], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=err) for c in commands]
+        for proc in procs:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            err.seek(0)
+            assert proc.returncode == 0, err.read().decode()[-2000:]
+            cpu.append(usage.ru_utime + usage.ru_stime)
+    return time.perf_counter() - start, cpu
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--copies", type=int, default=4, help="copies of the built-in corpus (about 5 MB each)")
+    p.add_argument("--copies", type=int, default=16, help="copies of the built-in corpus (about 5 MB each)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prepare_parallel.json"))
     args = p.parse_args()
     docs = list(documents("stdlib")) * args.copies
     load = [os.getloadavg()[0]]
-    times: dict[str, list[float]] = {"one_task": [], "two_tasks": [], "merge": [], "one_machine": []}
+    wall: dict[str, list[float]] = {"one_task": [], "two_tasks": [], "merge": [], "one_machine": []}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in wall}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in"
         for i in range(FILES):
@@ -71,27 +75,34 @@ def main() -> None:
                            row_group_size=ROW_GROUP)
         one, two, whole = (Path(tmp) / name for name in ("one", "two", "whole"))
         common = [str(inputs), "--workers", "1"]
+        runs = {"one_task": lambda: [[*common, "--output", str(one), "--part", "0", "--of", "1"]],
+                "two_tasks": lambda: [[*common, "--output", str(two), "--part", k, "--of", "2"] for k in ("0", "1")],
+                "merge": lambda: [[str(inputs), "--output", str(two), "--merge", "--of", "2"]],
+                "one_machine": lambda: [[str(inputs), "--output", str(whole)]]}
         for _ in range(args.repeats):
-            times["one_task"].append(timed([*common, "--output", str(one), "--part", "0", "--of", "1"]))
-            shutil.rmtree(parts_dir(one))
-            times["two_tasks"].append(timed(*[[*common, "--output", str(two), "--part", k, "--of", "2"]
-                                              for k in ("0", "1")]))
-            times["merge"].append(timed([str(inputs), "--output", str(two), "--merge", "--of", "2"]))
-            times["one_machine"].append(timed([str(inputs), "--output", str(whole)]))
+            for name, commands in runs.items():
+                seconds, used = timed(*commands())
+                wall[name].append(seconds)
+                cpu[name].append(used)
             manifest = json.loads((whole / "manifest.json").read_text())
             assert {f.name: f.read_bytes() for f in two.iterdir()} == {f.name: f.read_bytes() for f in whole.iterdir()}
-            shutil.rmtree(two), shutil.rmtree(whole)
+            shutil.rmtree(parts_dir(one)), shutil.rmtree(two), shutil.rmtree(whole)
         load.append(os.getloadavg()[0])
     tokens = manifest["input_tokens"]
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in wall.items()}
+    # A task's CPU seconds are what its wall time would be on a core of its own, as on a machine of its own.
+    slowest_task = statistics.median(max(used) for used in cpu["two_tasks"])
+    one_task_cpu = statistics.median(used[0] for used in cpu["one_task"])
     result = {
         "machine": machine(),
         "input": {"mb": round(manifest["input_bytes"] / 1e6, 1), "documents": len(docs), "tokens": tokens,
                   "files": FILES, "row_group_rows": ROW_GROUP},
-        "seconds": {name: [round(s, 2) for s in t] for name, t in times.items()},
+        "wall_s": {name: [round(s, 2) for s in t] for name, t in wall.items()},
+        "cpu_s": {name: [[round(s, 2) for s in used] for used in t] for name, t in cpu.items()},
         "one_task_tokens_per_s": round(tokens / median["one_task"]),
         "two_tasks_tokens_per_s": round(tokens / median["two_tasks"]),
-        "two_tasks_over_one": round(median["one_task"] / median["two_tasks"], 2),
+        "two_tasks_over_one_wall": round(median["one_task"] / median["two_tasks"], 2),
+        "two_tasks_over_one_cpu": round(one_task_cpu / slowest_task, 2),
         "merge_tokens_per_s": round(tokens / median["merge"]),
         "merge_over_one_machine": round(median["merge"] / median["one_machine"], 3),
         "load_average_before_after": [round(x, 1) for x in load],
