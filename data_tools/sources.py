@@ -1,7 +1,7 @@
 """Finding input files and reading their text, streamed so that memory stays bounded whatever the input size.
 
 - `.jsonl`: one document per line, in a string field (`text` by default); blank lines are ignored.
-- `.parquet`: one document per row, in a string column; read in row batches.
+- `.parquet`: one document per row, in a string column; read row group by row group, in row batches.
 - any other file (`.txt`, `.md`, `.py`, `.html`, no extension, ...): one document, if it is
   text; a binary file (a NUL byte near the start) is skipped and counted.
 
@@ -21,7 +21,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -190,7 +190,24 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str | InputError]:
             yield record[text_field]
 
 
-def _parquet(path: Path, text_field: str) -> Iterator[str | InputError]:
+def parquet_row_groups(path: Path) -> list[int]:
+    """The size in bytes (compressed, all columns) of each row group of a Parquet file, from its footer;
+    [] when it cannot be read (reading it whole then says why)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError):
+        return []
+    return [sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+            for group in map(meta.row_group, range(meta.num_row_groups))]
+
+
+def _parquet(path: Path, text_field: str, row_groups: range | None = None) -> Iterator[str | InputError]:
+    """The rows of a Parquet file (or of `row_groups` of it), row group by row group: a damaged row
+    group is one bad input, and the row groups after it are still read, so that the same rows are read
+    whether the file is read whole or in ranges of row groups (data_tools.parts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -204,14 +221,32 @@ def _parquet(path: Path, text_field: str) -> Iterator[str | InputError]:
     if not pa.types.is_string(schema.field(text_field).type) and not pa.types.is_large_string(
             schema.field(text_field).type):
         raise InputError(f"{path}: column {text_field!r} holds {schema.field(text_field).type}, not strings")
-    row = 0
-    try:
-        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                yield text if text is not None else InputError(f"{path}: row {row}: {text_field!r} is null")
-    except pa.ArrowException as e:
-        raise InputError(f"{path}: damaged Parquet file after row {row} ({e})") from None
+    meta = table.metadata
+    groups = range(meta.num_row_groups) if row_groups is None else row_groups
+    row = sum(meta.row_group(g).num_rows for g in range(groups.start))  # rows are numbered across the file
+    for group in groups:
+        end = row + meta.row_group(group).num_rows
+        try:
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    yield text if text is not None else InputError(f"{path}: row {row}: {text_field!r} is null")
+        except (pa.ArrowException, OSError) as e:  # a corrupt page raises OSError ("Corrupt snappy compressed data")
+            yield InputError(f"{path}: damaged Parquet row group {group} after row {row} ({e})")
+        row = end
+
+
+class Piece(NamedTuple):
+    """What one reader reads: a whole file, or (`row_groups`) a range of a Parquet file's row groups."""
+
+    path: Path
+    row_groups: range | None = None
+
+    @property
+    def first(self) -> bool:
+        """Whether this piece holds the file's start: a whole-file error (an unreadable file, a missing
+        column) is counted there only, so that a file read in pieces counts it once, as read whole."""
+        return self.row_groups is None or self.row_groups.start == 0
 
 
 def _reader(path: Path):
@@ -221,7 +256,7 @@ def _reader(path: Path):
 
 
 class Documents:
-    """Every document of every file, in order.
+    """Every document of every file (or `Piece` of a file), in order.
 
     Bad input (an unreadable or empty file, invalid UTF-8, a malformed JSON line, a missing
     text field) raises InputError, or with `skip_bad` is skipped: counted in `skipped`, and
@@ -229,8 +264,9 @@ class Documents:
     Binary files are skipped and counted in `skips["binary"]`.
     """
 
-    def __init__(self, files: list[Path], text_field: str = "text", skip_bad: bool = False):
-        self.files, self.text_field, self.skip_bad = files, text_field, skip_bad
+    def __init__(self, files: list[Path | Piece], text_field: str = "text", skip_bad: bool = False):
+        self.pieces = [f if isinstance(f, Piece) else Piece(f) for f in files]
+        self.text_field, self.skip_bad = text_field, skip_bad
         self.skipped = 0
         self.skips = Counter()
 
@@ -242,23 +278,31 @@ class Documents:
             print(f"skipped {error}" + (" (further skips are only counted)" if self.skipped == SKIPS_SHOWN else ""),
                   file=sys.stderr)
 
+    def _bad_file(self, piece: Piece, error: InputError) -> None:
+        """A whole-file error: with skip_bad, the rest of the file is skipped, and counted once (Piece.first)."""
+        if piece.first or not self.skip_bad:
+            self._bad(error)
+
+    def _items(self, piece: Piece) -> Iterator[str | InputError]:
+        if piece.row_groups is not None:
+            return _parquet(piece.path, self.text_field, piece.row_groups)
+        return _reader(piece.path)(piece.path, self.text_field)
+
     def __iter__(self) -> Iterator[str]:
-        for path in self.files:
-            seen = 0
+        for piece in self.pieces:
+            path, seen = piece.path, 0
             try:
-                for item in _reader(path)(path, self.text_field):
+                for item in self._items(piece):
                     seen += 1
                     if isinstance(item, InputError):
                         self._bad(item)
                     else:
                         yield item
-                if not seen:
+                if not seen and piece.row_groups is None:
                     raise InputError(f"{path}: empty file (no documents)")
             except BinaryFile:
                 self.skips["binary"] += 1
             except READ_ERRORS as e:
-                self._bad(InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})"))
-            except InputError as e:  # a whole-file error (with skip_bad: the rest of the file is skipped)
-                if not self.skip_bad:
-                    raise
-                self._bad(e)
+                self._bad_file(piece, InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})"))
+            except InputError as e:
+                self._bad_file(piece, e)

@@ -61,6 +61,21 @@ class Valid:
 
         return self._once("hf", make)
 
+    def parts(self) -> Path:
+        """Inputs (`in/`, two JSON Lines files) and both parts of their preparation in 2 parts (`.out.parts/`),
+        made here with relative paths: PARTS_MERGE, run in a copy, merges them."""
+        def make(out: Path) -> None:
+            (out / "in").mkdir(parents=True)
+            for name in ("a", "b"):
+                docs = [f"Document {name}{i}: the five boxing wizards jump quickly. " * (1 + i % 4) for i in range(40)]
+                (out / "in" / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+            for k in ("0", "1"):
+                subprocess.run([sys.executable, "-m", "data_tools.prepare", *PARTS_MERGE[2:-3], "--workers", "1",
+                                "--part", k, "--of", "2"], cwd=out, env={**clean_env(), "PYTHONPATH": str(ROOT)},
+                               capture_output=True, check=True)
+
+        return self._once("parts", make)
+
 
 @dataclass(frozen=True)
 class Case:
@@ -116,7 +131,47 @@ CORPUS_CASES = [
          names="corpus/manifest.json"),
 ]
 
-CASES = [*HF_CASES, *CORPUS_CASES]
+# ---- a preparation in parts (data_tools.parts): the merge of damaged or mismatched parts ----
+PARTS_MERGE = ["-m", "data_tools.prepare", "in", "--output", "out", "--block-tokens", "16", "--merge", "--of", "2"]
+
+
+def parts_merge(damage: Callable[[Path], object], *options: str) -> Callable[[Path, Valid], list[str]]:
+    """A row: Valid.parts copied here, damage(its parts directory) done, then merged (with `options`)."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        shutil.copytree(valid.parts(), d, symlinks=True, dirs_exist_ok=True)
+        damage(d / ".out.parts")
+        return PARTS_MERGE + list(options)
+
+    return make
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-2])
+
+
+def altered(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+
+
+PART0, PART1 = "part-00000-of-00002", "part-00001-of-00002"
+PARTS_CASES = [
+    Case("parts-part-missing", parts_merge(lambda p: shutil.rmtree(p / PART1)), names=".out.parts: 1 of 2 parts",
+         key="(part 1)"),
+    Case("parts-manifest-not-json", parts_merge(lambda p: write(p / PART0 / "part.json", "{oops")),
+         names=f"{PART0}/part.json"),
+    Case("parts-manifest-without-splits", parts_merge(lambda p: edit_json(p / PART1 / "part.json",
+                                                                          lambda m: m.__delitem__("splits"))),
+         names=f"{PART1}/part.json", key="splits"),
+    Case("parts-other-settings", parts_merge(lambda p: None, "--val-fraction", "0.5"), names=f"{PART0}/part.json",
+         key="settings.val_fraction"),
+    Case("parts-tokens-truncated", parts_merge(lambda p: truncate(p / PART1 / "train.tokens")),
+         names=f"{PART1}/train.tokens", key="splits.train.tokens"),
+    Case("parts-tokens-altered", parts_merge(lambda p: altered(p / PART1 / "train.tokens")),
+         names=f"{PART1}/train.tokens", key="splits.train.sha256"),
+]
+
+CASES = [*HF_CASES, *CORPUS_CASES, *PARTS_CASES]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 Documents are read in order, grouped into batches, and tokenized by a pool of worker
 processes. Results are taken back in submission order, so the shards are byte-identical for
 the same input and settings whatever the number of workers; at most a few batches per worker
-are in flight, so memory stays bounded whatever the corpus size.
+are in flight, so memory stays bounded whatever the corpus size. `tokenize` gives the token
+streams; `CorpusWriter` cuts each split's stream into blocks and shards and writes the manifest,
+so a corpus tokenized in parts elsewhere (data_tools/parts.py) is written by the same code.
 
 The corpus is written into a temporary directory beside the target and renamed into place
 only when complete, so an interrupted preparation never leaves something that looks done. An
@@ -40,6 +42,7 @@ BATCH_DOCUMENTS = 1024  # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
+SPLITS = ("train", "val")
 CORPUS_FILE = re.compile(r"(train|val|test)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
@@ -51,6 +54,12 @@ def is_validation(utf8: bytes, val_fraction: float) -> bool:
     """A stable per-document choice, from the document's UTF-8 bytes: the same document lands
     in the same split every time."""
     return zlib.crc32(utf8) % 1_000_000 < val_fraction * 1_000_000
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    """Refuse a share of documents held out that is not between 0 and 1."""
+    if not 0 <= val_fraction <= 1:
+        raise ValueError(f"val_fraction={val_fraction} is not between 0 and 1")
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -70,7 +79,7 @@ def tokenize_batch(texts: list[str], val_fraction: float) -> dict:
     followed by <|endoftext|>), its document count, and the input size in UTF-8 bytes."""
     enc = get_tokenizer()
     out = {"bytes": 0}
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     for text in texts:
         utf8 = text.encode("utf-8", "surrogatepass")
         # = encode_ordinary (no special tokens recognised in the text), without a Python list per document
@@ -175,6 +184,61 @@ def staged(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def tokenize(documents: Iterable[str], val_fraction: float, workers: int | None, desc: str,
+             progress: bool = True) -> Iterator[dict]:
+    """tokenize_batch's results for `documents`, in input order, by `workers` processes (default: one
+    per core), with a progress bar on stderr (documents, tokens, MB/s)."""
+    start, n_bytes, n_tokens = time.perf_counter(), 0, 0
+    with tqdm(desc=desc, unit=" docs", disable=not progress, mininterval=1.0) as bar:
+        for n_docs, result in _tokenized(documents, val_fraction, workers or os.cpu_count() or 1):
+            yield result
+            n_bytes += result["bytes"]
+            n_tokens += sum(len(result[split][0]) for split in SPLITS)
+            secs = max(time.perf_counter() - start, 1e-9)
+            bar.update(n_docs)
+            bar.set_postfix_str(f"{n_tokens:,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
+
+
+class CorpusWriter:
+    """Each split's token stream in (documents in order, each ending in <|endoftext|>), a prepared corpus
+    out: blocks cut and shards written as the tokens come (SplitWriter), the manifest last (`close`)."""
+
+    def __init__(self, out_dir: Path, val_fraction: float, block_tokens: int, shard_mb: float):
+        self.out_dir, self.val_fraction, self.block_tokens = out_dir, val_fraction, block_tokens
+        shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
+        self.writers = {s: SplitWriter(out_dir, s, block_tokens, shard_blocks) for s in SPLITS}
+        self.tokens = {s: 0 for s in SPLITS}
+
+    def add(self, split: str, tokens: np.ndarray, documents: int) -> None:
+        self.writers[split].add(tokens, documents)
+        self.tokens[split] += len(tokens)
+
+    def close(self, source: str, input_bytes: int, skipped_inputs: int) -> dict:
+        """Finish the shards and write the manifest; returns it. The train split must hold at least one
+        block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split."""
+        splits = {s: w.close() for s, w in self.writers.items()}
+        needed = "val" if self.val_fraction == 1 else "train"
+        if splits[needed]["blocks"] == 0:
+            raise ValueError(f"{source}: the {needed} split's {self.tokens[needed]:,} tokens are not enough for "
+                             f"one block of {self.block_tokens + 1} tokens")
+        manifest = {
+            "format": FORMAT,
+            "source": source,
+            "tokenizer": TOKENIZER,
+            "vocab_size": VOCAB_SIZE,
+            "eot_token": EOT,
+            "dtype": TOKEN_DTYPE.str,
+            "block_tokens": self.block_tokens,
+            "val_fraction": self.val_fraction,
+            "input_bytes": input_bytes,
+            "input_tokens": sum(self.tokens.values()),
+            "skipped_inputs": skipped_inputs,
+            "splits": splits,
+        }
+        write_manifest(self.out_dir, manifest)
+        return manifest
+
+
 def prepare_corpus(
     documents: Iterable[str],
     out_dir: str | Path,
@@ -191,40 +255,11 @@ def prepare_corpus(
     core); returns its manifest. `skipped()`, asked once the documents are read, is the number
     of bad inputs the reader skipped, recorded in the manifest. The train split must hold at least
     one block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split."""
-    if not 0 <= val_fraction <= 1:
-        raise ValueError(f"val_fraction={val_fraction} is not between 0 and 1")
+    check_val_fraction(val_fraction)
     with staged(out_dir, overwrite) as tmp:
-        shard_blocks = max(1, int(shard_mb * 2**20) // ((block_tokens + 1) * TOKEN_DTYPE.itemsize))
-        writers = {s: SplitWriter(tmp, s, block_tokens, shard_blocks) for s in ("train", "val")}
-        start, n_bytes, split_tokens = time.perf_counter(), 0, {s: 0 for s in writers}
-        with tqdm(desc=f"tokenizing {source}", unit=" docs", disable=not progress, mininterval=1.0) as bar:
-            for n_docs, result in _tokenized(documents, val_fraction, workers or os.cpu_count() or 1):
-                for split, writer in writers.items():
-                    tokens, docs = result[split]
-                    writer.add(tokens, docs)
-                    split_tokens[split] += len(tokens)
-                n_bytes += result["bytes"]
-                secs = max(time.perf_counter() - start, 1e-9)
-                bar.update(n_docs)
-                bar.set_postfix_str(f"{sum(split_tokens.values()):,} tokens, {n_bytes / secs / 1e6:.1f} MB/s")
-        splits = {s: w.close() for s, w in writers.items()}
-        needed = "val" if val_fraction == 1 else "train"
-        if splits[needed]["blocks"] == 0:
-            raise ValueError(f"{source}: the {needed} split's {split_tokens[needed]:,} tokens are not enough for "
-                             f"one block of {block_tokens + 1} tokens")
-        manifest = {
-            "format": FORMAT,
-            "source": source,
-            "tokenizer": TOKENIZER,
-            "vocab_size": VOCAB_SIZE,
-            "eot_token": EOT,
-            "dtype": TOKEN_DTYPE.str,
-            "block_tokens": block_tokens,
-            "val_fraction": val_fraction,
-            "input_bytes": n_bytes,
-            "input_tokens": sum(split_tokens.values()),
-            "skipped_inputs": skipped(),
-            "splits": splits,
-        }
-        write_manifest(tmp, manifest)
-    return manifest
+        corpus, n_bytes = CorpusWriter(tmp, val_fraction, block_tokens, shard_mb), 0
+        for result in tokenize(documents, val_fraction, workers, f"tokenizing {source}", progress):
+            for split in SPLITS:
+                corpus.add(split, *result[split])
+            n_bytes += result["bytes"]
+        return corpus.close(source, n_bytes, skipped())
