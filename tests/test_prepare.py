@@ -135,7 +135,7 @@ def test_verify_finds_damaged_shards(tmp_path):
                       f"{second.stat().st_size + 512:,}"]
     (corpus / MANIFEST).write_text("{")
     r = run("verify", str(corpus))
-    assert r.returncode == 2 and "manifest.json: corrupt manifest" in r.stderr
+    assert r.returncode == 2 and "manifest.json: malformed JSON" in r.stderr
 
 
 def test_an_output_gpt2dist_did_not_write_is_never_deleted(tmp_path):
