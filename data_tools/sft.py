@@ -10,25 +10,26 @@ the same example always lands in the same split. The dev set is the corpus's `va
 training validates on. See `gpt2dist.data.sft` for the format (one example per sequence, the loss
 on the response only).
 
-A bad row (malformed JSON, a missing or non-string field, an empty response, a prompt too long for
---seq-len) stops the preparation with one line naming the file and line, and nothing is written;
---skip-bad skips such rows instead, and counts them in the manifest.
+A bad row (malformed JSON, or JSON that `gpt2dist.safe_json` refuses; a line longer than 32 MiB; a
+missing or non-string field, an empty response, a prompt too long for --seq-len) stops the preparation
+with one line naming the file and line, and nothing is written; --skip-bad skips such rows instead, and
+counts them in the manifest.
 """
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2dist.errors import Gpt2distError, report
-from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _decode, _open
+from gpt2dist.errors import BadFile, Gpt2distError, report
+from gpt2dist.safe_json import lines, row
+from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _open
 from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft, split_by_hash
 
 
 class Rows:
-    """The examples of JSON Lines files; bad rows raise InputError (file:line: why) or, with
-    `skip_bad`, are skipped and counted."""
+    """The examples of JSON Lines files, each row read by `gpt2dist.safe_json`; bad rows raise InputError or
+    BadFile (file:line: why) or, with `skip_bad`, are skipped and counted."""
 
     def __init__(self, prompt_field: str, response_field: str, seq_len: int, skip_bad: bool):
         self.fields, self.seq_len, self.skip_bad = (prompt_field, response_field), seq_len, skip_bad
@@ -45,26 +46,24 @@ class Rows:
         examples = []
         try:
             with _open(path) as f:
-                for n, raw in enumerate(f, start=1):
-                    if not raw.strip():
+                for where, raw in lines(f, path):
+                    if isinstance(raw, BadFile):  # a line too long
+                        self._bad(str(raw))
                         continue
                     try:
-                        examples.append(self._example(raw, f"{path}:{n}"))
-                    except (InputError, ExampleError) as e:
-                        self._bad(f"{path}:{n}: {e}" if isinstance(e, ExampleError) else str(e))
+                        examples.append(self._example(raw, where))
+                    except (BadFile, InputError, ExampleError) as e:
+                        self._bad(f"{where}: {e}" if isinstance(e, ExampleError) else str(e))
         except READ_ERRORS as e:
             raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
         return examples
 
     def _record(self, raw: bytes, where: str, strings: tuple[str, ...]) -> dict:
-        """The row's JSON object, checked to have the fields `strings` as strings."""
-        line = _decode(raw, where)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+        """The row's JSON object (as `gpt2dist.safe_json.row` reads it), checked to have the fields `strings`
+        as strings."""
+        record = row(raw, where)
         for field in strings:
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            if not isinstance(record.get(field), str):
                 raise InputError(f"{where}: no string field {field!r}")
         return record
 

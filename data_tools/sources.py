@@ -1,6 +1,7 @@
 """Finding input files and reading their text, streamed so that memory stays bounded whatever the input size.
 
 - `.jsonl`: one document per line, in a string field (`text` by default); blank lines are ignored.
+  Each line is read as `gpt2dist.safe_json` reads a row: an object, on a line of at most 32 MiB.
 - `.parquet`: one document per row, in a string column; read row group by row group, in row batches.
 - any other file (`.txt`, `.md`, `.py`, `.html`, no extension, ...): one document, if it is
   text; a binary file (a NUL byte near the start) is skipped and counted.
@@ -14,7 +15,7 @@ repeat or multiply the input; hidden names (`.git`, `.cache`, ...) below an inpu
 import fnmatch
 import gzip
 import io
-import json
+import os
 import re
 import sys
 import zlib
@@ -25,7 +26,8 @@ from typing import BinaryIO, NamedTuple
 
 import zstandard
 
-from gpt2dist.errors import Gpt2distError
+from gpt2dist.errors import BadFile, Gpt2distError
+from gpt2dist.safe_json import rows
 
 PARQUET_BATCH_ROWS = 1024
 SKIPS_SHOWN = 10  # skipped inputs named one by one on stderr; the rest are only counted
@@ -143,8 +145,44 @@ def _open(path: Path) -> BinaryIO:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
+        _check_zstd_end(path)
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
+
+
+ZSTD_FRAME, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50  # magic numbers (RFC 8878); a skippable one's low 4 bits vary
+
+
+def _check_zstd_end(path: Path) -> None:
+    """Raise ZstdError if a .zst file ends inside a frame (truncated): zstandard's reader would end there
+    without a word, the rest of the data lost (gzip's raises EOFError). Walks the frame and block headers
+    (RFC 8878, 3.1.1), decompressing nothing; what else is wrong with the file the decoder says."""
+    with open(path, "rb") as f:
+        end, pos = os.fstat(f.fileno()).st_size, 0
+        while pos < end:
+            f.seek(pos)
+            head = f.read(8)
+            magic = int.from_bytes(head[:4], "little")
+            if magic & ~0xF == ZSTD_SKIPPABLE and len(head) == 8:
+                pos += 8 + int.from_bytes(head[4:], "little")
+                continue
+            if magic != ZSTD_FRAME or len(head) < 5:
+                return
+            descriptor = head[4]
+            single_segment = descriptor >> 5 & 1
+            # magic, descriptor, window size, dictionary id, content size
+            pos += 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + (single_segment, 2, 4, 8)[descriptor >> 6]
+            last = False
+            while not last and pos < end:
+                f.seek(pos)
+                header = int.from_bytes(f.read(3).ljust(3, b"\0"), "little")
+                last, rle, size = header & 1, (header >> 1 & 3) == 1, header >> 3
+                pos += 3 + (1 if rle else size)
+            if not last:
+                break
+            pos += 4 * (descriptor >> 2 & 1)  # the content checksum
+    if pos != end:
+        raise zstandard.ZstdError("truncated: the file ends inside a zstd frame")
 
 
 # What a damaged or unreadable file raises while it is read (gzip raises EOFError when truncated).
@@ -168,26 +206,15 @@ def _txt(path: Path, text_field: str) -> Iterator[str | InputError]:
         yield text
 
 
-def _jsonl(path: Path, text_field: str) -> Iterator[str | InputError]:
+def _jsonl(path: Path, text_field: str) -> Iterator[str | BadFile]:
     with _open(path) as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            try:
-                line = _decode(raw, where)
-            except InputError as e:
-                yield e
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield InputError(f"{where}: malformed JSON ({e.msg})")
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                yield InputError(f"{where}: no string field {text_field!r}")
-                continue
-            yield record[text_field]
+        for where, record in rows(f, path):
+            if isinstance(record, BadFile):
+                yield record
+            elif not isinstance(record.get(text_field), str):
+                yield BadFile(where, f"no string field {text_field!r}")
+            else:
+                yield record[text_field]
 
 
 def parquet_row_groups(path: Path) -> list[int]:
@@ -258,8 +285,9 @@ def _reader(path: Path):
 class Documents:
     """Every document of every file (or `Piece` of a file), in order.
 
-    Bad input (an unreadable or empty file, invalid UTF-8, a malformed JSON line, a missing
-    text field) raises InputError, or with `skip_bad` is skipped: counted in `skipped`, and
+    Bad input (an unreadable, truncated or empty file, invalid UTF-8, a JSON Lines row that
+    `gpt2dist.safe_json` refuses, a missing text field) raises InputError or BadFile (naming the
+    file, and line or row), or with `skip_bad` is skipped: counted in `skipped`, and
     the first few named on stderr. A file that fails part-way keeps the documents before it.
     Binary files are skipped and counted in `skips["binary"]`.
     """
@@ -270,7 +298,7 @@ class Documents:
         self.skipped = 0
         self.skips = Counter()
 
-    def _bad(self, error: InputError) -> None:
+    def _bad(self, error: Gpt2distError) -> None:
         if not self.skip_bad:
             raise error
         self.skipped += 1
@@ -283,7 +311,7 @@ class Documents:
         if piece.first or not self.skip_bad:
             self._bad(error)
 
-    def _items(self, piece: Piece) -> Iterator[str | InputError]:
+    def _items(self, piece: Piece) -> Iterator[str | Gpt2distError]:
         if piece.row_groups is not None:
             return _parquet(piece.path, self.text_field, piece.row_groups)
         return _reader(piece.path)(piece.path, self.text_field)
@@ -294,7 +322,7 @@ class Documents:
             try:
                 for item in self._items(piece):
                     seen += 1
-                    if isinstance(item, InputError):
+                    if isinstance(item, Gpt2distError):  # a bad line or row
                         self._bad(item)
                     else:
                         yield item

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from gpt2dist.fileio import sha256_of
-from gpt2dist.data.shards import CorpusError, read_manifest, shard_offsets
+from gpt2dist.data.shards import CorpusError, read_manifest, shard_offsets, shard_path
 
 
 def problems(corpus_dir: Path) -> list[str]:
@@ -20,7 +20,7 @@ def problems(corpus_dir: Path) -> list[str]:
     found = []
     for split in manifest["splits"].values():
         for s in split["shards"]:
-            path = corpus_dir / s["file"]
+            path = shard_path(corpus_dir, s["file"])
             if not path.is_file():
                 found.append(f"{path}: missing")
             elif path.stat().st_size != s["bytes"]:

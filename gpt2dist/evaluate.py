@@ -40,17 +40,19 @@ from pathlib import Path
 
 import torch
 
-from gpt2dist.errors import Gpt2distError, report
+from gpt2dist.errors import BadFile, Gpt2distError, report
 from gpt2dist.training import dist
 from gpt2dist.config import EvalConfig
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.data.tokenizer import get_tokenizer
+from gpt2dist.safe_json import rows, shown
 from gpt2dist.training.sft_eval import prompted_scores
 from gpt2dist.training.validation import corpus_loss, model_device
 
 
 class EvalError(Gpt2distError, ValueError):
-    """A malformed evaluation file (names the file and line)."""
+    """An evaluation that cannot run as asked (too few few-shot examples, too little text, ...); a malformed
+    evaluation file is a BadFile, naming the line and the key."""
 
 
 @dataclass
@@ -104,28 +106,40 @@ def continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], l
 
 
 def read_choices(path: str | Path) -> list[MultipleChoice]:
-    """Questions from a multiple-choice JSONL file (see the module docstring)."""
+    """Questions from a multiple-choice JSONL file (see the module docstring), each row read by
+    `gpt2dist.safe_json` and checked (BadFile naming the line and the key)."""
     path, questions = Path(path), []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: unreadable ({e})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            q = MultipleChoice(raw["ctx"] if "ctx" in raw else raw["context"], list(raw["endings"]), int(raw["label"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise EvalError(f"{path}:{number}: not a question with ctx, endings and label ({e!r})") from None
-        if not isinstance(q.context, str) or not q.context:
-            raise EvalError(f"{path}:{number}: empty ctx (the endings are scored after it)")
-        if not 0 <= q.label < len(q.endings) or not all(isinstance(e, str) for e in q.endings):
-            raise EvalError(f"{path}:{number}: label {q.label} is not the index of one of the endings")
-        questions.append(q)
+        with open(path, "rb") as f:
+            for where, raw in rows(f, path):
+                if isinstance(raw, BadFile):
+                    raise raw
+                questions.append(_question(raw, where))
+    except OSError as e:
+        raise BadFile(path, f"unreadable ({e.strerror or e})") from None
     if not questions:
-        raise EvalError(f"{path}: no questions")
+        raise BadFile(path, "no questions")
     return questions
+
+
+def _question(raw: dict, where: str) -> MultipleChoice:
+    """A row of a multiple-choice file as a question: a non-empty context, a list of endings (strings),
+    and the index of the right one (an integer, or the string of one, as Hugging Face's HellaSwag has it)."""
+    context_key = "context" if "context" in raw and "ctx" not in raw else "ctx"
+    for key in (context_key, "endings", "label"):
+        if key not in raw:
+            raise BadFile(where, "missing: a question has ctx (or context), endings and label", key)
+    context, endings, label = raw[context_key], raw["endings"], raw["label"]
+    if not isinstance(context, str) or not context:
+        raise BadFile(where, f"{'empty' if context == '' else shown(context) + ' is not a string'} (the endings are "
+                             "scored after it)", context_key)
+    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
+        raise BadFile(where, f"{shown(endings)} is not a list of strings", "endings")
+    if isinstance(label, str) and label.isascii() and label.isdigit() and len(label) <= 18:
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+        raise BadFile(where, f"{shown(label)} is not the index of one of the {len(endings)} endings", "label")
+    return MultipleChoice(context, endings, label)
 
 
 def fewshot_prompt(question: MultipleChoice, shots: list[MultipleChoice]) -> str:

@@ -110,6 +110,7 @@ def test_hash_split_keeps_each_text_in_one_split_and_is_stable(tmp_path):
     (json.dumps({"text": " ".join(["word"] * 9), "label": "animal"}), "test", [], "text of 9 tokens is longer than --seq-len 8"),
     ('{"text": "the cat", "label": "plant"}', "dev", [], "label 'plant' is not among the train split's labels"),
     ('{"text": "the cat", "label": "plant"}', "train", ["animal", "color"], "label 'plant' is not among --labels"),
+    ('{"text": "the cat", "label": "animal", "n": ' + "9" * 5000 + "}", "dev", [], "an integer of 5,000 digits"),
 ])
 def test_bad_row_is_one_line_naming_file_and_line_and_writes_nothing(tmp_path, capsys, row, split, labels, why):
     files = {s: tmp_path / f"{s}.jsonl" for s in ("train", "dev", "test")}

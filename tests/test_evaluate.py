@@ -9,6 +9,7 @@ import torch
 
 from gpt2dist.evaluate import (EvalConfig, EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt,
                                main as evaluate_main, multiple_choice, read_choices, run_evals)
+from gpt2dist.errors import BadFile
 from gpt2dist.models.hf import export_hf
 from gpt2dist.models.gpt import GPT, GPTConfig
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
@@ -145,10 +146,10 @@ def test_run_evals_for_the_trainer(memorised, corpus, tmp_path):
 def test_bad_files_are_named(memorised, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 1}\n{"ctx": "a", "endings": ["b"]}\n')
-    with pytest.raises(EvalError, match=f"{bad}:2: not a question"):
+    with pytest.raises(BadFile, match=f"{bad}:2: label: missing"):
         read_choices(bad)
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 2}\n')
-    with pytest.raises(EvalError, match=f"{bad}:1: label 2"):
+    with pytest.raises(BadFile, match=f"{bad}:1: label: 2 is not the index"):
         read_choices(bad)
     model_dir = export_hf(memorised, tmp_path / "hf")
     assert evaluate_main([str(model_dir), "--corpus", str(tmp_path / "nowhere")]) == 2
@@ -188,4 +189,4 @@ def test_empty_context_is_one_error_line(memorised, tmp_path, capsys):
     model_dir = export_hf(memorised, tmp_path / "hf")
     assert evaluate_main([str(model_dir), "--choices", str(choices)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {choices}:2: empty ctx (the endings are scored after it)"]
+        f"error: {choices}:2: ctx: empty (the endings are scored after it)"]

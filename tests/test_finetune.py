@@ -88,6 +88,7 @@ def test_hash_split_is_stable_and_counted(tmp_path):
     ('{"prompt": "Reverse x:", "response": "  "}', "empty response"),
     (json.dumps({"prompt": "word " * 40, "response": "x"}), "leaves no room for a response"),
     ('{"prompt": "Reverse x:", ', "malformed JSON"),
+    ('{"prompt": "Reverse x:", "response": "x", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
 ])
 def test_bad_row_is_one_line_naming_file_and_line_and_writes_nothing(tmp_path, capsys, row, why):
     path = tmp_path / "rows.jsonl"

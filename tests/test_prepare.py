@@ -71,6 +71,9 @@ BAD_FILES = {
     "nofield.jsonl": (b'{"text": "a"}\n{"body": "b"}\n', "nofield.jsonl:2: no string field 'text'"),
     "cut.jsonl.gz": (gzip.compress(jsonl(DOCS))[:200], "cut.jsonl.gz: cannot read"),
     "junk.jsonl.zst": (b"not zstd at all", "junk.jsonl.zst: cannot read"),
+    # zstandard's reader would end at the cut without a word, the documents after it lost
+    "cut.jsonl.zst": (zstandard.ZstdCompressor().compress(jsonl(DOCS * 4))[:-100],
+                      "cut.jsonl.zst: cannot read (truncated: the file ends inside a zstd frame)"),
     "junk.parquet": (b"PAR1 not really", "junk.parquet: not a readable Parquet file"),
 }
 
@@ -101,7 +104,8 @@ def test_skip_bad_counts_and_keeps_the_good(tmp_path):
     good = tmp_path / "in" / "good.jsonl"
     good.parent.mkdir()
     good.write_bytes(jsonl(DOCS[:100]))
-    (tmp_path / "in" / "mixed.jsonl").write_bytes(jsonl(DOCS[100:102]) + b"{oops\n" + b'{"t": 1}\n' + b"\xff\n")
+    (tmp_path / "in" / "mixed.jsonl").write_bytes(jsonl(DOCS[100:102]) + b"{oops\n" + b'{"t": 1}\n' + b"\xff\n" +
+                                                   b"[" * 100_000 + b"]" * 100_000 + b"\n" + b'{"text": NaN}\n')
     (tmp_path / "in" / "empty.txt").write_bytes(b"")
     (tmp_path / "in" / "cut.jsonl.gz").write_bytes(gzip.compress(jsonl(DOCS))[:300])
     out = tmp_path / "out"
@@ -109,10 +113,11 @@ def test_skip_bad_counts_and_keeps_the_good(tmp_path):
             "--val-fraction", "0")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / MANIFEST).read_text())
-    assert m["skipped_inputs"] == 5  # 3 bad lines, an empty file, a truncated file
+    assert m["skipped_inputs"] == 7  # 5 bad lines, an empty file, a truncated file
     assert m["splits"]["train"]["documents"] >= 102  # the good lines (and whatever the cut file gave first)
-    assert "skipped 5 bad inputs" in r.stdout
+    assert "skipped 7 bad inputs" in r.stdout
     assert "mixed.jsonl:3: malformed JSON" in r.stderr and "mixed.jsonl:5: not valid UTF-8" in r.stderr
+    assert "mixed.jsonl:6: malformed JSON (nested too deeply)" in r.stderr and "mixed.jsonl:7: malformed JSON (NaN" in r.stderr
 
 
 def test_verify_finds_damaged_shards(tmp_path):
@@ -135,7 +140,7 @@ def test_verify_finds_damaged_shards(tmp_path):
                       f"{second.stat().st_size + 512:,}"]
     (corpus / MANIFEST).write_text("{")
     r = run("verify", str(corpus))
-    assert r.returncode == 2 and "manifest.json: corrupt manifest" in r.stderr
+    assert r.returncode == 2 and "manifest.json: malformed JSON" in r.stderr
 
 
 def test_an_output_gpt2dist_did_not_write_is_never_deleted(tmp_path):

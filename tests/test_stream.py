@@ -12,6 +12,7 @@ import re
 import http.server
 import shutil
 import threading
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -47,9 +48,9 @@ def small_shards(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def serve(root: Path):
-    """Python's web server on 127.0.0.1, in a thread, serving `root`: yields its URL."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+def serve(root: Path, handler: type[http.server.SimpleHTTPRequestHandler] = QuietHandler):
+    """Python's web server on 127.0.0.1, in a thread, serving `root` (with `handler`): yields its URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -184,6 +185,45 @@ def test_pipe_commands_and_unreachable_servers(small_shards, tmp_path):
         store.local_corpus()
     with pytest.raises(ShardUnavailable, match=r"http://127.0.0.1:9/manifest.json: .*refused \(after 2 tries\)"):
         ShardStore("http://127.0.0.1:9", tmp_path / "cache", retries=1, backoff_s=0.01).local_corpus()
+
+
+@pytest.mark.parametrize("extra", [256 * 2**20, -100])
+def test_a_download_stops_at_the_size_the_manifest_declares(small_shards, tmp_path, extra):
+    """A server that sends more than a shard's declared size is cut off there, so that it cannot fill
+    the disk before the SHA-256 check; one that sends less is refused too. Both name the URL and are
+    retried."""
+    sent = []  # bytes the server managed to send, each time it served the shard
+
+    class Longer(QuietHandler):
+        """The first training shard `extra` bytes longer (or shorter), without a Content-Length: its end is
+        where the server closes the connection."""
+
+        def do_GET(self):
+            if not self.path.endswith("/train-000000.tar"):
+                return super().do_GET()
+            data = (small_shards / "train-000000.tar").read_bytes()[:extra if extra < 0 else None]
+            self.send_response(200)
+            self.end_headers()
+            total = 0
+            with contextlib.suppress(ConnectionError):
+                for chunk in [data] + [bytes(2**20)] * (max(extra, 0) // 2**20):
+                    self.wfile.write(chunk)
+                    total += len(chunk)
+            sent.append(total)
+
+    shard = read_manifest(small_shards)["splits"]["train"]["shards"][0]
+    with serve(small_shards, Longer) as url:
+        store = ShardStore(url, tmp_path / "cache", retries=1, backoff_s=0)
+        store.local_corpus()
+        why = f"sent more than the {shard['bytes']:,} bytes the manifest declares" if extra > 0 else \
+            f"sent {shard['bytes'] + extra:,} bytes, but the manifest declares {shard['bytes']:,}"
+        with pytest.raises(ShardUnavailable, match=re.escape(f"{url}train-000000.tar: {why} (after 2 tries)")):
+            store.open(shard)
+        deadline = time.monotonic() + 30
+        while len(sent) < 2 and time.monotonic() < deadline:  # the handler sees the connection closed
+            time.sleep(0.01)
+    assert len(sent) == 2 and max(sent) < 64 * 2**20  # the client stopped reading (socket buffers took the rest)
+    assert not list(store.shard_dir.iterdir())  # nothing kept, no partial file left
 
 
 def test_brace_pattern_trains_on_the_shards_it_names(server, tmp_path):

@@ -20,28 +20,78 @@ them by random access instead (`TokenBlocks`), so that any rank can seek to any 
 global sample order then does not depend on how shards are split across ranks. The manifest
 records each shard's size and SHA-256: `TokenBlocks` checks sizes and tar structure when it
 opens a corpus (cheap), `python -m data_tools.verify` checks the checksums (reads everything).
+
+A manifest may come from elsewhere (a downloaded corpus, a stream-mode server): every reader takes
+it from `read_manifest`, which checks it whole (`check_manifest`) and names the key at fault, and
+joins a shard's name to a directory through `shard_path`, so that only `train|val|test-NNNNNN.tar`
+is ever opened or written.
 """
 
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
-from gpt2dist.errors import Gpt2distError
+from gpt2dist.errors import BadFile, Gpt2distError
 from gpt2dist.fileio import sha256_of
 from gpt2dist.data.tokenizer import TOKENIZER
+from gpt2dist.safe_json import read_json, shown
 
 FORMAT = "gpt2dist-tokens-v2"  # v2: shard sizes in the manifest
 MANIFEST = "manifest.json"
 TOKEN_DTYPE = np.dtype("<u2")
 DEFAULT_BLOCK_TOKENS = 8192  # the longest training sequence a prepared corpus serves
+SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"(train|val|test)-\d{6}\.tar")  # the only files a manifest may name
+SHA256 = re.compile(r"[0-9a-f]{64}")
+PRETRAIN, TASKS = "pretrain", ("pretrain", "sft", "classify")  # what a corpus is for (`task`)
+EXAMPLE_TOKENS = {"sft": 2, "classify": 0}  # block_tokens - seq_len of a fine-tuning corpus (gpt2dist.data.sft)
+# Bounds on what a manifest may claim, far beyond any real corpus: 16 MiB lists ~100,000 shards.
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_BLOCK_TOKENS = 2**24
+MAX_COUNT = 2**53  # JSON's exact integers
+TOKEN_IDS = np.iinfo(TOKEN_DTYPE).max + 1  # the largest vocabulary whose ids the shards can hold
 
 
 class CorpusError(Gpt2distError, RuntimeError):
     """A prepared corpus that is missing, incomplete or inconsistent (names the file)."""
+
+
+class BadManifest(CorpusError, BadFile):
+    """A corpus manifest that does not hold what this version writes (names the file and the key)."""
+
+
+class Shard(TypedDict):
+    file: str  # train-000000.tar: SHARD_NAME, its split's name first
+    blocks: int
+    bytes: int  # shard_bytes(blocks, block_tokens)
+    sha256: str
+    tokens: int  # blocks * block_tokens
+
+
+class Split(TypedDict):
+    shards: list[Shard]
+    blocks: int
+    tokens: int
+
+
+class Manifest(TypedDict):
+    """What `read_manifest` returns, checked: the keys the readers use (the writers add more, such as the
+    source and the input size, which nothing reads back)."""
+
+    format: str  # FORMAT
+    tokenizer: str
+    vocab_size: int
+    block_tokens: int
+    splits: dict[str, Split]  # train and val; test in fine-tuning corpora
+    task: NotRequired[str]  # sft or classify (default: pretrain)
+    seq_len: NotRequired[int]  # of a fine-tuning corpus: block_tokens - EXAMPLE_TOKENS[task]
+    labels: NotRequired[list[str]]  # of a classification corpus: its classes, in the order of their ids
 
 
 class SplitWriter:
@@ -112,23 +162,131 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     os.replace(tmp, out_dir / MANIFEST)
 
 
-def read_manifest(corpus_dir: str | Path) -> dict:
+def read_manifest(corpus_dir: str | Path, source: str | None = None) -> Manifest:
+    """The corpus manifest of a directory, checked (`check_manifest`); errors name `source` (where it was
+    fetched from, for a remote corpus), or else the file."""
     path = Path(corpus_dir) / MANIFEST
     if not path.is_file():
-        raise CorpusError(f"{path}: no manifest: not a corpus prepared by data_tools.prepare, or its preparation did not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{path}: corrupt manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CorpusError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: prepare the corpus "
-                          "again with this version of data_tools.prepare")
-    return manifest
+        raise CorpusError(f"{source or path}: no manifest: not a corpus prepared by data_tools.prepare, or its "
+                          "preparation did not finish")
+    where = source or str(path)
+    return check_manifest(read_json(path, MAX_MANIFEST_BYTES, where, BadManifest), where)
 
 
-def corpus_task(manifest: dict) -> str:
+def shard_bytes(blocks: int, block_tokens: int) -> int:
+    """The size of a shard that SplitWriter writes: per block a USTAR member (a 512-byte header, the data
+    padded to 512 bytes), then the two zero blocks that end an archive, padded to tarfile's 10240-byte record."""
+    member = 512 + -(-(block_tokens + 1) * TOKEN_DTYPE.itemsize // 512) * 512
+    return -(-(blocks * member + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+_KINDS = {int: "an integer", str: "a string", list: "a list", dict: "a JSON object"}
+
+
+class _Fields:
+    """The fields of one JSON object of a manifest, each taken checked; errors name the file and the key."""
+
+    def __init__(self, where: str, value: object, key: str = ""):
+        self.where, self.key, self.value = where, key, value
+        if not isinstance(value, dict):
+            raise BadManifest(where, f"not a JSON object ({type(value).__name__} {shown(value)})", key or None)
+
+    def name(self, field: str) -> str:
+        return f"{self.key}.{field}" if self.key else field
+
+    def get(self, field: str, kind: type, optional: bool = False):
+        if field not in self.value:
+            if optional:
+                return None
+            raise BadManifest(self.where, "missing", self.name(field))
+        value = self.value[field]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise BadManifest(self.where, f"{shown(value)} is not {_KINDS[kind]}", self.name(field))
+        return value
+
+    def count(self, field: str, low: int = 0, high: int = MAX_COUNT, optional: bool = False) -> int | None:
+        value = self.get(field, int, optional)
+        if value is not None and not low <= value <= high:
+            raise BadManifest(self.where, f"{value:,} is not between {low:,} and {high:,}", self.name(field))
+        return value
+
+    def fields(self, field: str) -> "_Fields":
+        return _Fields(self.where, self.get(field, dict), self.name(field))
+
+    def bad(self, field: str, message: str) -> BadManifest:
+        return BadManifest(self.where, message, self.name(field))
+
+
+def check_manifest(raw: object, where: str) -> Manifest:
+    """`raw`, the JSON of a corpus manifest read from `where`, checked to be one that this version wrote:
+    every key the readers use present and of its type, every count in its range and consistent with the
+    others (a shard's size is that of its blocks), every shard file a shard's name; raises BadManifest
+    naming the key otherwise. Returns it as a Manifest."""
+    m = _Fields(where, raw)
+    if raw.get("format") != FORMAT:
+        raise m.bad("format", f"{shown(raw.get('format'))}, expected {FORMAT!r}: prepare the corpus again with this "
+                              "version of data_tools.prepare")
+    m.get("tokenizer", str)
+    vocab_size = m.count("vocab_size", 1, TOKEN_IDS)
+    block_tokens = m.count("block_tokens", 1, MAX_BLOCK_TOKENS)
+    if m.get("dtype", str, optional=True) not in (None, TOKEN_DTYPE.str):
+        raise m.bad("dtype", f"{shown(raw['dtype'])}: this version reads tokens of {TOKEN_DTYPE.str} only")
+    task = m.get("task", str, optional=True) or PRETRAIN
+    if task not in TASKS:
+        raise m.bad("task", f"{shown(task)} is none of {', '.join(TASKS)}")
+    if task in EXAMPLE_TOKENS:
+        seq_len = m.count("seq_len", 1, MAX_BLOCK_TOKENS)
+        if block_tokens != seq_len + EXAMPLE_TOKENS[task]:
+            raise m.bad("block_tokens", f"{block_tokens:,}, but {task} examples of seq_len {seq_len:,} take "
+                                        f"{seq_len + EXAMPLE_TOKENS[task]:,}")
+    if task == "classify":
+        labels = m.get("labels", list)
+        if not 0 < len(labels) <= vocab_size or not all(isinstance(label, str) for label in labels) \
+                or len(set(labels)) != len(labels):
+            raise m.bad("labels", f"{shown(labels)} is not a list of 1 to {vocab_size:,} distinct strings")
+    splits = m.fields("splits")
+    for split in raw["splits"]:
+        if split not in SPLITS:
+            raise splits.bad(split, f"not a split ({', '.join(SPLITS)})")
+    files = set()
+    for split in ("train", "val", *(["test"] if "test" in raw["splits"] else [])):  # test: fine-tuning corpora only
+        s = splits.fields(split)
+        blocks = tokens = 0
+        for i, entry in enumerate(s.get("shards", list)):
+            shard = _Fields(where, entry, s.name(f"shards[{i}]"))
+            file = shard.get("file", str)
+            if not SHARD_NAME.fullmatch(file) or not file.startswith(f"{split}-"):
+                raise shard.bad("file", f"{shown(file)} is not the name of a shard of the {split} split "
+                                        f"({split}-NNNNNN.tar)")
+            if file in files:
+                raise shard.bad("file", f"{file} is listed twice")
+            files.add(file)
+            n = shard.count("blocks", 1)
+            if shard.count("bytes") != shard_bytes(n, block_tokens):
+                raise shard.bad("bytes", f"{entry['bytes']:,}, but a shard of {n:,} blocks of {block_tokens:,} tokens "
+                                         f"is {shard_bytes(n, block_tokens):,} bytes")
+            if shard.count("tokens") != n * block_tokens:
+                raise shard.bad("tokens", f"{entry['tokens']:,}, but {n:,} blocks hold {n * block_tokens:,}")
+            if not SHA256.fullmatch(shard.get("sha256", str)):
+                raise shard.bad("sha256", f"{shown(entry['sha256'])} is not a SHA-256 (64 hex digits)")
+            blocks, tokens = blocks + n, tokens + n * block_tokens
+        for field, total in (("blocks", blocks), ("tokens", tokens)):
+            if s.count(field) != total:
+                raise s.bad(field, f"{s.value[field]:,}, but its shards hold {total:,}")
+    return raw
+
+
+def shard_path(corpus_dir: str | Path, file: str) -> Path:
+    """Where shard `file` of a corpus is. Only a shard's name is joined (a manifest's are checked when it is
+    read, and here again), so that no name from elsewhere can point outside the corpus directory."""
+    if not SHARD_NAME.fullmatch(file):
+        raise CorpusError(f"{corpus_dir}: {shown(file)} is not the name of a shard (train-NNNNNN.tar)")
+    return Path(corpus_dir) / file
+
+
+def corpus_task(manifest: Manifest) -> str:
     """What a corpus was prepared for: pretrain (data_tools.prepare), sft or classify (their manifests say)."""
-    return manifest.get("task", "pretrain")
+    return manifest.get("task", PRETRAIN)
 
 
 def check_tokenizer(manifest: dict, corpus_dir: str | Path, vocab_size: int) -> None:
@@ -167,8 +325,8 @@ class TokenBlocks:
         self.block_tokens = self.manifest["block_tokens"]
         self.shards = self.manifest["splits"][split]["shards"]
         self.starts = np.cumsum([0] + [s["blocks"] for s in self.shards])  # first block of each shard
-        for s in self.shards:
-            path = self.dir / s["file"]
+        self.paths = [shard_path(self.dir, s["file"]) for s in self.shards]
+        for s, path in zip(self.shards, self.paths):
             if not path.is_file():
                 raise CorpusError(f"{path}: shard listed in the manifest is missing")
             if path.stat().st_size != s["bytes"]:
@@ -193,12 +351,12 @@ class TokenBlocks:
         if i not in self._offsets:
             self._offsets[i] = self._index(i)
         if i not in self._files:
-            self._files[i] = open(self.dir / self.shards[i]["file"], "rb")
+            self._files[i] = open(self.paths[i], "rb")
         return self._files[i], self._offsets[i]
 
     def _index(self, i: int) -> list[int]:
         """Byte offsets of each block's data in shard i, checked against the manifest."""
-        return shard_offsets(self.dir / self.shards[i]["file"], self.shards[i]["blocks"], self.block_tokens)
+        return shard_offsets(self.paths[i], self.shards[i]["blocks"], self.block_tokens)
 
     def read(self, block: int, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the given block (numbered across the split)."""
@@ -208,9 +366,9 @@ class TokenBlocks:
         f.seek(offsets[block - self.starts[shard]] + start * TOKEN_DTYPE.itemsize)
         data = f.read(length * TOKEN_DTYPE.itemsize)
         if len(data) != length * TOKEN_DTYPE.itemsize:
-            raise CorpusError(f"{self.dir / self.shards[shard]['file']}: shard is truncated")
+            raise CorpusError(f"{self.paths[shard]}: shard is truncated")
         tokens = np.frombuffer(data, dtype=TOKEN_DTYPE)
         if tokens.max(initial=0) >= self.manifest["vocab_size"]:  # a damaged shard, not a silently wrong batch
-            raise CorpusError(f"{self.dir / self.shards[shard]['file']}: token ids beyond the vocabulary in block "
+            raise CorpusError(f"{self.paths[shard]}: token ids beyond the vocabulary in block "
                               f"{block - self.starts[shard]} (damaged shard? run python -m data_tools.verify)")
         return tokens

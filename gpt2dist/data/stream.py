@@ -8,9 +8,11 @@ fsspec's s3fs) or a `pipe:` command with `{file}` where the file name goes (`pip
 pattern of training shards, webdataset's convention (`https://host/owt/train-{000000..000099}.tar`):
 those shards are trained on, the manifest and validation split read from their directory. Remote
 shards are downloaded whole into a local cache with a size budget (least recently used shards
-evicted first), checked against the manifest's SHA-256, fetched ahead in the background, and
-retried with backoff; a shard that stays unreachable or corrupt raises `ShardUnavailable`, naming
-its URL.
+evicted first), cut off at the size the manifest declares (so that a server cannot fill the disk),
+checked against the manifest's SHA-256, fetched ahead in the background, and retried with backoff;
+a shard that stays unreachable or corrupt raises `ShardUnavailable`, naming its URL. Nothing is
+written outside the cache directory: the manifest is checked before any shard is fetched, and
+only shard names (`gpt2dist.data.shards.shard_path`) are joined to the cache or put in a command.
 
 Order. Each source's training stream is cut into `lanes` (data.stream.lanes) sequential streams:
 - the shard slots of epoch e are a seeded permutation of all shards; slot g of the endless
@@ -45,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tar_file_iterator
 
 from gpt2dist.data.loader import MIX_PERIOD, Permutation, SampleStream
-from gpt2dist.data.shards import MANIFEST, TOKEN_DTYPE, CorpusError, read_manifest
+from gpt2dist.data.shards import MANIFEST, MAX_MANIFEST_BYTES, TOKEN_DTYPE, CorpusError, read_manifest, shard_path
 
 REMOTE = ("http://", "https://", "s3://", "pipe:")
 STREAM_KEY = 0x5354  # keeps the shard permutations apart from the random-access mode's
@@ -157,26 +159,31 @@ class ShardStore:
         if not self.remote:
             return self.dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._download(MANIFEST, self.dir / MANIFEST, sha256=None)
-        manifest = read_manifest(self.dir)
+        self._download(MANIFEST, self.dir / MANIFEST)
+        manifest = read_manifest(self.dir, source=file_url(self.location, MANIFEST))
         for split in splits:
             for shard in manifest["splits"].get(split, {}).get("shards", []):
-                dest = self.dir / shard["file"]
+                dest = shard_path(self.dir, shard["file"])
                 if not (dest.is_file() and dest.stat().st_size == shard["bytes"]):
-                    self._download(shard["file"], dest, shard["sha256"])
+                    self._download(shard["file"], dest, shard)
         return self.dir
 
     def train_shards(self, manifest: dict) -> list[dict]:
-        """The manifest's training shards, or those the location's brace pattern names, in its order."""
+        """The manifest's training shards, or those the location's brace pattern names, in its order; each
+        must fit the cache's budget."""
         shards = manifest["splits"]["train"]["shards"]
-        if self.pattern is None:
-            return shards
-        listed = {s["file"]: s for s in shards}
-        for file in self.pattern:
-            if file not in listed:
-                raise CorpusError(f"{file_url(self.location, file)}: not a training shard of "
-                                  f"{file_url(self.location, MANIFEST)}")
-        return [listed[file] for file in self.pattern]
+        if self.pattern is not None:
+            listed = {s["file"]: s for s in shards}
+            for file in self.pattern:
+                if file not in listed:
+                    raise CorpusError(f"{file_url(self.location, file)}: not a training shard of "
+                                      f"{file_url(self.location, MANIFEST)}")
+            shards = [listed[file] for file in self.pattern]
+        for shard in shards:
+            if self.remote and shard["bytes"] > self.budget:
+                raise CorpusError(f"{file_url(self.location, shard['file'])}: {shard['bytes']:,} bytes, more than the "
+                                  f"cache holds ({self.budget:,} bytes, data.stream.cache_gb)")
+        return shards
 
     def prefetch(self, shard: dict) -> None:
         """Start fetching a shard in the background (remote locations only)."""
@@ -192,7 +199,7 @@ class ShardStore:
     def open(self, shard: dict):
         """An open binary file of the shard (fetched first if remote); waits for its prefetch."""
         if not self.remote:
-            return open(self.dir / shard["file"], "rb")
+            return open(shard_path(self.dir, shard["file"]), "rb")
         self.prefetch(shard)
         with self._lock:
             future = self._pending.pop(shard["file"])
@@ -203,7 +210,7 @@ class ShardStore:
             return open(self._fetch(shard), "rb")
 
     def _fetch(self, shard: dict) -> Path:
-        dest = self.shard_dir / shard["file"]
+        dest = shard_path(self.shard_dir, shard["file"])
         try:
             os.utime(dest)  # most recently used
             if dest.stat().st_size == shard["bytes"]:
@@ -211,24 +218,33 @@ class ShardStore:
         except FileNotFoundError:
             pass
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        self._download(shard["file"], dest, shard["sha256"])
+        self._download(shard["file"], dest, shard)
         self._evict(keep=dest)
         return dest
 
-    def _download(self, file: str, dest: Path, sha256: str | None) -> None:
-        """Copy `file` to `dest` (atomically), checking its SHA-256; retry with backoff."""
+    def _download(self, file: str, dest: Path, shard: dict | None = None) -> None:
+        """Copy `file` to `dest` (atomically), retrying with backoff: a shard of the manifest, which must be its
+        size and SHA-256, or else the manifest, at most MAX_MANIFEST_BYTES. A source that sends more is cut
+        off there, so that no server can fill the disk."""
         url = file_url(self.location, file)
+        limit = MAX_MANIFEST_BYTES if shard is None else shard["bytes"]
         for attempt in range(self.retries + 1):
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
             try:
-                digest = hashlib.sha256()
+                digest, got = hashlib.sha256(), 0
                 with os.fdopen(fd, "wb") as out, open_url(url) as src:
-                    while chunk := src.read(DOWNLOAD_CHUNK):
+                    while chunk := src.read(min(DOWNLOAD_CHUNK, limit + 1 - got)):  # one byte past the limit at most
+                        got += len(chunk)
+                        if got > limit:
+                            raise OSError(f"sent more than the {limit:,} bytes " + (
+                                "a manifest may hold" if shard is None else "the manifest declares"))
                         digest.update(chunk)
                         out.write(chunk)
-                if sha256 is not None and digest.hexdigest() != sha256:
-                    raise OSError(f"SHA-256 {digest.hexdigest()[:12]}..., but the manifest says {sha256[:12]}... "
-                                  "(corrupt or replaced)")
+                if shard is not None and got != limit:
+                    raise OSError(f"sent {got:,} bytes, but the manifest declares {limit:,}")
+                if shard is not None and digest.hexdigest() != shard["sha256"]:
+                    raise OSError(f"SHA-256 {digest.hexdigest()[:12]}..., but the manifest says "
+                                  f"{shard['sha256'][:12]}... (corrupt or replaced)")
                 os.replace(tmp, dest)
                 return
             except (OSError, urllib.error.URLError, ValueError) as e:  # fsspec/botocore errors are OSErrors

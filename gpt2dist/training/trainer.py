@@ -161,7 +161,7 @@ class Trainer:
         """task=classify: model.labels, the classes of the score head, are the corpus's (every source's the same).
         A corpus of another kind is left to _build_data to refuse."""
         cfg = self.cfg
-        sets = {tuple(read_manifest(path).get("labels", ())) for _, path, _ in self.sources}
+        sets = {tuple(self.manifests[name].get("labels", ())) for name, _, _ in self.sources}
         if len(sets) > 1:
             raise CorpusError(f"data.sources: their label sets differ ({' vs '.join(map(str, sorted(sets)))})")
         (labels,) = sets
@@ -180,6 +180,7 @@ class Trainer:
         self.mode = data_mode(cfg)
         self.stores = {s.name: self._store(s) for s in data_sources(cfg)} if self.mode == DataMode.stream else {}
         self.sources = [(s.name, self._corpus(s), s.weight) for s in data_sources(cfg)]
+        self.manifests = {name: read_manifest(path) for name, path, _ in self.sources}  # checked, before any use
 
     def _build_data(self, tag: str | None) -> None:
         """The sources' training data. A resumed run must read the same data as the checkpoint's (or say
@@ -192,7 +193,6 @@ class Trainer:
         if tag and not cfg.train.allow_data_change:
             checkpoint.check_same_data(self._checkpoint_dir(tag), self.data)
         if self.stores:  # the training shards are read as they stream by, not opened here
-            self.manifests = {name: read_manifest(path) for name, path, _ in self.sources}
             for name, path, _ in self.sources:
                 check_tokenizer(self.manifests[name], path, cfg.model.vocab_size)
                 if cfg.data.seq_len > self.manifests[name]["block_tokens"]:
