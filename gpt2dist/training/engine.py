@@ -77,6 +77,55 @@ def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True, lo
     return engine
 
 
+def compile_blocker(engine) -> str | None:
+    """Why train.compile=true cannot compile this engine's model here, or None.
+
+    ZeRO-3 gathers each layer's parameters in module hooks that dynamo cannot trace: every module
+    breaks the graph and recompiles until dynamo's recompile limit, with a wall of warnings, and a
+    step is slower than eager (DeepSpeed's own DeepCompile, which would trace them, does not support
+    ZeRO-3 on torch >= 2.9). On a CPU, inductor writes its kernels in C++ and builds them with $CXX
+    (default g++), found as torch itself looks for it."""
+    if engine.zero_optimization_partition_weights():
+        return "ZeRO stage 3's parameter hooks do not compile"
+    if engine.device.type != "cpu":
+        return None
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()  # runs `$CXX --version`
+    except InvalidCxxCompiler:
+        tried = " or ".join(cxx for cxx in inductor_config.cpp.cxx if cxx)  # $CXX, else g++
+        return f"no C++ compiler ({tried}) for torch.compile on the CPU"
+    return None
+
+
+def compile_training(engine) -> str | None:
+    """torch.compile the model's training forward (DeepSpeed's `engine.compile()`, in place: parameter
+    names, and so checkpoints, unchanged); returns None, or why this run trains eager instead.
+    Validation, evaluation and generation run eager all the same (`inference`)."""
+    blocker = compile_blocker(engine)
+    if blocker is None:
+        engine.compile()
+    return blocker
+
+
+@contextlib.contextmanager
+def inference(engine):
+    """Within this block the model is in eval mode and runs eager even when compiled, then goes back
+    to the mode it was in. A compiled forward would recompile for each new shape and mode: the
+    growing KV cache of generation, a last batch of another size (build-nanogpt turns compile off
+    because its sampling and HellaSwag broke under it)."""
+    was_training = engine.training
+    engine.eval()
+    try:
+        with torch.compiler.set_stance("force_eager") if engine.is_compiled else contextlib.nullcontext():
+            yield
+    finally:
+        engine.train(was_training)
+
+
 def keep_clipping_norm(engine) -> None:
     """DeepSpeed's plain fp32 path (ZeRO 0) clips with a gradient norm it computes and then drops:
     keep it in `engine.clipping_norm`, so `step` reports that norm instead of computing a second one

@@ -242,8 +242,8 @@ class Trainer:
             self._add_adapters(model, tag, start)
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
         self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main, self.universal)
-        if cfg.train.compile:
-            self.engine.compile()  # torch.compile, in place: parameter names and checkpoints unchanged
+        if cfg.train.compile and (eager := ds_engine.compile_training(self.engine)):
+            self.print(f"train.compile=true: {eager}: training eager")
         self.device = self.engine.device
 
     def _init_weights(self, model: GPT, tag: str | None) -> Adapter | None:
@@ -422,15 +422,13 @@ class Trainer:
     def _val_scores(self) -> dict[str, dict[str, float]]:
         """Each source's validation scores, by name: its loss, and a classifier's accuracy and macro-F1
         (from the same pass)."""
-        self.engine.eval()
-        if self.cfg.task.name == Task.classify:
-            scores = {name: classify_eval.scores(self.engine, batches, len(self.cfg.model.labels), self.env.world_size)
-                      for name, batches in self.val.items()}
-        else:
-            scores = {name: {"loss": mean_loss(self.engine, batches, self.env.world_size)[0]}
-                      for name, batches in self.val.items()}
-        self.engine.train()
-        return scores
+        with ds_engine.inference(self.engine):
+            if self.cfg.task.name == Task.classify:
+                return {name: classify_eval.scores(self.engine, batches, len(self.cfg.model.labels),
+                                                   self.env.world_size)
+                        for name, batches in self.val.items()}
+            return {name: {"loss": mean_loss(self.engine, batches, self.env.world_size)[0]}
+                    for name, batches in self.val.items()}
 
     @staticmethod
     def _losses(sources: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -453,7 +451,8 @@ class Trainer:
         sources = self._val_scores()
         values = self._val_metrics(self._losses(sources))
         if self.dev_prompts and self.dev_prompts[0]:
-            scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
+            with ds_engine.inference(self.engine):
+                scores = sft_eval.generation_scores(self.engine, *self.dev_prompts, self.cfg.task.max_new_tokens)
             values.update({f"val_{k}": v for k, v in scores.items()})
         if self.cfg.task.name == Task.classify and sources:  # the first validated source's, as val_loss
             scores = next(iter(sources.values()))
@@ -534,8 +533,9 @@ class Trainer:
                 improved = self._improved(values)
             evals = self.cfg.evals
             if evals.interval and (self.step % evals.interval == 0 or last):
-                values.update(run_evals(self.engine, evals, seq_len=self.cfg.data.seq_len,
-                                        batch_size=t.micro_batch_size))
+                with ds_engine.inference(self.engine):
+                    values.update(run_evals(self.engine, evals, seq_len=self.cfg.data.seq_len,
+                                            batch_size=t.micro_batch_size))
             if values and self.metrics:
                 self.metrics.log(self.step, values)
             # Never checkpoint in the middle of a run of bad steps: the weights may be what went bad.
@@ -576,16 +576,17 @@ class Trainer:
             return
         if self.best and self.best["tag"] != checkpoint.tag_of(self.step):
             checkpoint.load(self.engine, self.run_dir, self.best["tag"], self.env.rank, adapters_only=self.adapted)
-        self.engine.eval()
         batches = rank_batches(examples, len(examples), cfg.train.micro_batch_size, self.env.rank, self.env.world_size)
-        if cfg.task.name == Task.classify:
-            scores = classify_eval.scores(self.engine, batches, len(cfg.model.labels), self.env.world_size)
-            scores = {f"test_{k}": v for k, v in scores.items()}
-        else:
-            loss, tokens = mean_loss(self.engine, batches, self.env.world_size)
-            generated = sft_eval.generation_scores(self.engine, *sft_eval.split_prompts(examples, len(examples)),
-                                                   cfg.task.max_new_tokens)
-            scores = {"test_loss": loss, "response_tokens": tokens, **{f"test_{k}": v for k, v in generated.items()}}
+        with ds_engine.inference(self.engine):
+            if cfg.task.name == Task.classify:
+                scores = classify_eval.scores(self.engine, batches, len(cfg.model.labels), self.env.world_size)
+                scores = {f"test_{k}": v for k, v in scores.items()}
+            else:
+                loss, tokens = mean_loss(self.engine, batches, self.env.world_size)
+                generated = sft_eval.generation_scores(self.engine, *sft_eval.split_prompts(examples, len(examples)),
+                                                       cfg.task.max_new_tokens)
+                scores = {"test_loss": loss, "response_tokens": tokens,
+                          **{f"test_{k}": v for k, v in generated.items()}}
         result = {"checkpoint": self.best["tag"] if self.best else checkpoint.tag_of(self.step),
                   "examples": len(examples), **scores}
         if self.is_main:
@@ -600,9 +601,9 @@ class Trainer:
             return
         enc = get_tokenizer()
         idx = torch.tensor([enc.encode_ordinary(t.sample_prompt)], device=self.device)
-        self.engine.eval()
-        out = generate(self.engine, idx, t.sample_tokens, temperature=0.8, top_k=50,
-                       generator=torch.Generator().manual_seed(t.seed))
+        with ds_engine.inference(self.engine):
+            out = generate(self.engine, idx, t.sample_tokens, temperature=0.8, top_k=50,
+                           generator=torch.Generator().manual_seed(t.seed))
         self.print(f"sample: {enc.decode(out[0].tolist())!r}")
 
     def close(self) -> None:
