@@ -44,17 +44,6 @@ def test_memory_savers_do_not_change_the_loss(corpus, tmp_path):
     assert plain == pytest.approx(ckpt, abs=1e-5)
 
 
-def test_compiled_run_matches_eager_and_resumes_eagerly(corpus, tmp_path):
-    """train.compile=true trains the same model (same losses), and its checkpoints keep the
-    parameter names, so a compiled run's step-2 checkpoint continues without compile."""
-    eager = losses(train(corpus, tmp_path / "eager", "train.sample_tokens=0"))
-    compiled = losses(train(corpus, tmp_path / "compiled", "train.compile=true", "train.sample_tokens=0"))
-    assert compiled == pytest.approx(eager, rel=1e-4)
-    shutil.rmtree(tmp_path / "compiled" / CHECKPOINTS / "step_00000004")
-    resumed = losses(train(corpus, tmp_path / "compiled", "train.sample_tokens=0"))
-    assert resumed == pytest.approx(eager, rel=1e-4)
-
-
 def test_grad_norm_is_taken_before_clipping_and_only_once(corpus, tmp_path, monkeypatch):
     """At ZeRO 0 in fp32, the logged norm is the one DeepSpeed clips with (kept, not computed a
     second time), and it is the norm before clipping: step 1's gradients do not depend on the
