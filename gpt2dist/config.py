@@ -216,7 +216,9 @@ class TrainConfig:
     # > 0: the LM head and loss this many tokens at a time, recomputed in backward: the logits are never all
     # in memory (197 MiB per 1024 tokens in fp32 at GPT-2's vocabulary), for one more LM-head matmul per step
     loss_chunk: int = 0
-    compile: bool = False  # torch.compile the model (slower start, faster steps; mostly for GPUs)
+    # torch.compile the training forward (a slower first step; validation and generation run eager);
+    # ZeRO-3, or a CPU without a C++ compiler, trains eager and says so
+    compile: bool = False
     # CPU memory: glibc keeps freed blocks instead of unmapping them (gpt2dist/training/malloc.py):
     # far fewer page faults; the process keeps its peak memory until it exits.
     retain_freed_memory: bool = True
