@@ -112,8 +112,9 @@ def _named(entries: list[str]) -> str:
 
 
 def _resolved(inputs: Iterable[str | Path]) -> list[Path]:
-    return [Path(p).expanduser().resolve() for p in inputs if p is not None and not str(p).startswith(
-        ("pipe:", "http://", "https://", "s3://"))]
+    """The inputs that are paths here (not URLs, commands or names that are no file), resolved."""
+    paths = [Path(p).expanduser() for p in inputs if not str(p).startswith(("pipe:", "http://", "https://", "s3://"))]
+    return [p.resolve() for p in paths if p.exists()]
 
 
 def check_place(target: str | Path, inputs: Iterable[str | Path] = (), replaced: bool = True) -> Path:

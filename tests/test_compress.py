@@ -96,7 +96,7 @@ def test_bad_input_one_line_exit_2(source_dir, tmp_path, capsys):
         ("prune-mlp", source_dir, tmp_path / "a", "--fraction", "-0.1", "--corpus", tmp_path): "--fraction",
         ("quantize", quantized, tmp_path / "a", "--method", "int4-weight"): "already quantized",
         ("quantize", source_dir, quantized, "--method", "bf16"): "pass --overwrite",
-        ("quantize", source_dir, other, "--method", "bf16", "--overwrite"): "not written by gpt2dist.compress",
+        ("quantize", source_dir, other, "--method", "bf16", "--overwrite"): "not an output gpt2dist wrote",
         ("quantize", corrupt, tmp_path / "a", "--method", "bf16"): "model.safetensors",
     }
     capsys.readouterr()
