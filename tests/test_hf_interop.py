@@ -164,8 +164,8 @@ def test_other_architectures_and_bad_paths_are_refused(tmp_path, capsys):
         load_model(hf_dir)
     with pytest.raises(WeightsError, match="no such file"):
         load_model(tmp_path / "missing")
-    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: not a gpt2dist run")
+    assert export_main([str(hf_dir), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {hf_dir}: not a gpt2dist run")
 
 
 def test_exported_tokenizer_encodes_as_tiktoken(tmp_path):
