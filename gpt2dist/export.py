@@ -41,6 +41,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = F
     kind = "adapter" if adapter else "export"
     outputs.check(out_dir, [source], overwrite)  # before anything is loaded
     if compressed.is_compressed(source):
+        if adapter:
+            raise WeightsError(f"{source}: a compressed model, which has no adapter: export it without --adapter")
         config, tensors = compressed.plain_tensors(source)
         state = dict(tensors)
         with outputs.staged(out_dir, kind, [source], overwrite) as tmp:

@@ -15,6 +15,7 @@ A new reader or writer adds its rows here: a few lines each.
 """
 
 import functools
+import hashlib
 import http.server
 import json
 import posixpath
@@ -84,6 +85,15 @@ class Valid:
             GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(out)
 
         return self._once("hf", make)
+
+    def compressed(self) -> Path:
+        """The Hugging Face directory cast to bf16 by gpt2dist.compress (a directory export reads)."""
+        def make(out: Path) -> None:
+            from gpt2dist.compress import main as compress
+
+            assert compress(["quantize", str(self.hf()), str(out), "--method", "bf16"]) == 0
+
+        return self._once("compressed", make)
 
     def parts(self) -> Path:
         """Inputs (`in/`, two JSON Lines files) and both parts of their preparation in 2 parts (`.out.parts/`),
@@ -394,7 +404,88 @@ PARTS_CASES = [
          names=f"{PART1}/train.tokens", key="splits.train.sha256"),
 ]
 
-CASES = [*HF_CASES, *CORPUS_CASES, *STREAM_CASES, *JSONL_CASES, *PARTS_CASES]
+# ---- outputs (gpt2dist.outputs, the one writer): what a command may not write into or replace ----
+def files(*names: str, then: Callable[[Path, Valid], list[str]]) -> Callable[[Path, Valid], list[str]]:
+    """A row: the user's files `names` (a name ending in / is a directory), then `then`'s inputs and command."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        for name in names:
+            (d / name).mkdir(parents=True, exist_ok=True) if name.endswith("/") else write(d / name, f"{name}: mine")
+        return then(d, valid)
+
+    return make
+
+
+def copies(*artifacts: tuple[str, str], argv: list[str]) -> Callable[[Path, Valid], list[str]]:
+    """`then` for `files`: valid artifacts (name, where) copied here, and argv."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        for name, where in artifacts:
+            valid.copy(name, d / where)
+        return argv
+
+    return make
+
+
+def linked(link: str, to: str, then: Callable[[Path, Valid], list[str]]) -> Callable[[Path, Valid], list[str]]:
+    def make(d: Path, valid: Valid) -> list[str]:
+        (d / link).symlink_to(to)
+        return then(d, valid)
+
+    return make
+
+
+def stream_cache_not_ours(d: Path, valid: Valid) -> list[str]:
+    """The stream cache directory of the served corpus already holds the user's files."""
+    url = valid.serve(valid.copy("corpus", d / "site" / "served").parent) + "served/"
+    write(d / "cache" / "stream" / hashlib.sha256(url.encode()).hexdigest()[:16] / "notes.txt", "mine")
+    return ["train.py", *TINY, f"data.path={url}", "data.cache_dir=cache", "train.run_dir=run"]
+
+
+QUANTIZE = ["-m", "gpt2dist.compress", "quantize", "hf", "out", "--method", "bf16"]
+NOT_OURS = "out: not an output gpt2dist wrote"
+OUTPUT_CASES = [
+    Case("compress-overwrite-thesis-beside-compress-json",
+         files("out/compress.json", "out/thesis.tex", then=copies(("hf", "hf"), argv=[*QUANTIZE, "--overwrite"])),
+         names=NOT_OURS),
+    Case("compress-output-a-link-to-theirs",
+         files("theirs/notes.txt", then=linked("out", "theirs", copies(("hf", "hf"), argv=[*QUANTIZE, "--overwrite"]))),
+         names=NOT_OURS),
+    Case("compress-output-exists", files("out/notes.txt", then=copies(("hf", "hf"), argv=QUANTIZE)),
+         names="out: exists and is not empty", key="--overwrite"),
+    Case("prepare-overwrite-another-programs-manifest",
+         files("out/manifest.json", "out/data.bin", then=jsonl([*PREPARE, "--overwrite"])), names=NOT_OURS),
+    Case("sft-overwrite-a-directory-named-like-a-shard",
+         files("out/manifest.json", "out/train-000000.tar/notes.txt", then=jsonl([*SFT, "--overwrite"])),
+         names=NOT_OURS),
+    Case("classify-output-the-working-directory", jsonl([*CLASSIFY[:-4], "--output", ".", "--seq-len", "32"]),
+         names=".: is the working directory"),
+    Case("prepare-output-a-parent-of-the-working-directory", jsonl([*PREPARE[:-4], "--output", "..", "--overwrite"]),
+         names="..: is the working directory or holds it"),
+    Case("prepare-output-holds-its-input",
+         jsonl(["-m", "data_tools.prepare", "data/in.jsonl", "--output", "data"], name="data/in.jsonl"),
+         names="data: holds an input"),
+    Case("prepare-output-inside-its-input",
+         files("texts/a.txt", then=lambda d, v: ["-m", "data_tools.prepare", "texts", "--output", "texts/corpus"]),
+         names="texts/corpus: is inside an input"),
+    Case("export-compressed-onto-itself", copies(("compressed", "comp"), argv=["-m", "gpt2dist.export", "comp", "comp"]),
+         names="comp: is an input"),
+    Case("export-over-their-hf-directory",
+         copies(("compressed", "comp"), ("hf", "out"), argv=["-m", "gpt2dist.export", "comp", "out"]),
+         names="out: exists and is not empty", key="--overwrite"),
+    Case("export-overwrite-their-hf-directory",
+         copies(("compressed", "comp"), ("hf", "out"), argv=["-m", "gpt2dist.export", "comp", "out", "--overwrite"]),
+         names=NOT_OURS),
+    Case("export-adapter-over-their-files",
+         files("out/adapter_config.json", then=copies(("compressed", "comp"),
+                                                      argv=["-m", "gpt2dist.export", "comp", "out", "--adapter"])),
+         names="out: exists and is not empty"),
+    Case("train-run-dir-inside-the-corpus", copies(("corpus", "corpus"), argv=[*TRAIN_CORPUS[:-1], "train.run_dir=corpus/run"]),
+         names="corpus/run: is inside an input"),
+    Case("train-run-dir-theirs", files("run/notes.txt", then=copies(("corpus", "corpus"), argv=TRAIN_CORPUS)),
+         names="train.run_dir=", key="holds files gpt2dist did not write (notes.txt)"),
+    Case("stream-cache-theirs", stream_cache_not_ours, names="the stream cache of", key="notes.txt"),
+]
+
+CASES = [*HF_CASES, *CORPUS_CASES, *STREAM_CASES, *JSONL_CASES, *PARTS_CASES, *OUTPUT_CASES]
 
 
 @pytest.fixture(scope="module")
