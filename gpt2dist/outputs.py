@@ -76,9 +76,14 @@ def read_marker(directory: Path) -> dict | None:
 
 def _files(directory: Path) -> dict[str, int | None]:
     """Every entry under `directory` but the marker: a file's size by its relative path; None for anything
-    else (a link, a device, ...); a directory only through what it holds (an empty one is None too)."""
+    else (a link, a device, ...); a directory only through what it holds (an empty or unreadable one is
+    None too)."""
     found: dict[str, int | None] = {}
-    for root, dirs, files in os.walk(directory):
+
+    def unreadable(e: OSError) -> None:  # a directory that cannot be listed: not known to be ours
+        found[os.path.relpath(e.filename, directory)] = None
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
         for name in dirs + files:
             path = Path(root) / name
             rel = str(path.relative_to(directory))
@@ -89,7 +94,7 @@ def _files(directory: Path) -> dict[str, int | None]:
                 dirs[:] = [d for d in dirs if d != name]
             elif path.is_file():
                 found[rel] = path.stat().st_size
-            elif not any(path.iterdir()):
+            elif not os.access(path, os.R_OK | os.X_OK) or not any(path.iterdir()):
                 found[rel] = None
     return found
 
