@@ -144,7 +144,8 @@ def test_verify_finds_damaged_shards(tmp_path):
 
 
 def test_an_output_gpt2dist_did_not_write_is_never_deleted(tmp_path):
-    """The inputs' own directory (as `--output .` would be) is refused with one line, with or without --overwrite, and left as it was."""
+    """The inputs' own directory (as `--output .` would be) is refused with one line, with or without
+    --overwrite, and left as it was."""
     (tmp_path / "docs.jsonl").write_bytes(jsonl(DOCS[:20]))
     (tmp_path / "notes.md").write_text("mine")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -8,9 +8,10 @@ streams; `CorpusWriter` cuts each split's stream into blocks and shards and writ
 so a corpus tokenized in parts elsewhere (data_tools/parts.py) is written by the same code.
 
 The corpus is written, staged and swapped in whole, by gpt2dist.outputs (which also decides what
-may be replaced), so an interrupted preparation never leaves something that looks done. An output `pipe:<command>` (stream
-mode's convention, gpt2dist/data/stream.py) is a command with `{file}` where each file's name goes,
-run once per file with the file on its standard input (`pipe:ssh host 'cat > /data/owt/{file}'`):
+may be replaced), so an interrupted preparation never leaves something that looks done. An output
+`pipe:<command>` (stream mode's convention, gpt2dist/data/stream.py) is a command with `{file}` where
+each file's name goes, run once per file with the file on its standard input
+(`pipe:ssh host 'cat > /data/owt/{file}'`):
 the corpus is written to a temporary directory first, then sent, the shards before the manifest, so
 that a reader never finds a manifest whose shards are not there yet.
 """
@@ -127,7 +128,8 @@ def check_output(out_dir: str | Path, overwrite: bool, inputs: Iterable[str | Pa
 
 
 @contextlib.contextmanager
-def staged(out_dir: str | Path, overwrite: bool, kind: str = "corpus", inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def staged(out_dir: str | Path, overwrite: bool, kind: str = "corpus",
+           inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """A temporary directory to write a corpus into: published as `out_dir` by gpt2dist.outputs (which
     refuses an output it may not write or replace) or, for `pipe:<command>`, sent through the command,
     when the block ends without an error; removed in any case (see the module docstring)."""
