@@ -233,15 +233,14 @@ def _swap_in(new: Path, out: Path, target: str | Path) -> Path | None:
     return old
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """Create `directory` and its missing parents; returns those created, deepest first."""
-    created = []
+def _missing(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist, deepest first."""
+    missing = []
     for d in [directory, *directory.parents]:
         if d.exists():
             break
-        created.append(d)
-    directory.mkdir(parents=True, exist_ok=True)
-    return created
+        missing.append(d)
+    return missing
 
 
 def remove_leftovers(target: Path) -> None:
@@ -260,26 +259,29 @@ def staged(target: str | Path, kind: str, inputs: Iterable[str | Path] = (), ove
     assert kind in STAGED, kind
     inputs = list(inputs)
     out = check(target, inputs, overwrite)
-    created = _make_parents(out.parent)
-    old = None
+    created = _missing(out.parent)
+    tmp = old = None
+    done = False
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=STAGING.format(out.name), dir=out.parent))
         try:
-            _write_marker(tmp, kind, None)  # a staging directory is ours too: a rerun may remove it
-            yield tmp
-            check(target, inputs, overwrite)  # again: the target may have changed while we wrote
-            _follow_umask(tmp)
-            _write_marker(tmp, kind, {rel: size for rel, size in _files(tmp).items() if size is not None})
-            old = _swap_in(tmp, out, target)
-        finally:
-            for leftover in (tmp, old):
-                if leftover is not None and leftover.exists():
-                    shutil.rmtree(leftover, ignore_errors=True)
-    except BaseException:
-        for d in created:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=STAGING.format(out.name), dir=out.parent))
+        except OSError as e:
+            raise OutputError(f"{target}: cannot be written there ({e.strerror or e})") from None
+        _write_marker(tmp, kind, None)  # a staging directory is ours too: a rerun may remove it
+        yield tmp
+        check(target, inputs, overwrite)  # again: the target may have changed while we wrote
+        _follow_umask(tmp)
+        _write_marker(tmp, kind, {rel: size for rel, size in _files(tmp).items() if size is not None})
+        old = _swap_in(tmp, out, target)
+        done = True
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+        for d in [] if done else created:  # deepest first
             with contextlib.suppress(OSError):
                 d.rmdir()
-        raise
 
 
 def claim_check(directory: str | Path, kind: str, recognise: Callable[[Path], bool] = lambda d: False,

@@ -5,6 +5,7 @@ transformers load with our logits."""
 
 import json
 import math
+import os
 import runpy
 import shutil
 
@@ -183,6 +184,9 @@ def assert_exports_match(run_dir, hf_base, tmp_path):
     """The run's PEFT-format and merged exports give, in peft and transformers, the logits of the run's model."""
     assert export_main([str(run_dir), str(tmp_path / "adapter"), "--adapter"]) == 0
     assert export_main([str(run_dir), str(tmp_path / "merged")]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.glob("*/*.safetensors")} == {0o666 & ~umask}  # not 0600
     idx = tokens(7, length=32)
     with torch.no_grad():
         ours = load_model(run_dir)(idx)[0]
