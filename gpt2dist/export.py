@@ -7,7 +7,8 @@ and GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json).
 
 The source is a run directory (its newest checkpoint) or one checkpoint directory, of any ZeRO
 stage, or a pruned or cast directory of `gpt2dist.compress` (not a quantized one). Weights are
-consolidated and written one tensor at a time.
+consolidated and written one tensor at a time, into a directory staged beside OUTPUT and swapped in
+when complete (gpt2dist.outputs): OUTPUT is new or empty, or with --overwrite one gpt2dist wrote.
 
 A run that trained adapters (peft=lora, peft=ia3) is exported merged into its base, a plain GPT-2
 directory as above; with --adapter, as the adapter alone in PEFT's format instead:
