@@ -160,7 +160,7 @@ def test_other_architectures_and_bad_paths_are_refused(tmp_path, capsys):
     save_hf(tiny_hf(), hf_dir, "safetensors")
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
-    with pytest.raises(WeightsError, match="config.json: activation_function='relu'"):
+    with pytest.raises(WeightsError, match="config.json: activation_function: 'relu'"):
         load_model(hf_dir)
     with pytest.raises(WeightsError, match="no such file"):
         load_model(tmp_path / "missing")
