@@ -242,7 +242,8 @@ def _bin_state(path: Path) -> dict[str, torch.Tensor]:
         raise BadHFFile(path, f"holds a {type(state).__name__}, not a mapping of weight names to tensors")
     for name, tensor in state.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise BadHFFile(path, f"holds {type(tensor).__name__} {shown(tensor)}, not a tensor", shown(name))
+            raise BadHFFile(path, f"holds {type(tensor).__name__} {shown(tensor)}, not a tensor",
+                            name if isinstance(name, str) else shown(name))
     return state
 
 
