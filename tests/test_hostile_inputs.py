@@ -207,7 +207,7 @@ def index_row(change: Callable[[dict], object]) -> Callable[[Path, Valid], list[
 
 
 def first_weight(index: dict) -> str:
-    return sorted(index["weight_map"])[0]
+    return min(index["weight_map"])
 
 
 def both_shards_hold_every_weight(hf: Path) -> None:
