@@ -313,6 +313,17 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
     assert not (tmp_path / "refused" / "config.yaml").exists()
 
 
+def test_adapter_config_takes_peft_defaults_for_missing_keys_only(tmp_path):
+    """An explicit value is read as given (lora_alpha: 0 is 0, not peft's default 8); only a key left out
+    takes peft's default. Invalid explicit values are refused (tests/test_hostile_inputs.py, ADAPTER_CASES)."""
+    from gpt2dist.models.adapters import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "target_modules": ["c_attn"], "lora_alpha": 0, "lora_dropout": 0.0}))
+    config = read_adapter_config(tmp_path)
+    assert (config.r, config.alpha, config.dropout, config.base) == (8, 0.0, 0.0, None)
+
+
 def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):
     from gpt2dist.evaluate import main as evaluate_main
 
