@@ -3,7 +3,8 @@ step's time beside it (where the compilation happens), in one run.
 
 Each run is a fresh process (benchmarks/worker.py) with an empty inductor cache of its own, so the
 first compiled step pays the whole compilation as a new machine would. Steady tokens/s leave the
-first step out; runs alternate compiled and eager.
+first step out; runs alternate compiled and eager. Medians over the repeats, and the fastest
+step of each side.
 
     python benchmarks/compile.py --out benchmarks/results/compile.json
 """
@@ -55,17 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeats):
             for compiled in ((True, False) if i % 2 == 0 else (False, True)):
                 runs[compiled].append(timed(overrides, compiled))
-        median = {c: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "first_step_s")}
+        # On a machine other work shares, the fastest step of each side is the steadier figure.
+        median = {c: {**{k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "first_step_s")},
+                      "best_step_tokens_per_s": max(w for r in rs for w in r["window_tokens_per_s"][1:])}
                   for c, rs in runs.items()}
         eager, compiled = median[False], median[True]
         shapes[name] = {"overrides": overrides, "eager": eager, "compiled": compiled,
                         "speedup": compiled["tokens_per_s"] / eager["tokens_per_s"],
+                        "best_step_speedup": compiled["best_step_tokens_per_s"] / eager["best_step_tokens_per_s"],
                         "compile_s": compiled["first_step_s"] - eager["first_step_s"],
                         "first_step_ratio": compiled["first_step_s"] / eager["first_step_s"],
                         "runs": {"eager": runs[False], "compiled": runs[True]}}
         s = shapes[name]
         print(f"{name}: compiled {compiled['tokens_per_s']:,.0f} vs eager {eager['tokens_per_s']:,.0f} tokens/s "
-              f"(x{s['speedup']:.2f}); first step {compiled['first_step_s']:.1f} s vs {eager['first_step_s']:.2f} s "
+              f"(x{s['speedup']:.2f}; fastest steps x{s['best_step_speedup']:.2f}); "
+              f"first step {compiled['first_step_s']:.1f} s vs {eager['first_step_s']:.2f} s "
               f"(compilation {s['compile_s']:.1f} s)", flush=True)
     result = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "shapes": shapes,
               "seconds": time.perf_counter() - t0}
