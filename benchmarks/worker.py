@@ -117,7 +117,7 @@ def run_bare(cfg) -> tuple[list[float], float]:
     model = torch.compile(raw) if t.compile else raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    optimizer = build_optimizer(param_groups(raw, o.weight_decay), o, offload=False, is_main=rank == 0)
+    optimizer = build_optimizer(param_groups(raw, o), o, offload=False, is_main=rank == 0)
     schedule = lr_scheduler(optimizer, o, t.max_steps)
     dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(Precision(t.precision))
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

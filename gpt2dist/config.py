@@ -170,7 +170,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # on weight matrices and embeddings; none on biases and LayerNorms
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1e-8  # AdamW only
+    eps: float = 1e-8  # AdamW only (and Muon's AdamW half)
+    momentum: float = 0.95  # Muon only: the Nesterov momentum of its matrices (its AdamW half: beta1, beta2)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 
@@ -455,6 +456,9 @@ def check(cfg, world_size: int) -> None:
     need(0 <= o.warmup_steps <= t.max_steps,
          f"optim.warmup_steps={o.warmup_steps} must be in 0..train.max_steps={t.max_steps}")
     need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in 0..optim.lr={o.lr}")
+    need(o.name != Optimizer.muon or o.grad_clip == 0,
+         f"optim.grad_clip={o.grad_clip}: with optim=muon use 0 (ZeRO 1-3 would clip Muon's orthogonalized "
+         f"update, whose norm its shape fixes, not the gradient)")
     if o.schedule == Schedule.constant:
         need(0 <= o.decay_steps <= t.max_steps - o.warmup_steps,
              f"optim.decay_steps={o.decay_steps} must be in 0..train.max_steps - optim.warmup_steps "

@@ -414,7 +414,8 @@ class Trainer:
         self.preemption.stopping = votes > 0
         mean = loss_sum / (self.grad_accum * self.env.world_size)
         skip = self.guard.check(mean) if self.guard else None
-        lr = self.engine.get_lr()[0]  # the scheduler moves on inside step()
+        # The last group runs at optim.lr itself (Muon scales its matrix groups: optim.muon_groups).
+        lr = self.engine.get_lr()[-1]  # the scheduler moves on inside step()
         with ds_engine.update_skipped(self.engine) if skip else contextlib.nullcontext():
             grad_norm = ds_engine.step(self.engine)
         return StepResult(mean, lr, grad_norm, skip)
