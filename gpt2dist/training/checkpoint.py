@@ -230,6 +230,12 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
         raise CheckpointError(
             f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at "
             f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: {remedy}")
+    if saved_optimizer == "muon" and needs_universal(manifest, world_size, cfg.zero.stage):
+        raise CheckpointError(
+            f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at ZeRO "
+            f"stage {cfg.zero.stage}. DeepSpeed's universal form, which reshards optimizer state, carries AdamW's "
+            f"moments but not Muon's momentum: resume on {ranks} ranks with zero.stage={stage}, or start another run "
+            f"from its weights with {fresh}")
     return manifest
 
 
