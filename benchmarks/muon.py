@@ -3,9 +3,9 @@ of a learning-rate sweep, several seeds, on the built-in corpus, through train.p
 
     python benchmarks/muon.py --out benchmarks/results/muon.json --plot benchmarks/results/muon.png
 
-The sweep runs seed 0 at each learning rate (AdamW and Muon alternating, so both see the same load
-on a shared machine); the lower final validation loss picks each optimizer's rate, and the other
-seeds run at it (alternating again). The target is AdamW's final validation loss at its rate,
+The sweep runs seed 0 at each learning rate, all runs side by side (one torch thread each, so
+AdamW and Muon see the same load on a shared machine); the lower final validation loss picks each
+optimizer's rate, and the other seeds run at it, side by side again. The target is AdamW's final validation loss at its rate,
 averaged over the seeds; "tokens to target" is where the seeds' mean validation curve first
 reaches it (linear between evaluations; each seed's beside it), and its wall time is the training time to there (evaluation left
 out: the trainer's log windows, which restart after each evaluation). Both optimizers share the
@@ -16,11 +16,11 @@ conf/optim/muon.yaml).
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -44,26 +44,33 @@ def overrides(args, optim: str, lr: float, seed: int) -> list[str]:
             f"optim.warmup_steps={args.warmup}"]
 
 
-def run(args, optim: str, lr: float, seed: int) -> dict:
-    """One training run; its validation curve (tokens, training seconds, val_loss) and total time."""
-    with tempfile.TemporaryDirectory(prefix="gpt2dist-muon-") as run_dir:
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, "train.py", *overrides(args, optim, lr, seed),
-                              f"train.run_dir={run_dir}"], capture_output=True, text=True, cwd=ROOT, check=False)
-        if out.returncode:
-            raise RuntimeError(f"{optim} lr={lr} seed={seed} failed:\n{out.stderr[-3000:]}")
-        lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        total = time.perf_counter() - start
-    tokens_per_window = args.eval_every * args.batch * args.seq_len
-    curve, train_s = [], 0.0
-    for m in lines:
-        train_s += tokens_per_window / m["tokens_per_s"]
-        curve.append({"tokens": m["tokens"], "train_s": train_s, "val_loss": m["val_loss"]})
-    result = {"optim": optim, "lr": lr, "seed": seed, "curve": curve, "final_val_loss": curve[-1]["val_loss"],
-              "process_s": total}
-    print(f"{optim:5s} lr={lr:g} seed={seed}: final val_loss {result['final_val_loss']:.4f}, "
-          f"training {train_s:.0f} s, process {total:.0f} s", flush=True)
-    return result
+def run_all(args, jobs: list[tuple[str, float, int]]) -> list[dict]:
+    """Training runs (optimizer, lr, seed) side by side, one torch thread each, so that AdamW and Muon
+    share the machine's load as it comes; their validation curves (tokens, training seconds, val_loss)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory(prefix="gpt2dist-muon-") as tmp:
+        procs = []
+        for i, (optim, lr, seed) in enumerate(jobs):
+            run_dir = Path(tmp) / str(i)
+            procs.append((run_dir, subprocess.Popen(
+                [sys.executable, "train.py", *overrides(args, optim, lr, seed), f"train.run_dir={run_dir}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)))
+        results = []
+        for (run_dir, proc), (optim, lr, seed) in zip(procs, jobs, strict=True):
+            _, err = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError(f"{optim} lr={lr} seed={seed} failed:\n{err[-3000:]}")
+            lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            tokens_per_window = args.eval_every * args.batch * args.seq_len
+            curve, train_s = [], 0.0
+            for m in lines:
+                train_s += tokens_per_window / m["tokens_per_s"]
+                curve.append({"tokens": m["tokens"], "train_s": train_s, "val_loss": m["val_loss"]})
+            results.append({"optim": optim, "lr": lr, "seed": seed, "curve": curve,
+                            "final_val_loss": curve[-1]["val_loss"]})
+            print(f"{optim:5s} lr={lr:g} seed={seed}: final val_loss {curve[-1]['val_loss']:.4f}, "
+                  f"training {train_s:.0f} s", flush=True)
+    return results
 
 
 def reach(curve: list[dict], target: float) -> dict | None:
@@ -127,14 +134,9 @@ def main() -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         source_windows(compose("config", overrides=overrides(args, "adamw", 1e-3, 0)))  # prepared before timing
     optims = ("adamw", "muon")
-    runs = []
-    for i, lr in enumerate(args.lrs):  # the sweep, seed 0; which optimizer goes first alternates
-        for optim in optims[::(-1) ** i]:
-            runs.append(run(args, optim, lr, 0))
+    runs = run_all(args, [(optim, lr, 0) for lr in args.lrs for optim in optims])  # the sweep, seed 0
     best = {o: min((r for r in runs if r["optim"] == o), key=lambda r: r["final_val_loss"])["lr"] for o in optims}
-    for seed in range(1, args.seeds):
-        for optim in optims[::(-1) ** seed]:
-            runs.append(run(args, optim, best[optim], seed))
+    runs += run_all(args, [(optim, best[optim], seed) for seed in range(1, args.seeds) for optim in optims])
     at_best = {o: [r for r in runs if r["optim"] == o and r["lr"] == best[o]] for o in optims}
     target = statistics.mean(r["final_val_loss"] for r in at_best["adamw"])
     summary = {}
