@@ -181,7 +181,8 @@ class LoggerConfig:
     backends: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbMode = WandbMode.offline  # the wandb backend's mode
     wandb_project: str = "gpt2dist"
-    peak_tflops: Optional[float] = None  # per-GPU peak for MFU; null: looked up from the GPU's name
+    # Per-device peak for mfu; null: a GPU's looked up from its name, a CPU's torch.mm peak measured at start-up
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

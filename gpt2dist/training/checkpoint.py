@@ -96,21 +96,26 @@ def _all_ok(ok: bool, device: torch.device, group=None) -> bool:
 STALL_WRITE = "GPT2DIST_TEST_STALL_CHECKPOINT_WRITE"
 
 
-def _snapshot(item):
+def _snapshot(item, memo: dict | None = None):
     """A copy of a state to save that training can no longer change: every tensor cloned to CPU memory
-    (compact, as DeepSpeed's clone_tensors_for_torch_save clones them for its own saves), containers
-    rebuilt, anything else (a loss scaler, numbers) deep-copied."""
+    (compact, as DeepSpeed's clone_tensors_for_torch_save clones them for its own saves; two views of the
+    same elements, such as tied weights, stay one tensor), containers rebuilt, anything else (a loss
+    scaler, numbers) deep-copied."""
+    memo = {} if memo is None else memo
     if torch.is_tensor(item):
-        return item.detach().clone() if item.device.type == "cpu" else item.detach().to("cpu")
+        view = (item.untyped_storage().data_ptr(), item.storage_offset(), item.shape, item.stride(), item.dtype)
+        if view not in memo:
+            memo[view] = item.detach().clone() if item.device.type == "cpu" else item.detach().to("cpu")
+        return memo[view]
     if isinstance(item, dict):
         copied = copy.copy(item)  # the same type (OrderedDict, defaultdict and its factory)
         for key, value in item.items():
-            copied[key] = _snapshot(value)
+            copied[key] = _snapshot(value, memo)
         return copied
     if isinstance(item, list):
-        return [_snapshot(v) for v in item]
+        return [_snapshot(v, memo) for v in item]
     if isinstance(item, tuple) and any(torch.is_tensor(v) or isinstance(v, dict | list | tuple) for v in item):
-        return tuple(_snapshot(v) for v in item)
+        return tuple(_snapshot(v, memo) for v in item)
     return copy.deepcopy(item)
 
 
@@ -165,6 +170,7 @@ class Checkpointer:
         self.group = torch.distributed.new_group(backend="gloo") if background else None
         self.thread: threading.Thread | None = None
         self.error: str | None = None
+        self.waited_s = 0.0  # how long the last save waited for the write before it
 
     @property
     def failed(self) -> bool:
@@ -184,7 +190,9 @@ class Checkpointer:
              keep: str | None = None) -> str:
         """Checkpoint the current step (see the class); returns its tag. Frozen weights (the base of adapters)
         are left out. `keep`: a tag that keep_last never prunes (the best)."""
+        start = time.perf_counter()
         self.wait()
+        self.waited_s = time.perf_counter() - start
         root = checkpoint_root(run_dir)
         tag = tag_of(train_state["step"])
         partial = root / f"{PARTIAL}{tag}"

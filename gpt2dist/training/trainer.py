@@ -117,12 +117,20 @@ class Trainer:
         self._build_batches()
         self._start_logging()
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
-        self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
+        self.peak_flops = self._peak_flops() if self.is_main else None  # only rank 0 logs mfu
         self.preemption = PreemptionWatch()
         if cfg.train.init_from and not tag:
             self.start_losses = self._losses(self._val_scores())
             if self.metrics:
                 self.metrics.log(0, self._val_metrics(self.start_losses))
+
+    def _peak_flops(self) -> float | None:
+        """What mfu is measured against (metrics.device_peak_flops); a CPU's, measured now, is printed."""
+        peak = device_peak_flops(self.cfg.logger.peak_tflops, self.cfg.train.precision)
+        if peak and not self.cfg.logger.peak_tflops and not torch.cuda.is_available():
+            self.print(f"mfu: against this CPU's {self.cfg.train.precision.value} torch.mm peak, measured now: "
+                       f"{peak / 1e9:,.1f} GFLOP/s (logger.peak_tflops sets it instead)")
+        return peak
 
     def _run_directory(self) -> str | None:
         """Resolve train.run_dir (the same on every rank) and decide, writing nothing, whether this
@@ -491,7 +499,10 @@ class Trainer:
                                      self.cfg.train.keep_last, keep=self.best["tag"] if self.best else None)
         blocked = time.perf_counter() - start
         path = self.run_dir / checkpoint.CHECKPOINTS / tag
-        self.print(f"checkpoint {path}: training blocked {blocked:.2f} s, writing in the background"
+        waited = self.checkpointer.waited_s
+        # Waiting for the previous write means checkpoints come faster than they are written.
+        waited = f" ({waited:.2f} s of it for the previous checkpoint's write)" if waited >= 0.01 else ""
+        self.print(f"checkpoint {path}: training blocked {blocked:.2f} s{waited}, writing in the background"
                    if self.cfg.train.async_checkpoint else
                    f"saved checkpoint {path} (training blocked {blocked:.2f} s)")
         return blocked
