@@ -66,39 +66,53 @@ def run(background: bool, steps: int, interval: int) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--interval", type=int, default=4,
-                   help="steps between checkpoints: enough for a background write to end before the next")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    runs = {False: [], True: []}
-    for i in range(args.repeats):
-        for background in ((False, True) if i % 2 == 0 else (True, False)):
-            runs[background].append(run(background, args.steps, args.interval))
-
+def summarize(runs: dict[bool, list[dict]]) -> dict:
+    """The medians over runs and checkpoints. Training is blocked by the snapshot (staging) and, when the
+    previous write has not ended yet, by the wait for it: both are given, and the ratio of each."""
     def median(key: str, background: bool) -> float:
         return statistics.median(x for r in runs[background] for x in r[key])
 
+    staging = statistics.median(blocked - waited for r in runs[True]
+                                for blocked, waited in zip(r["blocked_s"], r["waited_for_previous_write_s"]))
     sync_s, async_s = median("blocked_s", False), median("blocked_s", True)
-    result = {"machine": machine(), "shape": SHAPE, "steps": args.steps, "interval": args.interval,
-              "repeats": args.repeats, "checkpoint_gb": runs[False][0]["checkpoint_bytes"][0] / 1e9,
-              "sync_blocked_s": sync_s, "async_blocked_s": async_s, "ratio": async_s / sync_s,
-              "async_background_write_s": median("background_write_s", True),
-              "async_step_s_after_checkpoint": median("step_s_after_checkpoint", True),
-              "async_step_s_other": median("step_s_other", True),
-              "sync_step_s": median("step_s_other", False),
-              "sync_train_s": statistics.median(r["train_s"] for r in runs[False]),
-              "async_train_s": statistics.median(r["train_s"] for r in runs[True]),
-              "runs": runs, "seconds": time.perf_counter() - t0}
+    return {"checkpoint_gb": runs[False][0]["checkpoint_bytes"][0] / 1e9,
+            "sync_blocked_s": sync_s, "async_blocked_s": async_s, "ratio": async_s / sync_s,
+            "async_staging_s": staging, "staging_ratio": staging / sync_s,
+            "async_waited_for_previous_write_s": median("waited_for_previous_write_s", True),
+            "async_background_write_s": median("background_write_s", True),
+            "async_step_s_after_checkpoint": median("step_s_after_checkpoint", True),
+            "async_step_s_other": median("step_s_other", True),
+            "sync_step_s": median("step_s_other", False),
+            "sync_train_s": statistics.median(r["train_s"] for r in runs[False]),
+            "async_train_s": statistics.median(r["train_s"] for r in runs[True])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--interval", type=int, default=40, help="steps between checkpoints")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--resummarize", action="store_true", help="recompute the summary of --out's runs, run nothing")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.resummarize:
+        result = json.loads(args.out.read_text())
+        result.update(summarize({False: result["runs"]["false"], True: result["runs"]["true"]}))
+    else:
+        runs = {False: [], True: []}
+        for i in range(args.repeats):
+            for background in ((False, True) if i % 2 == 0 else (True, False)):
+                runs[background].append(run(background, args.steps, args.interval))
+        result = {"machine": machine(), "shape": SHAPE, "steps": args.steps, "interval": args.interval,
+                  "repeats": args.repeats, **summarize(runs), "runs": runs, "seconds": time.perf_counter() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"checkpoint {result['checkpoint_gb']:.2f} GB: training blocked {sync_s:.2f} s (sync) vs {async_s:.3f} s "
-          f"(async) = {result['ratio']:.3f}; background write {result['async_background_write_s']:.1f} s; "
-          f"training time {result['sync_train_s']:.1f} s (sync) vs {result['async_train_s']:.1f} s (async)")
+    print(f"checkpoint {result['checkpoint_gb']:.2f} GB: training blocked {result['sync_blocked_s']:.2f} s (sync) vs "
+          f"{result['async_blocked_s']:.3f} s (async) = {result['ratio']:.3f}, of which staging "
+          f"{result['async_staging_s']:.3f} s = {result['staging_ratio']:.3f}; background write "
+          f"{result['async_background_write_s']:.1f} s; training time {result['sync_train_s']:.1f} s (sync) vs "
+          f"{result['async_train_s']:.1f} s (async)")
     return 0
 
 

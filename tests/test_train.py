@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError, latest_tag
+from gpt2dist.training.checkpoint import CHECKPOINTS, STALL_WRITE, CheckpointError, latest_tag
 from gpt2dist.config import ConfigError
 from gpt2dist.training.optim import lr_factor
 from gpt2dist.training.trainer import Trainer
@@ -152,25 +152,27 @@ def test_wandb_offline_writes_a_run(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
-def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path, signame):
+def test_stop_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path, signame, monkeypatch):
     """SIGUSR1 (SLURM's warning) or SIGTERM (preemption) mid-run: the step finishes, a checkpoint
-    is saved, and the resumed run ends exactly where an uninterrupted one does."""
+    is saved (its background write held back half a second: the stop waits for it), and the resumed
+    run ends exactly where an uninterrupted one does."""
     import os
     import signal
 
     from gpt2dist.training.preemption import EXIT_REQUEUE
 
     full = train(corpus, tmp_path / "full", "train.max_steps=5", "train.ckpt_interval=0")
+    monkeypatch.setenv(STALL_WRITE, "step_00000001:0.5")
     trainer = Trainer(make_cfg(*tiny_overrides(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")))
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         os.kill(os.getpid(), getattr(signal, signame))
         assert trainer.train() == EXIT_REQUEUE
+        assert latest_tag(tmp_path / "cut") == "step_00000001"  # published before train() returned
     finally:
         trainer.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    assert latest_tag(tmp_path / "cut") == "step_00000001"
     resumed = train(corpus, tmp_path / "cut", "train.max_steps=5", "train.ckpt_interval=0")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     assert resumed[-1]["loss"] == full[-1]["loss"] and resumed[-1]["val_loss"] == full[-1]["val_loss"]

@@ -91,9 +91,17 @@ def _all_ok(ok: bool, device: torch.device, group=None) -> bool:
     return bool(flag.item())
 
 
-# Test-only hook (tests/test_faults.py): a checkpoint tag whose background write stops after its first file,
-# for an hour, so that a test can kill -9 the run in the middle of it. Never set it outside the tests.
+# Test-only hook (tests/test_faults.py, tests/test_train.py): `<tag>` or `<tag>:<seconds>`, a checkpoint whose
+# background write stops after its first file, for an hour or those seconds, so that a test can kill -9 the
+# run in the middle of it, or see that a stop waits for it. Never set it outside the tests.
 STALL_WRITE = "GPT2DIST_TEST_STALL_CHECKPOINT_WRITE"
+
+
+# The writer thread's niceness: training's threads come first. At its default (0) on a 2-core CPU it took
+# a core from training's two OpenMP threads, and the steps during a write ran 2-6x slower, which gave back
+# most of the stall saved (benchmarks/checkpoint_stall.py); at 10 they run at their usual speed, and the
+# write takes longer, well within any usual checkpoint interval.
+WRITER_NICENESS = 10
 
 
 def _snapshot(item, memo: dict | None = None):
@@ -103,8 +111,9 @@ def _snapshot(item, memo: dict | None = None):
     scaler, numbers) deep-copied."""
     memo = {} if memo is None else memo
     if torch.is_tensor(item):
+        # Empty storages (ZeRO-3's placeholders) all start at address 0: nothing to share there.
         view = (item.untyped_storage().data_ptr(), item.storage_offset(), item.shape, item.stride(), item.dtype)
-        if view not in memo:
+        if view[0] == 0 or view not in memo:
             memo[view] = item.detach().clone() if item.device.type == "cpu" else item.detach().to("cpu")
         return memo[view]
     if isinstance(item, dict):
@@ -233,6 +242,8 @@ class Checkpointer:
 
     def _finish(self, *args) -> None:
         """The background thread: _publish_when_written, any error kept in self.error for the main thread."""
+        if sys.platform == "linux":  # a thread's own niceness (elsewhere this call would renice the process)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
         try:
             self._publish_when_written(*args)
         except Exception as e:  # a collective whose peer died, or anything else the writer met
@@ -249,8 +260,9 @@ class Checkpointer:
             for i, (state, path) in enumerate(staged):
                 _write(state, path)
                 staged[i] = None  # its memory goes back as soon as it is on disk
-                if i == 0 and os.environ.get(STALL_WRITE) == tag:
-                    time.sleep(3600)
+                stall, _, seconds = os.environ.get(STALL_WRITE, "").partition(":")
+                if i == 0 and stall == tag:
+                    time.sleep(float(seconds or 3600))
         except (OSError, RuntimeError) as e:  # a full disk, mostly (torch.save reports it as a RuntimeError)
             error = e
         if not _all_ok(error is None, device, self.group):
