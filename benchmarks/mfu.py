@@ -34,7 +34,7 @@ from gpt2dist.models.gpt import GPT  # noqa: E402
 from gpt2dist.training.metrics import MM_SIZE, flops_per_token, mm_peak_flops  # noqa: E402
 
 SHAPE = ["model=gpt2", "data.seq_len=512", "train.precision=fp32", "train.compile=false", "optim.warmup_steps=1",
-         "train.eval_interval=0", "train.eval_sequences=1", "train.ckpt_interval=0", "train.sample_tokens=0",
+         "train.eval_interval=0", "train.eval_sequences=16", "train.ckpt_interval=0", "train.sample_tokens=0",
          "logger.log_interval=1", "logger.backends=[jsonl]"]
 PROBE = re.compile(r"torch\.mm peak, measured now: ([0-9.,]+) GFLOP/s")
 

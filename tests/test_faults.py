@@ -14,7 +14,7 @@ import pytest
 
 from gpt2dist.training.checkpoint import (CHECKPOINTS, MANIFEST, PARTIAL, STALL_WRITE, CheckpointError,
                                           check_compatible, complete_tags, latest_tag)
-from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, run_train, tiny_overrides
+from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, run_train, tiny_overrides, without_timing
 
 INTERVAL = 3
 STEPS = ["train.max_steps=24", f"train.ckpt_interval={INTERVAL}", "train.eval_interval=4", "train.keep_last=2"]
@@ -66,11 +66,6 @@ def uninterrupted(corpus, run_dir, nproc: int) -> list[dict]:
     result = run_train(tiny_overrides(corpus, run_dir, *STEPS), nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(run_dir)
-
-
-def without_timing(metrics: list[dict]) -> list[dict]:
-    """Logged values that a run that never died must reproduce exactly: all but tokens_per_s."""
-    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
 
 
 def resumed_steps(outputs: list[str]) -> list[int]:
