@@ -80,13 +80,14 @@ def test_kill_9_then_resume_is_bit_identical(corpus, tmp_path, nproc, kills, see
     outputs = kill_repeatedly(tiny_overrides(corpus, run_dir, *STEPS), run_dir, nproc, kills, seed, tmp_path)
     assert without_timing(read_metrics(run_dir)) == without_timing(reference)
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 25))
-    # Never more than two checkpoint intervals of work lost per kill, less a step: a kill while checkpoint N is
-    # written in the background resumes from N - INTERVAL, which was published before N was begun.
+    # Never more than two checkpoint intervals of work lost per kill: a kill while checkpoint N is written in
+    # the background (the save of N + INTERVAL may be waiting for it) resumes from N - INTERVAL, published
+    # before N was begun.
     for out, resumed in zip(outputs[:-1], outputs[1:]):
         last_logged = max([int(line.split()[1].split("/")[0]) for line in out.splitlines()
                            if line.startswith("step ")], default=0)
         start = next((int(line.rsplit(" ", 1)[1]) for line in resumed.splitlines() if line.startswith("resumed from")), 0)
-        assert last_logged - start < 2 * INTERVAL, (last_logged, start)
+        assert last_logged - start <= 2 * INTERVAL, (last_logged, start)
     assert len(resumed_steps(outputs)) >= 1
     # keep_last=2: only the two newest complete checkpoints remain, and no partial one.
     assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir() if p.name != "latest") == \
