@@ -49,7 +49,8 @@ def mm_peak_flops(dtype: torch.dtype = torch.float32, repeats: int = 10, n: int 
     """This CPU's matrix-multiply peak as torch reaches it: the FLOP/s of the fastest of `repeats`
     (n x n) @ (n x n) torch.mm of `dtype` (after one warm-up), on all of torch's threads, as training
     runs. The default takes a fifth of a second on a 2-core CPU."""
-    a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
+    generator = torch.Generator().manual_seed(0)  # its own: the run's random stream (dropout) stays untouched
+    a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
     out = torch.mm(a, b)  # warm-up: the first call picks and loads the kernel
     best = math.inf
     for _ in range(repeats):
