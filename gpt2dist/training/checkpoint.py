@@ -19,6 +19,12 @@ ZeRO 1-3 shard the optimizer state by rank, so a checkpoint loads as saved only 
 as wrote it. On another number, its universal form (one file per parameter and state, whatever
 the ranks: DeepSpeed's `ds_to_universal`) is loaded instead; it is written beside the original's
 files, under a partial name renamed when complete, and the original's files are never changed.
+
+With train.async_checkpoint (Checkpointer), training waits only for a snapshot of the state in CPU
+memory; a thread writes, fsyncs and publishes it as above. DeepSpeed 0.19's own engines do not fit:
+its FastCheckpointEngine is a faster synchronous writer, and its DecoupledCheckpointEngine hands each
+state to a spawned process without a copy (the ZeRO optimizer files' tensors are the live ones, which
+the next step changes), and fsyncs nothing.
 """
 
 import argparse
