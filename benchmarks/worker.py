@@ -212,7 +212,8 @@ def main() -> None:
         tokens_per_s = steady_tokens_per_s(rates)
         per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         result = {"mode": mode, "overrides": overrides, "world_size": len(ranks), "tokens_per_s": tokens_per_s,
-                  "mfu": mfu(tokens_per_s / len(ranks), per_token, device_peak_flops(cfg.logger.peak_tflops)),
+                  "mfu": mfu(tokens_per_s / len(ranks), per_token,
+                             device_peak_flops(cfg.logger.peak_tflops, cfg.train.precision)),
                   "window_tokens_per_s": rates, "ranks": ranks}
         print("RESULT " + json.dumps(result), flush=True)
     if torch.distributed.is_initialized():

@@ -182,7 +182,8 @@ class LoggerConfig:
     backends: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbMode = WandbMode.offline  # the wandb backend's mode
     wandb_project: str = "gpt2dist"
-    peak_tflops: Optional[float] = None  # per-GPU peak for MFU; null: looked up from the GPU's name
+    # Per-device peak for mfu; null: a GPU's looked up from its name, a CPU's torch.mm peak measured at start-up
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -197,6 +198,9 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validation runs (and at the end); 0: only at the end
     eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
+    # Write checkpoints in the background: training waits only while the state is copied to CPU memory
+    # (see README "Checkpoints and resuming"); false: it waits until the checkpoint is on disk
+    async_checkpoint: bool = True
     keep_last: int = 0  # keep only the newest N checkpoints (pruned after a new one is complete); 0: all
     # Also keep the checkpoint of the best validation by this metric (val_loss: lowest; val_bleu, val_chrf:
     # highest), named in <run_dir>/checkpoints/best; the final test evaluation scores it. null: off
