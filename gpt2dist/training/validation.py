@@ -106,6 +106,14 @@ def val_batches(windows: Windows, micro_batch: int, rank: int, world_size: int, 
     return list(rank_batches(windows, sequences, micro_batch, rank, world_size))
 
 
+def fitting_sequences(corpora: Mapping[str, Path], seq_len: int, per_pass: int) -> tuple[int, int, Path] | None:
+    """The most validation sequences that every corpus's val split holds, a multiple of `per_pass` (micro-batch
+    x world size), with the window count and the corpus that set it; None when no val split has a window."""
+    counts = [(len(open_split(path, "val", seq_len)), path) for path in corpora.values()]
+    windows, path = min(((n, path) for n, path in counts if n), default=(0, None), key=lambda c: c[0])
+    return None if path is None else (windows // per_pass * per_pass, windows, path)
+
+
 def validation_sets(corpora: Mapping[str, Path], seq_len: int, micro_batch: int, rank: int, world_size: int,
                     sequences: int) -> tuple[dict[str, list[Batch]], list[str]]:
     """Each corpus's validation batches (`val_batches`), by name, and a warning for each corpus
