@@ -36,16 +36,11 @@ from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_toke
 from gpt2dist.models.gpt import GPT
 from gpt2dist.models.prune import fixed_masks, keep_masks
 from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch, mark_requeue
-from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest
+from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest, require_kind
 from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.training.validation import fitting_sequences, mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import Adapter, attach, check_base, find_adapter, find_checkpoint, load_into
-
-
-# What each task trains on, as a corpus's manifest says (`corpus_task`).
-CORPUS_KINDS = {"pretrain": "a pretraining corpus", "sft": "fine-tuning examples (data_tools.sft)",
-                "classify": "classification examples (data_tools.classify)"}
 
 
 def run_name(run_dir: Path) -> str:
@@ -214,10 +209,8 @@ class Trainer:
         for name, path, _ in self.sources:
             manifest = self.train_windows[name].blocks.manifest
             check_tokenizer(manifest, path, cfg.model.vocab_size)
-            kind = corpus_task(manifest)
-            if kind != task.value:
-                raise CorpusError(f"{path}: holds {CORPUS_KINDS.get(kind, kind)}, not data for task={task.value}: "
-                                  f"use task={kind}")
+            require_kind(manifest, path, (task.value,),
+                         f"data for task={task.value}: use task={corpus_task(manifest)}")
         t = cfg.train
         if t.epochs:
             samples = sum(len(w) for (_, _, weight), w in zip(self.sources, self.train_windows.values()) if weight > 0)

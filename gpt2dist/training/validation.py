@@ -18,7 +18,7 @@ import torch
 
 from gpt2dist.data.loader import Windows, open_split
 from gpt2dist.data.sft import IGNORE
-from gpt2dist.data.shards import CorpusError, TokenBlocks
+from gpt2dist.data.shards import CorpusError, TokenBlocks, require_kind
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (batch, seq_len) int64
 
@@ -83,6 +83,8 @@ def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", 
     """
     gpt = getattr(model, "module", model)
     blocks = TokenBlocks(corpus, split)
+    require_kind(blocks.manifest, blocks.dir, ("pretrain", "sft"), "text or fine-tuning examples that a language "
+                 "model's loss scores (a classifier's test split is scored by task=classify's task.test)")
     default = blocks.manifest.get("seq_len") or min(gpt.config.block_size, blocks.block_tokens)
     windows = open_split(corpus, split, seq_len or default)
     n = len(windows) if max_sequences is None else min(max_sequences, len(windows))
