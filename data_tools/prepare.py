@@ -20,7 +20,7 @@ gives the same corpus, byte for byte, whatever N is.
 
 import sys
 
-from gpt2dist.arguments import Parser, fraction, non_negative, positive, positive_number
+from gpt2dist.arguments import Parser, fraction, positive, positive_number
 from gpt2dist.errors import Gpt2distError, report
 from data_tools import parts
 from data_tools.sources import Documents, describe_skips, input_files
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip bad documents, lines and files (counted in the manifest) instead of stopping")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a prepared corpus already at --output (never anything else)")
-    p.add_argument("--of", type=positive, metavar="N",
+    p.add_argument("--of", type=int, metavar="N",
                    help="prepare in N parts, on N machines: with --part K, tokenize part K; with --merge, write the "
                         "corpus from the N parts")
-    p.add_argument("--part", type=non_negative, metavar="K", help="the part to tokenize, 0 to N-1 (into .OUTPUT.parts/ "
+    p.add_argument("--part", type=int, metavar="K", help="the part to tokenize, 0 to N-1 (into .OUTPUT.parts/ "
                                                          "beside --output)")
     p.add_argument("--merge", action="store_true", help="write --output from the N complete parts, then remove them")
     args = p.parse_args(argv)
