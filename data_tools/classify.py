@@ -18,7 +18,7 @@ train) stops the preparation with one line naming the file and line, and nothing
 
 import sys
 
-from data_tools.sft import Rows, examples_parser, prepare_and_report
+from data_tools.sft import Rows, examples_parser, input_paths, prepare_and_report
 from data_tools.sources import InputError
 from gpt2dist.data.classify import LabelledText, label_ids, prepare_classify, text_ids
 from gpt2dist.data.sft import SPLITS
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     return prepare_and_report(
         p, args, rows,
         lambda splits, split_by, source: prepare_classify(splits, rows.check_labels(splits, args.labels), args.output,
-                                                          args.seq_len, source, args.overwrite, rows.skipped, split_by),
+                                                          args.seq_len, source, args.overwrite, rows.skipped, split_by,
+                                                          input_paths(args)),
         lambda manifest: f"{len(manifest['labels'])} labels")
 
 

@@ -23,7 +23,6 @@ or settings; once the corpus is written it removes the parts.
 import contextlib
 import hashlib
 import json
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.sources import Documents, Piece, parquet_row_groups
+from gpt2dist import outputs
 from gpt2dist.errors import BadFile, Gpt2distError
 from gpt2dist.data.prepare import SPLITS, CorpusWriter, check_output, check_val_fraction, staged, tokenize
 from gpt2dist.data.shards import TOKEN_DTYPE
@@ -40,10 +40,8 @@ from gpt2dist.data.tokenizer import TOKENIZER
 
 PART_FORMAT = "gpt2dist-prepare-part-v1"
 PART_MANIFEST = "part.json"
-PART_FILES = {PART_MANIFEST, *(f"{split}.tokens" for split in SPLITS)}  # all that a part holds
 PART_FIELDS = {"input_bytes": int, "skipped_inputs": int, "skips": dict, "splits": dict}
 SPLIT_FIELDS = {"documents": int, "tokens": int, "sha256": str}
-STAGING = ".{}.tmp-*"  # prepare.staged's staging directory for a target of this name: a killed task leaves it
 MERGE_CHUNK_TOKENS = 1 << 24  # tokens read from a part at a time (32 MiB)
 MISSING_SHOWN = 10  # missing parts named one by one
 
@@ -114,27 +112,6 @@ def parts_dir(output: str | Path) -> Path:
 
 def part_dir(output: str | Path, part: int, of: int) -> Path:
     return parts_dir(output) / f"part-{part:05d}-of-{of:05d}"
-
-
-def _is_part(path: Path) -> bool:
-    """Whether a directory holds a part of gpt2dist's and nothing else."""
-    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
-    return PART_MANIFEST in names and names <= PART_FILES
-
-
-@contextlib.contextmanager
-def output_dir(target: Path, kind: str, replace: bool) -> Iterator[Path]:
-    """The one place a preparation in parts creates or replaces a directory, `kind` "part" or "corpus":
-    written into the directory this yields, beside `target`, and swapped in whole when the block ends
-    without an error (prepare.staged). An existing `target` is replaced only with `replace`, and only if
-    gpt2dist wrote it: a part holding only a part's files, or a prepared corpus."""
-    if kind == "part":
-        for left in target.parent.glob(STAGING.format(target.name)):
-            shutil.rmtree(left, ignore_errors=True)
-        if replace and _is_part(target):
-            shutil.rmtree(target)
-    with staged(target, replace) as tmp:
-        yield tmp
 
 
 def _part_manifest(part: Path) -> dict | None:
@@ -217,17 +194,20 @@ class _TokenFile:
 
 
 def prepare_part(plan: Plan, k: int, output: str | Path, source: str, overwrite: bool = False,
-                 workers: int | None = None, progress: bool = True) -> tuple[dict, bool]:
+                 workers: int | None = None, progress: bool = True, inputs: list[str | Path] = ()) -> tuple[dict, bool]:
     """Tokenize part `k` of `plan` into part_dir(output, k, plan.of); returns its manifest, and whether
     it was already complete (then nothing is done). `overwrite` is the merge's: a corpus already at
-    `output` is refused now, not after every part is tokenized."""
-    check_output(Path(output).resolve(), overwrite)
+    `output` is refused now, not after every part is tokenized. A part that an earlier try with other
+    inputs or settings wrote is replaced (gpt2dist.outputs: only if gpt2dist wrote it), and what killed
+    tries left is removed."""
+    check_output(output, overwrite, inputs)
     part = part_dir(output, k, plan.of)
     done = _complete(part, k, plan)
     if done is not None:
         return done, True
     documents = Documents(plan.parts[k], plan.settings["text_field"], plan.settings["skip_bad"])
-    with output_dir(part, "part", replace=True) as tmp:
+    outputs.remove_leftovers(part)
+    with staged(part, True, "part", inputs) as tmp:
         streams = {split: _TokenFile(tmp / f"{split}.tokens") for split in SPLITS}
         n_bytes = 0
         for result in tokenize(documents, plan.settings["val_fraction"], workers,
@@ -258,7 +238,7 @@ def _tokens(path: Path, sha256: str, key: str, again: str) -> Iterator[np.ndarra
 
 
 def merge_parts(plan: Plan, output: str | Path, source: str, block_tokens: int, shard_mb: float,
-                overwrite: bool = False, progress: bool = True) -> tuple[dict, Counter]:
+                overwrite: bool = False, progress: bool = True, inputs: list[str | Path] = ()) -> tuple[dict, Counter]:
     """Write the corpus at `output` from the plan's complete parts, then remove the parts; returns its
     manifest and the inputs the parts skipped, by reason (see sources.SKIP_REASONS)."""
     parts = [part_dir(output, k, plan.of) for k in range(plan.of)]
@@ -272,7 +252,7 @@ def merge_parts(plan: Plan, output: str | Path, source: str, block_tokens: int, 
     for k, (part, manifest) in enumerate(zip(parts, manifests)):
         _check_part(part, k, manifest, plan)
     total = sum(m["splits"][s]["tokens"] for m in manifests for s in SPLITS)
-    with output_dir(Path(output), "corpus", overwrite) as tmp:
+    with staged(output, overwrite, "corpus", inputs) as tmp:
         corpus = CorpusWriter(tmp, plan.settings["val_fraction"], block_tokens, shard_mb)
         with tqdm(total=total, desc=f"merging {plan.of} parts", unit=" tokens", unit_scale=True,
                   disable=not progress, mininterval=1.0) as bar:
@@ -291,13 +271,11 @@ def merge_parts(plan: Plan, output: str | Path, source: str, block_tokens: int, 
 
 
 def remove_parts(output: str | Path) -> None:
-    """Remove the parts beside `output` (of any number of parts) and what killed tasks left; nothing
-    else there, and the directory only once it is empty."""
+    """Remove the parts beside `output` (of any number of parts) and what killed tasks left, where
+    gpt2dist.outputs says gpt2dist wrote them; nothing else there, and the directory only once it is empty."""
     root = parts_dir(output)
     for part in sorted(root.glob("part-*-of-*")):
-        if _is_part(part):
-            shutil.rmtree(part)
-    for left in root.glob(STAGING.format("part-*-of-*")):
-        shutil.rmtree(left, ignore_errors=True)
+        outputs.remove(part)
+    outputs.remove_leftovers(root / "part-*-of-*")
     with contextlib.suppress(OSError):
         root.rmdir()

@@ -63,18 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         plan = None if args.of is None else parts.make_plan(files, args.of, args.text_field, args.val_fraction,
                                                              args.skip_bad)
         if args.part is not None:
-            _say_part(*parts.prepare_part(plan, args.part, args.output, source, args.overwrite, args.workers),
+            _say_part(*parts.prepare_part(plan, args.part, args.output, source, args.overwrite, args.workers,
+                                          inputs=[*args.inputs, *files]),
                       parts.part_dir(args.output, args.part, args.of))
             return 0
         if args.merge:
             manifest, part_skips = parts.merge_parts(plan, args.output, source, args.block_tokens, args.shard_mb,
-                                                     args.overwrite)
+                                                     args.overwrite, inputs=[*args.inputs, *files])
             skips.update(part_skips)
         else:
             docs = Documents(files, args.text_field, args.skip_bad)
             manifest = prepare_corpus(docs, args.output, source=source, val_fraction=args.val_fraction,
                                       block_tokens=args.block_tokens, shard_mb=args.shard_mb,
-                                      overwrite=args.overwrite, workers=args.workers, skipped=lambda: docs.skipped)
+                                      overwrite=args.overwrite, workers=args.workers, skipped=lambda: docs.skipped,
+                                      inputs=[*args.inputs, *files])
             skips.update(docs.skips)
     except (Gpt2distError, FileExistsError, ValueError) as e:
         return report(e)

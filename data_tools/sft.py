@@ -25,6 +25,7 @@ from gpt2dist.arguments import Parser, fraction, positive
 from gpt2dist.errors import BadFile, Gpt2distError, report
 from gpt2dist.safe_json import lines, row
 from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _open
+from gpt2dist.data.prepare import check_output
 from gpt2dist.data.sft import Example, ExampleError, encode, prepare_sft, split_by_hash
 
 
@@ -108,12 +109,18 @@ def read_splits(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows
     return splits, f"hash (dev {args.dev_fraction}, test {args.test_fraction})", " ".join(args.inputs)
 
 
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every input file the arguments name (the output may not be one, be inside one or hold one)."""
+    return [*args.inputs, *args.train, *args.dev, *args.test]
+
+
 def prepare_and_report(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows,
                        prepare: Callable[[dict[str, list], str, str], dict], detail: Callable[[dict], str]) -> int:
     """Read the splits, write the corpus with `prepare(splits, split_by, source)` (returns its manifest) and
     report it, `detail(manifest)` last on the counts line; a bad input is one line and exit status 2.
     (This command's and data_tools.classify's.)"""
     try:
+        check_output(args.output, args.overwrite, input_paths(args))  # before reading any input
         splits, split_by, source = read_splits(p, args, rows)
         manifest = prepare(splits, split_by, source)
     except (Gpt2distError, FileExistsError) as e:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     return prepare_and_report(
         p, args, rows,
         lambda splits, split_by, source: prepare_sft(splits, args.output, args.seq_len, source, args.overwrite,
-                                                     rows.skipped, split_by),
+                                                     rows.skipped, split_by, input_paths(args)),
         lambda manifest: f"{manifest['truncated_responses']:,} responses cut at {args.seq_len} tokens")
 
 

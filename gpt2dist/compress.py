@@ -9,19 +9,18 @@ compressed directory). Methods: int8-weight, int4-weight, int8-dynamic (torchao)
 (see `gpt2dist.models.quantize`). `prune` zeroes the smallest weights (global magnitude) and
 `prune-mlp` removes the least important MLP neurons, measured on --corpus (see
 `gpt2dist.models.prune`). The output (see `gpt2dist.models.compressed`) records the method and
-the source's SHA-256. It is written beside OUT and renamed into place when complete; an existing
-OUT is replaced only with --overwrite, and only if this command wrote it.
+the source's SHA-256. It is written as gpt2dist.outputs writes every output: staged beside OUT and
+swapped in when complete; an existing OUT replaced only with --overwrite, and only if gpt2dist wrote it.
 """
 
 import argparse
-import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from gpt2dist import outputs
 from gpt2dist.arguments import Parser, fraction, positive
 from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.data.shards import TokenBlocks
@@ -51,31 +50,9 @@ def weights_source(path: str) -> Path:
     return find_checkpoint(path) or Path(path)
 
 
-def check_output(out: Path, source: str, overwrite: bool) -> None:
-    if out.resolve() == Path(source).resolve():
-        raise CompressError(f"{out}: is the model being compressed; choose another output directory")
-    if out.exists() and not overwrite:
-        raise CompressError(f"{out}: exists; pass --overwrite to replace it")
-    if out.exists() and not compressed.is_compressed(out):
-        raise CompressError(f"{out}: exists and was not written by gpt2dist.compress (no {compressed.MANIFEST}); "
-                            "refusing to replace it")
-
-
-def write(model: torch.nn.Module, out: Path, manifest: dict) -> None:
-    """Write into a new directory beside `out`, then swap it in: a failure leaves `out` as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():  # left by an earlier compress of the same pid that died
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        compressed.save(model, tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def inputs(args) -> list[str]:
+    """What the command reads: the output may not be one, be inside one or hold one."""
+    return [args.model, *([args.corpus] if args.command == "prune-mlp" else [])]
 
 
 def importance_batches(corpus: str, split: str, sequences: int, seq_len: int):
@@ -90,7 +67,7 @@ def importance_batches(corpus: str, split: str, sequences: int, seq_len: int):
 def run(args) -> str:
     """Do what the arguments say; returns the line to print."""
     out = Path(args.output)
-    check_output(out, args.model, args.overwrite)  # before any work (the arguments' ranges: their types)
+    outputs.check(args.output, inputs(args), args.overwrite)  # before any work (the arguments' ranges: their types)
     model = source_model(args.model)
     manifest = {"method": args.command, "source": str(args.model),
                 "source_sha256": compressed.source_sha256(weights_source(args.model)),
@@ -107,7 +84,8 @@ def run(args) -> str:
         batches = importance_batches(args.corpus, args.split, args.sequences, args.seq_len)
         model = prune.prune_mlp(model, args.fraction, prune.mlp_importance(model, batches))
         manifest["fraction"] = args.fraction
-    write(model, out, manifest)
+    with outputs.staged(out, "compressed", inputs(args), args.overwrite) as tmp:
+        compressed.save(model, tmp, manifest)
     return f"wrote {out} ({manifest['method']})"
 
 
@@ -122,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     for c in commands.values():
         c.add_argument("model", help="run, checkpoint, Hugging Face or compressed directory")
         c.add_argument("output", help="directory to write")
-        c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if an earlier compress wrote it")
+        c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if gpt2dist wrote it")
     commands["quantize"].add_argument("--method", required=True, choices=METHODS)
     commands["prune"].add_argument("--sparsity", type=fraction, required=True, help="share of weights zeroed, in [0, 1)")
     mlp = commands["prune-mlp"]

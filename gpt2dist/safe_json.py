@@ -9,6 +9,10 @@ JSON parser can follow (it would raise RecursionError); a JSON Lines row that is
 Lines line costs at most MAX_LINE_BYTES to read, however long it is: a longer one is refused (and read
 past in chunks, so that a caller may skip it and read on), and a document at most the size its reader
 allows (`read_json`).
+
+`Fields` then takes a parsed object's fields one by one, each checked for its type and range, so that every
+reader of a format from elsewhere (a corpus manifest, a Hugging Face config.json, adapter_config.json,
+compress.json) names the file and the key at fault the same way.
 """
 
 import json
@@ -22,6 +26,7 @@ from gpt2dist.errors import BadFile
 
 MAX_LINE_BYTES = 32 * 2**20  # one JSON Lines row: a document of a few million words still fits
 MAX_INT_DIGITS = 100  # far beyond any count or id a JSON input holds; Python itself stops at 4300
+MAX_EXACT_INT = 2**53  # the largest integer every JSON reader holds exactly: the default bound of a count
 SKIP_CHUNK = 1 << 20  # how much of a too-long line is read at a time to get past it
 
 _short = reprlib.Repr()
@@ -118,3 +123,64 @@ def rows(f: BinaryIO, path: str | Path) -> Iterator[tuple[str, dict | BadFile]]:
             yield where, row(raw, where)
         except BadFile as e:
             yield where, e
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+          dict: "a JSON object", type(None): "null"}
+
+
+class Fields:
+    """The fields of one JSON object read from `where`, each taken checked for its type and range; errors are
+    `error` (a BadFile) naming the file and the key (`key.field`, as `splits.train.shards[0].file`)."""
+
+    def __init__(self, where: str | Path, value: object, key: str = "", error: type[BadFile] = BadFile):
+        self.where, self.key, self.value, self.error = str(where), key, value, error
+        if not isinstance(value, dict):
+            raise error(where, f"not a JSON object ({type(value).__name__} {shown(value)})", key or None)
+
+    def name(self, field: str) -> str:
+        return f"{self.key}.{field}" if self.key else field
+
+    def bad(self, field: str, message: str) -> BadFile:
+        return self.error(self.where, message, self.name(field))
+
+    def get(self, field: str, kind: type | tuple[type, ...], optional: bool = False):
+        """The field's value, of type `kind` (a bool is no integer or number, an integer is a number); None
+        if it is missing and `optional`."""
+        if field not in self.value:
+            if optional:
+                return None
+            raise self.bad(field, "missing")
+        value, kinds = self.value[field], kind if isinstance(kind, tuple) else (kind,)
+        accepted = (*kinds, int) if float in kinds else kinds
+        if not isinstance(value, accepted) or isinstance(value, bool) and bool not in kinds:
+            raise self.bad(field, f"{shown(value)} is not {' or '.join(_KINDS[k] for k in kinds)}")
+        return value
+
+    def count(self, field: str, low: int = 0, high: int = MAX_EXACT_INT, optional: bool = False) -> int | None:
+        """An integer in [low, high]."""
+        value = self.get(field, int, optional)
+        if value is not None and not low <= value <= high:
+            raise self.bad(field, f"{value:,} is not between {low:,} and {high:,}")
+        return value
+
+    def number(self, field: str, low: float, high: float, optional: bool = False, open_low: bool = False,
+               open_high: bool = False) -> float | None:
+        """A number in [low, high] (without the ends that are open)."""
+        value = self.get(field, float, optional)
+        if value is not None and (value < low or value > high or open_low and value == low
+                                  or open_high and value == high):
+            raise self.bad(field, f"{value!r} is not in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
+        return None if value is None else float(value)
+
+    def strings(self, field: str, optional: bool = False, nonempty: bool = False) -> list[str] | None:
+        """A list of strings (at least one with `nonempty`)."""
+        value = self.get(field, list, optional)
+        if value is not None and (not all(isinstance(v, str) for v in value) or nonempty and not value):
+            raise self.bad(field, f"{shown(value)} is not a list of {'one or more ' if nonempty else ''}strings")
+        return value
+
+    def fields(self, field: str, optional: bool = False) -> "Fields | None":
+        """The field's object, as Fields."""
+        value = self.get(field, dict, optional)
+        return None if value is None else Fields(self.where, value, self.name(field), self.error)

@@ -18,6 +18,20 @@ from gpt2dist.training.checkpoint import CHECKPOINTS
 ROOT = Path(__file__).resolve().parent.parent
 register()
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each module runs whole on one
+# worker, so its module- and session-scoped fixtures are made once; modules that share an expensive session
+# fixture or a machine-wide resource share a group: the SLURM cluster (one at a time), the 2-rank runs.
+SHARED_GROUPS = {"test_slurm": "slurm", "test_multinode": "slurm", "test_elastic": "two-ranks",
+                 "test_multirank": "two-ranks"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
 # A model and batch small enough that a step takes milliseconds on a CPU.
 TINY = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",

@@ -11,6 +11,7 @@ from transformers import GPT2LMHeadModel
 from gpt2dist.compress import main as compress_main
 from gpt2dist.evaluate import main as evaluate_main
 from gpt2dist.export import main as export_main
+from gpt2dist.outputs import MARKER
 from gpt2dist.fileio import sha256_of
 from gpt2dist.generate import main as generate_main
 from gpt2dist.lmeval import GPT2DistLM
@@ -54,7 +55,7 @@ def test_quantized_model_round_trip(source_dir, tmp_path, method):
     manifest = json.loads((out / "compress.json").read_text())
     assert manifest["method"] == method
     assert manifest["source_sha256"] == compressed.source_sha256(source_dir)
-    assert sorted(p.name for p in out.iterdir()) == ["compress.json", "merges.txt", "model.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["compress.json", MARKER, "merges.txt", "model.safetensors",
                                                      "tokenizer_config.json", "vocab.json"]  # nothing pickled
     model, fp32 = load_model(out), load_model(source_dir)
     max_error, ratio = EXPECTED[method]
@@ -96,7 +97,7 @@ def test_bad_input_one_line_exit_2(source_dir, tmp_path, capsys):
         ("prune-mlp", source_dir, tmp_path / "a", "--fraction", "-0.1", "--corpus", tmp_path): "--fraction",
         ("quantize", quantized, tmp_path / "a", "--method", "int4-weight"): "already quantized",
         ("quantize", source_dir, quantized, "--method", "bf16"): "pass --overwrite",
-        ("quantize", source_dir, other, "--method", "bf16", "--overwrite"): "not written by gpt2dist.compress",
+        ("quantize", source_dir, other, "--method", "bf16", "--overwrite"): "not an output gpt2dist wrote",
         ("quantize", corrupt, tmp_path / "a", "--method", "bf16"): "model.safetensors",
     }
     capsys.readouterr()

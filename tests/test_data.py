@@ -105,7 +105,7 @@ def test_missing_input_and_existing_output(tmp_path, text_inputs):
     assert r.returncode == 2 and "nope*.txt" in r.stderr
     assert prepare(str(text_inputs), "--output", str(tmp_path / "c"), "--block-tokens", "64", "--text-field", "body").returncode == 0
     r = prepare(str(text_inputs), "--output", str(tmp_path / "c"), "--block-tokens", "64", "--text-field", "body")
-    assert r.returncode == 2 and "already there" in r.stderr
+    assert r.returncode == 2 and "pass --overwrite" in r.stderr
 
 
 def test_damaged_shards_are_errors_naming_the_shard(corpus, tmp_path):

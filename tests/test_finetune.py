@@ -5,6 +5,7 @@ transformers load with our logits."""
 
 import json
 import math
+import os
 import runpy
 import shutil
 
@@ -184,6 +185,9 @@ def assert_exports_match(run_dir, hf_base, tmp_path):
     """The run's PEFT-format and merged exports give, in peft and transformers, the logits of the run's model."""
     assert export_main([str(run_dir), str(tmp_path / "adapter"), "--adapter"]) == 0
     assert export_main([str(run_dir), str(tmp_path / "merged")]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.glob("*/*.safetensors")} == {0o666 & ~umask}  # not 0600
     idx = tokens(7, length=32)
     with torch.no_grad():
         ours = load_model(run_dir)(idx)[0]
@@ -308,6 +312,17 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
     with pytest.raises(WeightsError, match="does not match"):  # the run's model is the adapter's base's shape
         adapter_run(sft_corpus, other, tmp_path / "refused", *lora, f"train.init_adapter={adapter}")
     assert not (tmp_path / "refused" / "config.yaml").exists()
+
+
+def test_adapter_config_takes_peft_defaults_for_missing_keys_only(tmp_path):
+    """An explicit value is read as given (lora_alpha: 0 is 0, not peft's default 8); only a key left out
+    takes peft's default. Invalid explicit values are refused (tests/test_hostile_inputs.py, ADAPTER_CASES)."""
+    from gpt2dist.models.adapters import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "target_modules": ["c_attn"], "lora_alpha": 0, "lora_dropout": 0.0}))
+    config = read_adapter_config(tmp_path)
+    assert (config.r, config.alpha, config.dropout, config.base) == (8, 0.0, 0.0, None)
 
 
 def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):

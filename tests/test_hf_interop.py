@@ -72,13 +72,21 @@ def test_bf16_checkpoint_exports_the_fp32_master_weights(runs):
 
 
 def save_hf(hf: GPT2LMHeadModel, hf_dir, layout: str) -> None:
-    """A Hugging Face directory as users download them: safetensors, a legacy .bin, or OpenAI's
-    gpt2 layout (a GPT2Model: no `transformer.` prefix, with the attention mask buffers)."""
+    """A Hugging Face directory as users download them: safetensors, sharded safetensors with their index, a
+    legacy .bin, or OpenAI's gpt2 layout (a GPT2Model: no `transformer.` prefix, with the attention mask
+    buffers)."""
     hf_dir.mkdir()
     hf.config.save_pretrained(hf_dir)
     if layout == "safetensors":
         state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
         save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    elif layout == "sharded":
+        names = sorted(k for k in hf.state_dict() if k != "lm_head.weight")
+        weight_map = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}
+        for file in set(weight_map.values()):
+            save_file({n: hf.state_dict()[n].contiguous() for n, f in weight_map.items() if f == file}, hf_dir / file,
+                      metadata={"format": "pt"})
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     elif layout == "bin":
         torch.save(hf.state_dict(), hf_dir / "pytorch_model.bin")
     else:
@@ -87,7 +95,7 @@ def save_hf(hf: GPT2LMHeadModel, hf_dir, layout: str) -> None:
         torch.save(state, hf_dir / "pytorch_model.bin")
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "bin", "openai-gpt2"])
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin", "openai-gpt2"])
 def test_import_hf_directory_gives_hf_logits(tmp_path, layout):
     hf = tiny_hf(seed=3)
     save_hf(hf, tmp_path / "hf", layout)
@@ -160,12 +168,12 @@ def test_other_architectures_and_bad_paths_are_refused(tmp_path, capsys):
     save_hf(tiny_hf(), hf_dir, "safetensors")
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
-    with pytest.raises(WeightsError, match="config.json: activation_function='relu'"):
+    with pytest.raises(WeightsError, match="config.json: activation_function: 'relu'"):
         load_model(hf_dir)
     with pytest.raises(WeightsError, match="no such file"):
         load_model(tmp_path / "missing")
-    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: not a gpt2dist run")
+    assert export_main([str(hf_dir), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {hf_dir}: not a gpt2dist run")
 
 
 def test_exported_tokenizer_encodes_as_tiktoken(tmp_path):

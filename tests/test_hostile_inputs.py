@@ -15,6 +15,7 @@ A new reader or writer adds its rows here: a few lines each.
 """
 
 import functools
+import hashlib
 import http.server
 import json
 import posixpath
@@ -33,6 +34,8 @@ from gpt2dist.safe_json import MAX_LINE_BYTES
 from tests.conftest import ROOT, TINY, clean_env, tiny_overrides
 
 PEAK_GROWTH_MIB = 512
+INDEX = "model.safetensors.index.json"
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
 
 class Valid:
@@ -84,6 +87,46 @@ class Valid:
             GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(out)
 
         return self._once("hf", make)
+
+    def adapter(self) -> Path:
+        """A LoRA adapter of r=2 on `hf`'s c_attn, saved by peft itself (adapter_config.json,
+        adapter_model.safetensors)."""
+        def make(out: Path) -> None:
+            import peft
+            import torch
+            from transformers import GPT2LMHeadModel
+
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel.from_pretrained(self.hf())
+            peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                       fan_in_fan_out=True)).save_pretrained(out)
+
+        return self._once("adapter", make)
+
+    def pruned(self) -> Path:
+        """`hf` compressed by `prune --sparsity 0.5` (compress.json names the weights it zeroed)."""
+        def make(out: Path) -> None:
+            from gpt2dist.compress import main
+
+            assert main(["prune", str(self.hf()), str(out), "--sparsity", "0.5"]) == 0
+
+        return self._once("pruned", make)
+
+    def sharded(self) -> Path:
+        """`hf` with its weights in two safetensors shards and model.safetensors.index.json."""
+        def make(out: Path) -> None:
+            from safetensors.torch import load_file, save_file
+
+            shutil.copytree(self.hf(), out)
+            state = load_file(out / "model.safetensors")
+            (out / "model.safetensors").unlink()
+            names, weight_map = sorted(state), {}
+            for i, half in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+                save_file({n: state[n] for n in half}, out / SHARDS[i], metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(half, SHARDS[i]))
+            (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+        return self._once("sharded", make)
 
     def classify(self) -> Path:
         """A tiny classification corpus (data_tools.classify: two labels, each split the same two texts)."""
@@ -142,23 +185,273 @@ def edit_json(path: Path, change: Callable[[dict], object]) -> Path:
 
 
 GENERATE_HF = ["-m", "gpt2dist.generate", "hf", "--prompt", "The", "--max-new-tokens", "1"]
+EVALUATE_HF = ["-m", "gpt2dist.evaluate", "hf"]
+EVALUATE_TEXT = [*EVALUATE_HF, "--text", "hf/config.json"]  # a model that loads would score its config's text
 
 
-def hf_config(change: Callable[[dict], object]) -> Callable[[Path, Valid], list[str]]:
-    """A row: a Hugging Face directory whose config.json is changed, loaded to generate from."""
+# ---- Hugging Face directories (gpt2dist.models.hf.read_hf_config, by every command that loads one) ----
+CLASSIFIER = {"architectures": ["GPT2ForSequenceClassification"], "pad_token_id": 50256}
+
+
+def hf_row(change: Callable[[dict], object], command: list[str] = GENERATE_HF,
+           artifact: str = "hf") -> Callable[[Path, Valid], list[str]]:
+    """A row: a copy of the valid Hugging Face directory `artifact` (hf, or sharded), `change` applied to its
+    config.json, loaded by `command` (run with the valid corpus beside it)."""
     def make(d: Path, valid: Valid) -> list[str]:
-        edit_json(valid.copy("hf", d / "hf") / "config.json", change)
+        edit_json(valid.copy(artifact, d / "hf") / "config.json", change)
+        if "data.path=corpus" in command:
+            valid.copy("corpus", d / "corpus")
+        return command
+
+    return make
+
+
+def weights_row(change: Callable[[Path], object], artifact: str = "sharded") -> Callable[[Path, Valid], list[str]]:
+    """A row: a copy of `artifact` whose weight files `change(the directory)` rewrites, loaded to generate from."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        change(valid.copy(artifact, d / "hf"))
         return GENERATE_HF
 
     return make
 
 
-# ---- Hugging Face directories (gpt2dist.models.hf) ----
+def index_row(change: Callable[[dict], object]) -> Callable[[Path, Valid], list[str]]:
+    """A row: the sharded directory, `change` applied to its index's JSON."""
+    return weights_row(lambda hf: edit_json(hf / INDEX, change))
+
+
+def first_weight(index: dict) -> str:
+    return min(index["weight_map"])
+
+
+def both_shards_hold_every_weight(hf: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = {**load_file(hf / SHARDS[0]), **load_file(hf / SHARDS[1])}
+    for shard in SHARDS:
+        save_file(state, hf / shard, metadata={"format": "pt"})
+
+
+def torch_bin(value: Callable[[dict], object]) -> Callable[[Path], None]:
+    """The directory's weights replaced by pytorch_model.bin holding `value(its weights)`."""
+    def change(hf: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(hf / "model.safetensors")
+        (hf / "model.safetensors").unlink()
+        torch.save(value(state), hf / "pytorch_model.bin")
+
+    return change
+
+
+TRAIN_INIT_HF = ["train.py", *TINY, "data.path=corpus", "train.run_dir=run", "train.init_from=hf"]
+COMPRESS_HF = ["-m", "gpt2dist.compress", "quantize", "hf", "out", "--method", "bf16"]
 HF_CASES = [
     Case("hf-config-not-json", lambda d, v: (write(v.copy("hf", d / "hf") / "config.json", "{oops"), GENERATE_HF)[1],
          names="hf/config.json"),
-    Case("hf-config-other-architecture", hf_config(lambda c: c.update(model_type="llama")), names="hf/config.json",
+    Case("hf-config-nested-deeply",
+         lambda d, v: (write(v.copy("hf", d / "hf") / "config.json", "[" * 100_000 + "]" * 100_000), GENERATE_HF)[1],
+         names="hf/config.json"),
+    Case("hf-config-not-an-object", hf_row(lambda c: [c]), names="hf/config.json"),
+    Case("hf-config-other-architecture", hf_row(lambda c: c.update(model_type="llama")), names="hf/config.json",
          key="model_type"),
+    Case("hf-config-architectures-of-another-model", hf_row(lambda c: c.update(architectures=["LlamaForCausalLM"])),
+         names="hf/config.json", key="architectures"),
+    Case("hf-config-architectures-a-string", hf_row(lambda c: c.update(architectures="GPT2LMHeadModel")),
+         names="hf/config.json", key="architectures"),
+    Case("hf-config-n-layer-missing", hf_row(lambda c: c.__delitem__("n_layer")), names="hf/config.json",
+         key="n_layer"),
+    Case("hf-config-n-embd-zero", hf_row(lambda c: c.update(n_embd=0)), names="hf/config.json", key="n_embd"),
+    Case("hf-config-n-head-negative", hf_row(lambda c: c.update(n_head=-2)), names="hf/config.json", key="n_head"),
+    Case("hf-config-n-head-not-dividing-n-embd", hf_row(lambda c: c.update(n_head=3), COMPRESS_HF),
+         names="hf/config.json", key="n_head"),
+    Case("hf-config-n-layer-a-float", hf_row(lambda c: c.update(n_layer=2.0)), names="hf/config.json", key="n_layer"),
+    Case("hf-config-n-embd-a-string", hf_row(lambda c: c.update(n_embd="32"), EVALUATE_TEXT), names="hf/config.json",
+         key="n_embd"),
+    Case("hf-config-n-layer-a-bool", hf_row(lambda c: c.update(n_layer=True)), names="hf/config.json", key="n_layer"),
+    Case("hf-config-n-layer-absurd", hf_row(lambda c: c.update(n_layer=10**6)), names="hf/config.json",
+         key="n_layer"),
+    Case("hf-config-vocab-size-absurd", hf_row(lambda c: c.update(vocab_size=10**12)), names="hf/config.json",
+         key="vocab_size"),
+    Case("hf-config-n-positions-absurd", hf_row(lambda c: c.update(n_positions=10**9), TRAIN_INIT_HF),
+         names="hf/config.json", key="n_positions"),
+    Case("hf-config-layer-norm-epsilon-negative", hf_row(lambda c: c.update(layer_norm_epsilon=-1e-5)),
+         names="hf/config.json", key="layer_norm_epsilon"),
+    Case("hf-config-scale-attn-weights-an-integer", hf_row(lambda c: c.update(scale_attn_weights=0)),
+         names="hf/config.json", key="scale_attn_weights"),
+    # Sizes in range, but more than the weights hold: refused from the weight files' headers, before a model
+    # of 4,000 layers (or 4 million tokens' embedding) is built.
+    Case("hf-config-far-more-layers-than-its-weights", hf_row(lambda c: c.update(n_layer=4000), TRAIN_INIT_HF),
+         names="hf/config.json", key="n_layer"),
+    Case("hf-config-far-more-layers-than-its-shards", hf_row(lambda c: c.update(n_layer=4000), artifact="sharded"),
+         names="hf/config.json", key="n_layer"),
+    Case("hf-config-vocabulary-beyond-its-weights", hf_row(lambda c: c.update(vocab_size=4_000_000), EVALUATE_TEXT),
+         names="hf/config.json", key="vocab_size"),
+    Case("hf-config-wider-than-its-weights", hf_row(lambda c: c.update(n_embd=4096, n_head=2)),
+         names="hf/config.json", key="n_embd"),
+    Case("hf-config-n-inner-not-its-weights", hf_row(lambda c: c.update(n_inner=10)), names="hf/config.json",
+         key="n_inner"),
+    Case("hf-config-n-positions-not-its-weights", hf_row(lambda c: c.update(n_positions=1000)),
+         names="hf/config.json", key="n_positions"),
+    Case("hf-config-id2label-not-an-object", hf_row(lambda c: c.update(CLASSIFIER, id2label=["a", "b"])),
+         names="hf/config.json", key="id2label"),
+    Case("hf-config-id2label-ids-not-0-to-n", hf_row(lambda c: c.update(CLASSIFIER, id2label={"0": "a", "5": "b"})),
+         names="hf/config.json", key="id2label"),
+    Case("hf-config-id2label-a-label-twice", hf_row(lambda c: c.update(CLASSIFIER, id2label={"0": "a", "1": "a"})),
+         names="hf/config.json", key="id2label"),
+    Case("hf-config-id2label-labels-not-strings", hf_row(lambda c: c.update(CLASSIFIER, id2label={"0": 1, "1": 2})),
+         names="hf/config.json", key="id2label.0"),
+    Case("hf-config-label2id-not-its-inverse",
+         hf_row(lambda c: c.update(CLASSIFIER, id2label={"0": "a", "1": "b"}, label2id={"a": 1, "b": 0})),
+         names="hf/config.json", key="label2id"),
+    Case("hf-config-classifier-without-its-head", hf_row(lambda c: c.update(CLASSIFIER, id2label={"0": "a"})),
+         names="hf/model.safetensors", key="score.weight"),
+    Case("hf-weights-not-safetensors", weights_row(lambda hf: write(hf / "model.safetensors", b"\xff" * 64), "hf"),
+         names="hf/model.safetensors"),
+    Case("hf-index-not-json", weights_row(lambda hf: write(hf / INDEX, "{oops")), names=f"hf/{INDEX}"),
+    Case("hf-index-weight-map-a-list", index_row(lambda i: i.update(weight_map=list(i["weight_map"]))),
+         names=f"hf/{INDEX}", key="weight_map"),
+    Case("hf-index-file-not-a-string", index_row(lambda i: i["weight_map"].update({first_weight(i): 5})),
+         names=f"hf/{INDEX}", key="weight_map.transformer."),
+    Case("hf-index-file-outside-the-directory",
+         index_row(lambda i: i["weight_map"].update({first_weight(i): f"../{SHARDS[0]}"})), names=f"hf/{INDEX}",
+         key="weight_map.transformer."),
+    Case("hf-index-file-absolute", index_row(lambda i: i["weight_map"].update({first_weight(i): "/etc/hostname"})),
+         names=f"hf/{INDEX}", key="weight_map.transformer."),
+    Case("hf-index-shard-missing",
+         index_row(lambda i: i["weight_map"].update({first_weight(i): "model-00003-of-00003.safetensors"})),
+         names=f"hf/{INDEX}", key="weight_map.transformer."),
+    Case("hf-index-two-shards-hold-every-weight", weights_row(both_shards_hold_every_weight), names=f"hf/{INDEX}",
+         key="weight_map.transformer."),
+    Case("hf-bin-a-list-of-tensors", weights_row(torch_bin(lambda s: list(s.values())), "hf"),
+         names="hf/pytorch_model.bin"),
+    Case("hf-bin-a-weight-not-a-tensor", weights_row(torch_bin(lambda s: {**s, "transformer.ln_f.bias": [1.0]}), "hf"),
+         names="hf/pytorch_model.bin", key="transformer.ln_f.bias"),
+]
+
+# ---- adapters in PEFT's format (gpt2dist.models.adapters.read_adapter_config) ----
+GENERATE_ADAPTER = [*GENERATE_HF, "--adapter", "adapter"]
+
+
+def adapter_row(change: Callable[[dict], object], command: list[str] = GENERATE_ADAPTER,
+                corpus: bool = False) -> Callable[[Path, Valid], list[str]]:
+    """A row: the valid adapter copied here (as adapter/, its base as hf/), `change` applied to its
+    adapter_config.json, then `command` run (with the valid corpus here if `corpus`)."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        valid.copy("hf", d / "hf")
+        edit_json(valid.copy("adapter", d / "adapter") / "adapter_config.json", change)
+        if corpus:
+            valid.copy("corpus", d / "corpus")
+        return command
+
+    return make
+
+
+TRAIN_INIT_ADAPTER = [*TRAIN_INIT_HF, "train.init_adapter=adapter", "peft=lora", "peft.r=2", "peft.alpha=4",
+                      "peft.target_modules=[c_attn]"]
+ADAPTER_CONFIG = "adapter/adapter_config.json"
+ADAPTER_CASES = [
+    Case("adapter-config-not-json", lambda d, v: (write(v.copy("adapter", d / "adapter") / "adapter_config.json", "{"),
+                                                  v.copy("hf", d / "hf"), GENERATE_ADAPTER)[2], names=ADAPTER_CONFIG),
+    Case("adapter-config-not-an-object", adapter_row(lambda c: [c]), names=ADAPTER_CONFIG),
+    Case("adapter-peft-type-unknown", adapter_row(lambda c: c.update(peft_type="PREFIX_TUNING")), names=ADAPTER_CONFIG,
+         key="peft_type"),
+    Case("adapter-peft-type-missing", adapter_row(lambda c: c.__delitem__("peft_type")), names=ADAPTER_CONFIG,
+         key="peft_type"),
+    Case("adapter-target-modules-not-strings", adapter_row(lambda c: c.update(target_modules=[1, 2])),
+         names=ADAPTER_CONFIG, key="target_modules"),
+    Case("adapter-target-modules-a-number", adapter_row(lambda c: c.update(target_modules=5)), names=ADAPTER_CONFIG,
+         key="target_modules"),
+    Case("adapter-target-modules-empty", adapter_row(lambda c: c.update(target_modules=[])), names=ADAPTER_CONFIG,
+         key="target_modules"),
+    Case("adapter-r-zero", adapter_row(lambda c: c.update(r=0)), names=ADAPTER_CONFIG, key="r"),
+    Case("adapter-r-a-bool", adapter_row(lambda c: c.update(r=True), [*EVALUATE_TEXT, "--adapter", "adapter"]),
+         names=ADAPTER_CONFIG, key="r"),
+    Case("adapter-r-a-string", adapter_row(lambda c: c.update(r="2")), names=ADAPTER_CONFIG, key="r"),
+    Case("adapter-r-a-float", adapter_row(lambda c: c.update(r=2.5), TRAIN_INIT_ADAPTER, corpus=True),
+         names=ADAPTER_CONFIG, key="r"),
+    Case("adapter-r-not-its-weights", adapter_row(lambda c: c.update(r=4)), names=ADAPTER_CONFIG, key="r"),
+    Case("adapter-r-absurd", adapter_row(lambda c: c.update(r=10**9)), names=ADAPTER_CONFIG, key="r"),
+    Case("adapter-lora-alpha-a-bool", adapter_row(lambda c: c.update(lora_alpha=True)), names=ADAPTER_CONFIG,
+         key="lora_alpha"),
+    Case("adapter-lora-alpha-a-string", adapter_row(lambda c: c.update(lora_alpha="4")), names=ADAPTER_CONFIG,
+         key="lora_alpha"),
+    Case("adapter-lora-alpha-negative", adapter_row(lambda c: c.update(lora_alpha=-4)), names=ADAPTER_CONFIG,
+         key="lora_alpha"),
+    Case("adapter-lora-dropout-above-one", adapter_row(lambda c: c.update(lora_dropout=1.5)), names=ADAPTER_CONFIG,
+         key="lora_dropout"),
+    Case("adapter-ia3-feedforward-outside-targets",
+         adapter_row(lambda c: c.update(peft_type="IA3", feedforward_modules=["c_fc"])), names=ADAPTER_CONFIG,
+         key="feedforward_modules"),
+    Case("adapter-weights-not-safetensors",
+         lambda d, v: (adapter_row(lambda c: None)(d, v), write(d / "adapter/adapter_model.safetensors", "{}"))[0],
+         names="adapter/adapter_model.safetensors"),
+    Case("adapter-uses-dora", adapter_row(lambda c: c.update(use_dora=True)), names=ADAPTER_CONFIG, key="use_dora"),
+    Case("adapter-base-not-a-string", adapter_row(lambda c: c.update(base_model_name_or_path=["hf"]),
+                                                  [*GENERATE_HF[:2], "adapter", *GENERATE_HF[3:]]),
+         names=ADAPTER_CONFIG, key="base_model_name_or_path"),
+]
+
+# ---- compressed directories (gpt2dist.models.compressed.read_manifest) ----
+EXPORT_PRUNED = ["-m", "gpt2dist.export", "pruned", "out"]
+GENERATE_PRUNED = ["-m", "gpt2dist.generate", "pruned", "--prompt", "The", "--max-new-tokens", "1"]
+COMPRESS_PRUNED = ["-m", "gpt2dist.compress", "quantize", "pruned", "out", "--method", "bf16"]
+
+
+def compressed_row(change: Callable[[dict], object],
+                   command: list[str] = GENERATE_PRUNED) -> Callable[[Path, Valid], list[str]]:
+    """A row: the valid pruned directory copied here, `change` applied to its compress.json, then `command`
+    (with the valid corpus here for train.py)."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        edit_json(valid.copy("pruned", d / "pruned") / "compress.json", change)
+        if "data.path=corpus" in command:
+            valid.copy("corpus", d / "corpus")
+        return command
+
+    return make
+
+
+def model_config(**fields) -> Callable[[dict], object]:
+    return lambda m: m["config"].update(fields)
+
+
+COMPRESS_JSON = "pruned/compress.json"
+COMPRESSED_CASES = [
+    Case("compressed-manifest-not-an-object", compressed_row(lambda m: [m]), names=COMPRESS_JSON),
+    Case("compressed-format-other", compressed_row(lambda m: m.update(format="other/1")), names=COMPRESS_JSON,
+         key="format"),
+    Case("compressed-method-unknown", compressed_row(lambda m: m.update(method="int2"), COMPRESS_PRUNED),
+         names=COMPRESS_JSON, key="method"),
+    Case("compressed-config-missing", compressed_row(lambda m: m.__delitem__("config"), EXPORT_PRUNED),
+         names=COMPRESS_JSON, key="config"),
+    Case("compressed-n-layer-zero", compressed_row(model_config(n_layer=0)), names=COMPRESS_JSON,
+         key="config.n_layer"),
+    Case("compressed-n-embd-negative", compressed_row(model_config(n_embd=-32), EXPORT_PRUNED), names=COMPRESS_JSON,
+         key="config.n_embd"),
+    Case("compressed-share-layers-zero", compressed_row(model_config(share_layers=0)), names=COMPRESS_JSON,
+         key="config.share_layers"),
+    Case("compressed-share-layers-not-dividing", compressed_row(model_config(share_layers=3)), names=COMPRESS_JSON,
+         key="config.share_layers"),
+    Case("compressed-mlp-hidden-of-other-length", compressed_row(model_config(mlp_hidden=[128])), names=COMPRESS_JSON,
+         key="config.mlp_hidden"),
+    Case("compressed-labels-not-strings", compressed_row(model_config(labels=[1, 2])), names=COMPRESS_JSON,
+         key="config.labels"),
+    Case("compressed-config-unknown-field", compressed_row(model_config(n_experts=8)), names=COMPRESS_JSON,
+         key="config.n_experts"),
+    Case("compressed-dropout-above-one", compressed_row(model_config(dropout=2.0)), names=COMPRESS_JSON,
+         key="config.dropout"),
+    Case("compressed-pruned-a-string", compressed_row(lambda m: m.update(pruned="all")), names=COMPRESS_JSON,
+         key="pruned"),
+    Case("compressed-pruned-not-its-weights", compressed_row(lambda m: m.update(pruned=["transformer.h.9.mlp"]),
+                                                             TRAIN_INIT_HF[:-1] + ["train.init_from=pruned"]),
+         names=COMPRESS_JSON, key="pruned"),
+    Case("compressed-far-more-layers-than-its-weights", compressed_row(model_config(n_layer=4000), EXPORT_PRUNED),
+         names=COMPRESS_JSON, key="config.n_layer"),
+    Case("compressed-wider-than-its-weights", compressed_row(model_config(n_embd=4096)), names=COMPRESS_JSON,
+         key="config.n_embd"),
+    Case("compressed-vocabulary-beyond-its-weights", compressed_row(model_config(vocab_size=4_000_000), COMPRESS_PRUNED),
+         names=COMPRESS_JSON, key="config.vocab_size"),
 ]
 
 # ---- prepared corpora (gpt2dist.data.shards.read_manifest, by every command that reads one) ----
@@ -196,8 +489,6 @@ def twice(m: dict) -> None:
     split["shards"].append(dict(split["shards"][0]))
     split["blocks"], split["tokens"] = 2 * split["blocks"], 2 * split["tokens"]
 
-
-EVALUATE_HF = ["-m", "gpt2dist.evaluate", "hf"]
 
 
 def with_hf(make: Callable[[Path, Valid], list[str]]) -> Callable[[Path, Valid], list[str]]:
@@ -409,6 +700,89 @@ PARTS_CASES = [
          names=f"{PART1}/train.tokens", key="splits.train.sha256"),
 ]
 
+# ---- outputs (gpt2dist.outputs, the one writer): what a command may not write into or replace ----
+def files(*names: str, then: Callable[[Path, Valid], list[str]]) -> Callable[[Path, Valid], list[str]]:
+    """A row: the user's files `names` (a name ending in / is a directory), then `then`'s inputs and command."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        for name in names:
+            (d / name).mkdir(parents=True, exist_ok=True) if name.endswith("/") else write(d / name, f"{name}: mine")
+        return then(d, valid)
+
+    return make
+
+
+def copies(*artifacts: tuple[str, str], argv: list[str]) -> Callable[[Path, Valid], list[str]]:
+    """`then` for `files`: valid artifacts (name, where) copied here, and argv."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        for name, where in artifacts:
+            valid.copy(name, d / where)
+        return argv
+
+    return make
+
+
+def linked(link: str, to: str, then: Callable[[Path, Valid], list[str]]) -> Callable[[Path, Valid], list[str]]:
+    def make(d: Path, valid: Valid) -> list[str]:
+        (d / link).symlink_to(to)
+        return then(d, valid)
+
+    return make
+
+
+def stream_cache_not_ours(d: Path, valid: Valid) -> list[str]:
+    """The stream cache directory of the served corpus already holds the user's files."""
+    url = valid.serve(valid.copy("corpus", d / "site" / "served").parent) + "served/"
+    write(d / "cache" / "stream" / hashlib.sha256(url.encode()).hexdigest()[:16] / "notes.txt", "mine")
+    return ["train.py", *TINY, f"data.path={url}", "data.cache_dir=cache", "train.run_dir=run"]
+
+
+QUANTIZE = ["-m", "gpt2dist.compress", "quantize", "hf", "out", "--method", "bf16"]
+NOT_OURS = "out: not an output gpt2dist wrote"
+OUTPUT_CASES = [
+    Case("compress-overwrite-thesis-beside-compress-json",
+         files("out/compress.json", "out/thesis.tex", then=copies(("hf", "hf"), argv=[*QUANTIZE, "--overwrite"])),
+         names=NOT_OURS),
+    Case("compress-output-a-link-to-theirs",
+         files("theirs/notes.txt", then=linked("out", "theirs", copies(("hf", "hf"), argv=[*QUANTIZE, "--overwrite"]))),
+         names=NOT_OURS),
+    Case("compress-output-exists", files("out/notes.txt", then=copies(("hf", "hf"), argv=QUANTIZE)),
+         names="out: exists and is not empty", key="--overwrite"),
+    Case("prepare-overwrite-another-programs-manifest",
+         files("out/manifest.json", "out/data.bin", then=jsonl([*PREPARE, "--overwrite"])), names=NOT_OURS),
+    Case("sft-overwrite-a-directory-named-like-a-shard",
+         files("out/manifest.json", "out/train-000000.tar/notes.txt", then=jsonl([*SFT, "--overwrite"])),
+         names=NOT_OURS),
+    Case("classify-output-the-working-directory", jsonl([*CLASSIFY[:-4], "--output", ".", "--seq-len", "32"]),
+         names=".: is the working directory"),
+    Case("prepare-output-a-parent-of-the-working-directory", jsonl([*PREPARE[:-4], "--output", "..", "--overwrite"]),
+         names="..: is the working directory or holds it"),
+    Case("prepare-output-holds-its-input",
+         jsonl(["-m", "data_tools.prepare", "data/in.jsonl", "--output", "data"], name="data/in.jsonl"),
+         names="data: holds an input"),
+    Case("prepare-output-inside-its-input",
+         files("texts/a.txt", then=lambda d, v: ["-m", "data_tools.prepare", "texts", "--output", "texts/corpus"]),
+         names="texts/corpus: is inside an input"),
+    Case("export-compressed-onto-itself",
+         copies(("pruned", "comp"), argv=["-m", "gpt2dist.export", "comp", "comp"]),
+         names="comp: is an input"),
+    Case("export-over-their-hf-directory",
+         copies(("pruned", "comp"), ("hf", "out"), argv=["-m", "gpt2dist.export", "comp", "out"]),
+         names="out: exists and is not empty", key="--overwrite"),
+    Case("export-overwrite-their-hf-directory",
+         copies(("pruned", "comp"), ("hf", "out"), argv=["-m", "gpt2dist.export", "comp", "out", "--overwrite"]),
+         names=NOT_OURS),
+    Case("export-adapter-over-their-files",
+         files("out/adapter_config.json", then=copies(("pruned", "comp"),
+                                                      argv=["-m", "gpt2dist.export", "comp", "out", "--adapter"])),
+         names="out: exists and is not empty"),
+    Case("train-run-dir-inside-the-corpus",
+         copies(("corpus", "corpus"), argv=[*TRAIN_CORPUS[:-1], "train.run_dir=corpus/run"]),
+         names="corpus/run: is inside an input"),
+    Case("train-run-dir-theirs", files("run/notes.txt", then=copies(("corpus", "corpus"), argv=TRAIN_CORPUS)),
+         names="train.run_dir=", key="holds files gpt2dist did not write (notes.txt)"),
+    Case("stream-cache-theirs", stream_cache_not_ours, names="the stream cache of", key="notes.txt"),
+]
+
 # ---- config values (gpt2dist.config.check) that peft, torch or math would end in a traceback, or that one
 # value would silently override ----
 def config(*overrides: str) -> Callable[[Path, Valid], list[str]]:
@@ -467,7 +841,8 @@ ARGUMENT_CASES = [
          names="classify: holds classification examples"),
 ]
 
-CASES = [*HF_CASES, *CORPUS_CASES, *STREAM_CASES, *JSONL_CASES, *PARTS_CASES, *CONFIG_CASES, *ARGUMENT_CASES]
+CASES = [*HF_CASES, *ADAPTER_CASES, *COMPRESSED_CASES, *CORPUS_CASES, *STREAM_CASES, *JSONL_CASES, *PARTS_CASES,
+         *OUTPUT_CASES, *CONFIG_CASES, *ARGUMENT_CASES]
 
 
 @pytest.fixture(scope="module")

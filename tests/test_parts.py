@@ -22,6 +22,7 @@ import zstandard
 from data_tools import prepare
 from data_tools.parts import PART_MANIFEST, make_plan, part_dir, parts_dir
 from data_tools.sources import Piece, input_files, parquet_row_groups
+from gpt2dist.outputs import MARKER
 from tests.conftest import ROOT, clean_env
 from tests.test_multinode import two_nodes  # noqa: F401  (the two-node cluster fixture)
 from tests.test_slurm import job_field, wait_for
@@ -174,6 +175,7 @@ def test_a_rerun_redoes_only_an_incomplete_part(inputs, reference, tmp_path):
            "run part 1 again (--part 1 --of 2)" in err
     left = parts_dir(out) / ".part-00001-of-00002.tmp-k1ll3d"  # as a killed task leaves it
     left.mkdir()
+    (left / MARKER).write_text(json.dumps({"written_by": "gpt2dist", "kind": "part"}))  # staging: ours
     (left / "train.tokens").write_bytes(b"\1\2" * 1000)
     made = (part_dir(out, 0, 2) / PART_MANIFEST).stat().st_mtime_ns
     status, said, err = run(*args, "--part", "0", "--of", "2")

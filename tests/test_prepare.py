@@ -144,17 +144,16 @@ def test_verify_finds_damaged_shards(tmp_path):
 
 
 def test_an_output_gpt2dist_did_not_write_is_never_deleted(tmp_path):
-    """A non-empty directory without a manifest (here: the inputs' own directory, as `--output .`
-    would be) is refused with one line, with or without --overwrite, and left as it was."""
+    """The inputs' own directory (as `--output .` would be) is refused with one line, with or without
+    --overwrite, and left as it was."""
     (tmp_path / "docs.jsonl").write_bytes(jsonl(DOCS[:20]))
     (tmp_path / "notes.md").write_text("mine")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     for extra in ([], ["--overwrite"]):
         r = run("prepare", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path), "--block-tokens", "16", *extra)
         assert r.returncode == 2
-        assert r.stderr.strip().splitlines() == [f"error: {tmp_path}: not empty and not a prepared corpus (no "
-                                                 f"{MANIFEST}); gpt2dist replaces only what it wrote: choose "
-                                                 "another output directory"]
+        assert r.stderr.strip().splitlines() == [f"error: {tmp_path}: holds an input of this command "
+                                                 f"({tmp_path / 'docs.jsonl'}): choose another output directory"]
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -172,7 +171,7 @@ def test_overwrite_replaces_only_a_prepared_corpus(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary or old copy left
     (out / "README").write_text("my notes about this corpus")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(FileExistsError, match="also holds README: not replacing it"):
+    with pytest.raises(FileExistsError, match="holds README, which gpt2dist did not write"):
         prepare(DOCS[:20], overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gpt2dist.config import ConfigError
-from gpt2dist.training.run_dir import MARKER
+from gpt2dist.outputs import MARKER
 from gpt2dist.training.trainer import Trainer
 from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, run_train, tiny_overrides, train
 
@@ -28,7 +28,7 @@ def test_a_directory_gpt2dist_did_not_write_is_refused(corpus, tmp_path, resume)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: train.run_dir={run_dir} holds files gpt2dist did not write (config.yaml, metrics.jsonl); "
-        "choose another train.run_dir (nothing there was changed)"]
+        "choose another directory (nothing there was changed)"]
     assert _contents(run_dir) == before
 
 

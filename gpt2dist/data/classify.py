@@ -14,6 +14,7 @@ tokenizer has ids, which `gpt2dist.data.shards.read_manifest` also holds every c
 """
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,15 +71,17 @@ def encode(example: LabelledText, seq_len: int, label_ids: dict[str, int]) -> np
 
 
 def prepare_classify(splits: dict[str, list[LabelledText]], labels: list[str], out_dir: str | Path, seq_len: int,
-                     source: str, overwrite: bool = False, skipped: int = 0, split_by: str = "files") -> dict:
-    """Write the examples of each split (train, val, test) as a corpus at `out_dir`; returns its manifest.
+                     source: str, overwrite: bool = False, skipped: int = 0, split_by: str = "files",
+                     inputs: Iterable[str | Path] = ()) -> dict:
+    """Write the examples of each split (train, val, test) as a corpus at `out_dir` (not one of the `inputs`,
+    nor inside or holding one); returns its manifest.
     Every label must be in `labels`, which gives the ids in order. Every example is encoded before
     anything is written, so a bad one (ExampleError) leaves nothing."""
     ids = label_ids(labels)
     assert len(ids) == len(labels) and all(e.label in ids for s in splits.values() for e in s)
     blocks = {s: [encode(e, seq_len, ids) for e in splits.get(s, [])] for s in SPLITS}
     counts = {s: dict(Counter(e.label for e in splits.get(s, []))) for s in SPLITS}
-    return write_examples(blocks, out_dir, overwrite, {
+    return write_examples(blocks, out_dir, overwrite, TASK, inputs, {
         "task": TASK, "source": source, "seq_len": seq_len, "split_by": split_by, "labels": list(labels),
         "label_counts": {s: {label: counts[s].get(label, 0) for label in labels} for s in SPLITS},
         "skipped_inputs": skipped})

@@ -7,12 +7,11 @@ are in flight, so memory stays bounded whatever the corpus size. `tokenize` give
 streams; `CorpusWriter` cuts each split's stream into blocks and shards and writes the manifest,
 so a corpus tokenized in parts elsewhere (data_tools/parts.py) is written by the same code.
 
-The corpus is written into a temporary directory beside the target and renamed into place
-only when complete, so an interrupted preparation never leaves something that looks done. An
-existing output is replaced only if it is a prepared corpus and nothing else (and only when
-asked): a directory gpt2dist did not write is never deleted. An output `pipe:<command>` (stream
-mode's convention, gpt2dist/data/stream.py) is a command with `{file}` where each file's name goes,
-run once per file with the file on its standard input (`pipe:ssh host 'cat > /data/owt/{file}'`):
+The corpus is written, staged and swapped in whole, by gpt2dist.outputs (which also decides what
+may be replaced), so an interrupted preparation never leaves something that looks done. An output
+`pipe:<command>` (stream mode's convention, gpt2dist/data/stream.py) is a command with `{file}` where
+each file's name goes, run once per file with the file on its standard input
+(`pipe:ssh host 'cat > /data/owt/{file}'`):
 the corpus is written to a temporary directory first, then sent, the shards before the manifest, so
 that a reader never finds a manifest whose shards are not there yet.
 """
@@ -20,8 +19,6 @@ that a reader never finds a manifest whose shards are not there yet.
 import contextlib
 import multiprocessing
 import os
-import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -34,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2dist import outputs
 from gpt2dist.errors import Gpt2distError
 from gpt2dist.data.shards import DEFAULT_BLOCK_TOKENS, FORMAT, MANIFEST, TOKEN_DTYPE, SplitWriter, write_manifest
 from gpt2dist.data.tokenizer import EOT, TOKENIZER, VOCAB_SIZE, get_tokenizer
@@ -43,7 +41,6 @@ BATCH_CHARS = 1 << 20  # ... or this many characters, whichever comes first
 IN_FLIGHT_PER_WORKER = 4  # batches submitted ahead of the one being written
 EOT_ARRAY = np.array([EOT], dtype=TOKEN_DTYPE)
 SPLITS = ("train", "val")
-CORPUS_FILE = re.compile(r"(train|val|test)-\d{6}\.tar|" + re.escape(MANIFEST) + r"(\.tmp)?")  # what we write
 
 
 class OutputError(Gpt2distError):
@@ -111,39 +108,6 @@ def _tokenized(documents: Iterable[str], val_fraction: float, workers: int) -> I
             yield n, future.result()
 
 
-def check_output(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an output we may not replace: anything but a missing or empty directory, or (with
-    `overwrite`) a prepared corpus holding only the files a preparation writes."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: exists and is not a directory")
-    names = sorted(p.name for p in out_dir.iterdir())
-    if not names:
-        return
-    if not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir}: not empty and not a prepared corpus (no {MANIFEST}); "
-                              "gpt2dist replaces only what it wrote: choose another output directory")
-    if not overwrite:
-        raise FileExistsError(f"{out_dir}: a prepared corpus is already there (pass --overwrite to replace it)")
-    foreign = [name for name in names if not CORPUS_FILE.fullmatch(name)]
-    if foreign:
-        raise FileExistsError(f"{out_dir}: a prepared corpus, but it also holds {', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}: not replacing it")
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished corpus from `tmp` to `out_dir`, the old corpus there (if any) aside first."""
-    check_output(out_dir, overwrite)  # again: the directory may have changed while we tokenized
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = tmp.with_name(tmp.name + "-old")
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old)
-
-
 def send(corpus: Path, command: str) -> None:
     """Run `command` (with `{file}`) once per file of the corpus, the file on its standard input;
     the manifest last."""
@@ -157,11 +121,18 @@ def send(corpus: Path, command: str) -> None:
             raise OutputError(f"{one}: exit status {result.returncode}: {said[-1]}")
 
 
+def check_output(out_dir: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse now, before any work, an output `staged` would refuse at its start (gpt2dist.outputs.check)."""
+    if not str(out_dir).startswith("pipe:"):
+        outputs.check(out_dir, inputs, overwrite)
+
+
 @contextlib.contextmanager
-def staged(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory to write a corpus into, beside `out_dir`; published as `out_dir` (or,
-    for `pipe:<command>`, sent through the command) when the block ends without an error, removed
-    in any case (see the module docstring)."""
+def staged(out_dir: str | Path, overwrite: bool, kind: str = "corpus",
+           inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """A temporary directory to write a corpus into: published as `out_dir` by gpt2dist.outputs (which
+    refuses an output it may not write or replace) or, for `pipe:<command>`, sent through the command,
+    when the block ends without an error; removed in any case (see the module docstring)."""
     if str(out_dir).startswith("pipe:"):
         command = str(out_dir).removeprefix("pipe:")
         if "{file}" not in command:
@@ -170,18 +141,8 @@ def staged(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
             yield Path(tmp)
             send(Path(tmp), command)
         return
-    out_dir = Path(out_dir).resolve()  # a link to a directory: the corpus goes where it points
-    check_output(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the corpus is not
-    try:
+    with outputs.staged(out_dir, kind, inputs, overwrite) as tmp:
         yield tmp
-        _publish(tmp, out_dir, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenize(documents: Iterable[str], val_fraction: float, workers: int | None, desc: str,
@@ -250,13 +211,15 @@ def prepare_corpus(
     progress: bool = True,
     workers: int | None = None,
     skipped: Callable[[], int] = lambda: 0,
+    inputs: Iterable[str | Path] = (),
 ) -> dict:
     """Tokenize `documents` into a corpus at `out_dir` with `workers` processes (default: one per
     core); returns its manifest. `skipped()`, asked once the documents are read, is the number
     of bad inputs the reader skipped, recorded in the manifest. The train split must hold at least
-    one block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split."""
+    one block; with `val_fraction=1` (a held-out corpus, everything to validation), the val split.
+    `inputs`, the files and directories read, are what the output may not be, be inside or hold."""
     check_val_fraction(val_fraction)
-    with staged(out_dir, overwrite) as tmp:
+    with staged(out_dir, overwrite, "corpus", inputs) as tmp:
         corpus, n_bytes = CorpusWriter(tmp, val_fraction, block_tokens, shard_mb), 0
         for result in tokenize(documents, val_fraction, workers, f"tokenizing {source}", progress):
             for split in SPLITS:

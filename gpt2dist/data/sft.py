@@ -86,22 +86,26 @@ def prompt_ids(prompt: str) -> list[int]:
 
 
 def prepare_sft(splits: dict[str, list[Example]], out_dir: str | Path, seq_len: int, source: str,
-                overwrite: bool = False, skipped: int = 0, split_by: str = "files") -> dict:
-    """Write the examples of each split (train, val, test) as a corpus at `out_dir`; returns its manifest.
-    Every example is encoded before anything is written, so a bad one (ExampleError) leaves nothing."""
+                overwrite: bool = False, skipped: int = 0, split_by: str = "files", inputs: Iterable[str | Path] = ()
+                ) -> dict:
+    """Write the examples of each split (train, val, test) as a corpus at `out_dir` (not one of the `inputs`,
+    nor inside or holding one); returns its manifest. Every example is encoded before anything is written,
+    so a bad one (ExampleError) leaves nothing."""
     blocks = {s: [encode(e, seq_len) for e in splits.get(s, [])] for s in SPLITS}
-    return write_examples({s: [block for block, _ in b] for s, b in blocks.items()}, out_dir, overwrite, {
+    return write_examples({s: [block for block, _ in b] for s, b in blocks.items()}, out_dir, overwrite, TASK, inputs, {
         "task": TASK, "source": source, "seq_len": seq_len, "split_by": split_by,
         "truncated_responses": sum(cut for b in blocks.values() for _, cut in b), "skipped_inputs": skipped})
 
 
-def write_examples(blocks: dict[str, list[np.ndarray]], out_dir: str | Path, overwrite: bool, about: dict) -> dict:
-    """Write encoded examples, one block each, by split (train, val, test), as a corpus at `out_dir`, its
-    manifest saying `about` them (task, seq_len, ...) and counting them by split; returns the manifest."""
+def write_examples(blocks: dict[str, list[np.ndarray]], out_dir: str | Path, overwrite: bool, kind: str,
+                   inputs: Iterable[str | Path], about: dict) -> dict:
+    """Write encoded examples, one block each, by split (train, val, test), as a corpus at `out_dir` (an
+    output of `kind`, gpt2dist.outputs), its manifest saying `about` them (task, seq_len, ...) and counting
+    them by split; returns the manifest."""
     if not blocks["train"]:
         raise ExampleError("no training examples")
     block_tokens = len(blocks["train"][0]) - 1
-    with staged(out_dir, overwrite) as tmp:
+    with staged(out_dir, overwrite, kind, inputs) as tmp:
         writers = {s: SplitWriter(tmp, s, block_tokens, SHARD_EXAMPLES) for s in SPLITS}
         for split, encoded in blocks.items():
             for block in encoded:

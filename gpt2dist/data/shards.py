@@ -40,7 +40,7 @@ import numpy as np
 from gpt2dist.errors import BadFile, Gpt2distError
 from gpt2dist.fileio import sha256_of
 from gpt2dist.data.tokenizer import TOKENIZER
-from gpt2dist.safe_json import read_json, shown
+from gpt2dist.safe_json import Fields, read_json, shown
 
 FORMAT = "gpt2dist-tokens-v2"  # v2: shard sizes in the manifest
 MANIFEST = "manifest.json"
@@ -54,7 +54,6 @@ EXAMPLE_TOKENS = {"sft": 2, "classify": 0}  # block_tokens - seq_len of a fine-t
 # Bounds on what a manifest may claim, far beyond any real corpus: 16 MiB lists ~100,000 shards.
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_BLOCK_TOKENS = 2**24
-MAX_COUNT = 2**53  # JSON's exact integers
 TOKEN_IDS = np.iinfo(TOKEN_DTYPE).max + 1  # the largest vocabulary whose ids the shards can hold
 
 
@@ -180,41 +179,8 @@ def shard_bytes(blocks: int, block_tokens: int) -> int:
     return -(-(blocks * member + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-_KINDS = {int: "an integer", str: "a string", list: "a list", dict: "a JSON object"}
-
-
-class _Fields:
-    """The fields of one JSON object of a manifest, each taken checked; errors name the file and the key."""
-
-    def __init__(self, where: str, value: object, key: str = ""):
-        self.where, self.key, self.value = where, key, value
-        if not isinstance(value, dict):
-            raise BadManifest(where, f"not a JSON object ({type(value).__name__} {shown(value)})", key or None)
-
-    def name(self, field: str) -> str:
-        return f"{self.key}.{field}" if self.key else field
-
-    def get(self, field: str, kind: type, optional: bool = False):
-        if field not in self.value:
-            if optional:
-                return None
-            raise BadManifest(self.where, "missing", self.name(field))
-        value = self.value[field]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise BadManifest(self.where, f"{shown(value)} is not {_KINDS[kind]}", self.name(field))
-        return value
-
-    def count(self, field: str, low: int = 0, high: int = MAX_COUNT, optional: bool = False) -> int | None:
-        value = self.get(field, int, optional)
-        if value is not None and not low <= value <= high:
-            raise BadManifest(self.where, f"{value:,} is not between {low:,} and {high:,}", self.name(field))
-        return value
-
-    def fields(self, field: str) -> "_Fields":
-        return _Fields(self.where, self.get(field, dict), self.name(field))
-
-    def bad(self, field: str, message: str) -> BadManifest:
-        return BadManifest(self.where, message, self.name(field))
+def _fields(where: str, value: object, key: str = "") -> Fields:
+    return Fields(where, value, key, BadManifest)
 
 
 def check_manifest(raw: object, where: str) -> Manifest:
@@ -222,7 +188,7 @@ def check_manifest(raw: object, where: str) -> Manifest:
     every key the readers use present and of its type, every count in its range and consistent with the
     others (a shard's size is that of its blocks), every shard file a shard's name; raises BadManifest
     naming the key otherwise. Returns it as a Manifest."""
-    m = _Fields(where, raw)
+    m = _fields(where, raw)
     if raw.get("format") != FORMAT:
         raise m.bad("format", f"{shown(raw.get('format'))}, expected {FORMAT!r}: prepare the corpus again with this "
                               "version of data_tools.prepare")
@@ -253,7 +219,7 @@ def check_manifest(raw: object, where: str) -> Manifest:
         s = splits.fields(split)
         blocks = tokens = 0
         for i, entry in enumerate(s.get("shards", list)):
-            shard = _Fields(where, entry, s.name(f"shards[{i}]"))
+            shard = _fields(where, entry, s.name(f"shards[{i}]"))
             file = shard.get("file", str)
             if not SHARD_NAME.fullmatch(file) or not file.startswith(f"{split}-"):
                 raise shard.bad("file", f"{shown(file)} is not the name of a shard of the {split} split "

@@ -46,6 +46,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tar_file_iterator
 
+from gpt2dist import outputs
 from gpt2dist.data.loader import MIX_PERIOD, Permutation, SampleStream
 from gpt2dist.data.shards import MANIFEST, MAX_MANIFEST_BYTES, TOKEN_DTYPE, CorpusError, read_manifest, shard_path
 
@@ -125,6 +126,11 @@ class _Pipe:
         self.proc.stderr.close()
 
 
+def _older_cache(directory: Path) -> bool:
+    """A stream cache an older gpt2dist made, before markers: a manifest or a shards/ directory of its own."""
+    return (directory / MANIFEST).is_file() or (directory / "shards").is_dir()
+
+
 class ShardStore:
     """The files of a corpus at a location, as local files: a local directory's own, or copies in a
     cache directory (`<cache_dir>/stream/<hash of the location>`) fetched on demand.
@@ -158,7 +164,7 @@ class ShardStore:
         """A local directory with the manifest and the given splits' shards (fetched once, verified)."""
         if not self.remote:
             return self.dir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._claim()
         self._download(MANIFEST, self.dir / MANIFEST)
         manifest = read_manifest(self.dir, source=file_url(self.location, MANIFEST))
         for split in splits:
@@ -217,10 +223,15 @@ class ShardStore:
                 return dest
         except FileNotFoundError:
             pass
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        self.shard_dir.mkdir(exist_ok=True)
         self._download(shard["file"], dest, shard)
         self._evict(keep=dest)
         return dest
+
+    def _claim(self) -> None:
+        """Create and mark the cache directory (gpt2dist.outputs); one not empty and not ours is refused."""
+        outputs.claim(self.dir, "stream-cache", _older_cache, what=f"{self.dir} (the stream cache of {self.location})")
 
     def _download(self, file: str, dest: Path, shard: dict | None = None) -> None:
         """Copy `file` to `dest` (atomically), retrying with backoff: a shard of the manifest, which must be its

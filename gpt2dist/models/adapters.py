@@ -18,14 +18,15 @@ GPT the same adapters were applied to (`gpt2dist.models.weights.find_adapter` jo
 """
 
 import hashlib
-import json
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-from gpt2dist.errors import Gpt2distError
-from gpt2dist.models.gpt import GPT
+from gpt2dist.errors import BadFile, Gpt2distError
+from gpt2dist.models.gpt import GPT, LIMITS
+from gpt2dist.safe_json import Fields, read_json, shown
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,58 +126,106 @@ def merge(model: GPT) -> GPT:
     return model
 
 
-def read_adapter_config(adapter_dir: Path) -> dict:
-    return json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-
-
 class AdapterError(Gpt2distError, ValueError):
     """An adapter directory we cannot read, or adapters that do not fit a model (names the directory)."""
+
+
+class BadAdapterFile(AdapterError, BadFile):
+    """An adapter_config.json (or its weights) that does not hold what PEFT's format promises (names the key)."""
 
 
 # PEFT options that peft.* cannot express, with the value that means "not used".
 UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
                "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0}  # LoraConfig's, for the keys a file leaves out
+MAX_ADAPTER_CONFIG_BYTES = 2**20  # peft writes ~1 kB
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """adapter_config.json, checked (`read_adapter_config`): the adapters as peft.* settings, and their base."""
+
+    method: PeftMethod
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    feedforward_modules: tuple[str, ...]
+    base: str | None  # base_model_name_or_path
+
+    def settings(self) -> dict:
+        """As peft.* settings (gpt2dist.config.PeftConfig)."""
+        return {"method": self.method.value, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(self.target_modules), "feedforward_modules": list(self.feedforward_modules)}
 
 
 def is_peft_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
+    """An adapter directory's adapter_config.json, checked: a LoRA or IA3 config of peft on a list of target
+    module names, r a positive integer, lora_alpha and lora_dropout numbers in range (peft's defaults for the
+    keys left out only: an explicit value is never replaced), feedforward_modules among the targets, no option
+    peft.* cannot express; a BadAdapterFile naming the key otherwise. The one reader of adapter_config.json."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    c = Fields(path, read_json(path, MAX_ADAPTER_CONFIG_BYTES, error=BadAdapterFile), error=BadAdapterFile)
+    peft_type = c.get("peft_type", str)
+    try:
+        method = PeftMethod(peft_type.lower())
+    except ValueError:
+        method = PeftMethod.none
+    if method == PeftMethod.none:
+        raise c.bad("peft_type", f"{shown(peft_type)}: gpt2dist reads LORA or IA3 adapters")
+    if isinstance(c.value.get("target_modules"), str):
+        raise c.bad("target_modules", f"{shown(c.value['target_modules'])} is a regular expression, which "
+                                      "peft.target_modules does not express: list the module names")
+    targets = c.strings("target_modules", nonempty=True)
+    for key, unused in UNSUPPORTED.items():
+        if c.value.get(key) and c.value[key] != unused:
+            raise c.bad(key, f"{shown(c.value[key])}, which gpt2dist's peft.* settings do not express (supported: "
+                             "LoRA or IA3 on a list of target_modules)")
+    lora = method == PeftMethod.lora
+    r = c.count("r", 1, LIMITS["n_embd"], optional=True) if lora else None
+    alpha = c.number("lora_alpha", 0, 2**16, optional=True) if lora else None
+    dropout = c.number("lora_dropout", 0, 1, optional=True, open_high=True) if lora else None
+    feedforward = []
+    if not lora and c.value.get("feedforward_modules") is not None:  # peft writes null for none
+        feedforward = c.strings("feedforward_modules")
+    if outside := sorted(set(feedforward) - set(targets)):
+        raise c.bad("feedforward_modules", f"{shown(outside[0])} is not among target_modules {shown(targets)}")
+    base = c.get("base_model_name_or_path", (str, type(None)), optional=True)
+    return AdapterConfig(method, PEFT_DEFAULTS["r"] if r is None else r,
+                         float(PEFT_DEFAULTS["lora_alpha"] if alpha is None else alpha),
+                         PEFT_DEFAULTS["lora_dropout"] if dropout is None else dropout,
+                         tuple(targets), tuple(feedforward), base)
+
+
 def read_peft_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The peft.* settings and the weights (PEFT's names, no prefix or adapter name) of an adapter
-    directory in PEFT's format, as `save_adapter` or peft's `save_pretrained` write it."""
+    """The peft.* settings (`read_adapter_config`) and the weights (PEFT's names, no prefix or adapter name) of
+    an adapter directory in PEFT's format, as `save_adapter` or peft's `save_pretrained` write it; LoRA weights
+    whose rank is not the config's r are refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    try:
-        raw = read_adapter_config(adapter_dir)
-        method = PeftMethod(str(raw.get("peft_type")).lower())
-    except (OSError, json.JSONDecodeError, ValueError) as e:
-        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: not a LoRA or IA3 adapter config of peft ({e})") from None
-    targets = raw.get("target_modules")
-    unsupported = [k for k, unused in UNSUPPORTED.items() if raw.get(k) and raw.get(k) != unused]
-    if not isinstance(targets, list) or unsupported:
-        what = ", ".join(unsupported) if unsupported else f"target_modules {targets!r} (a regular expression)"
-        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: uses {what}, which gpt2dist's peft.* settings do "
-                           "not express (supported: LoRA or IA3 on a list of target_modules)")
-    settings = {"method": method.value, "r": raw.get("r") or 8, "alpha": raw.get("lora_alpha") or 8,
-                "dropout": raw.get("lora_dropout") or 0.0, "target_modules": targets,
-                "feedforward_modules": list(raw.get("feedforward_modules") or [])}
+    config = read_adapter_config(adapter_dir)
     try:
         state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     except (OSError, SafetensorError) as e:
         raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: unreadable ({e}); peft writes it with "
                            "save_pretrained(safe_serialization=True), its default") from None
-    return settings, {name.removeprefix(PEFT_PREFIX): t for name, t in state.items()}
+    for name, t in state.items():
+        rank = t.shape[0] if name.endswith("lora_A.weight") else t.shape[-1] if name.endswith("lora_B.weight") else None
+        if rank is not None and (t.dim() != 2 or rank != config.r):
+            raise BadAdapterFile(adapter_dir / ADAPTER_CONFIG, f"{config.r}, but {ADAPTER_WEIGHTS} holds {name} "
+                                                               f"{tuple(t.shape)}", "r")
+    return config.settings(), {name.removeprefix(PEFT_PREFIX): t for name, t in state.items()}
 
 
 def recorded_base(adapter_dir: str | Path) -> str | None:
     """The base model an adapter directory in PEFT's format names (base_model_name_or_path)."""
-    try:
-        return read_adapter_config(Path(adapter_dir)).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: unreadable ({e})") from None
+    return read_adapter_config(adapter_dir).base
 
 
 def load_peft_weights(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -> None:

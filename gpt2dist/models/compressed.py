@@ -8,11 +8,16 @@
 Nothing is pickled. A torchao-quantized weight is stored as its plain parts (int8 data, fp32
 scales, zero points) with its attributes as JSON in the safetensors header; torchao rebuilds it
 only from its allow-list of tensor classes.
+
+A compressed directory may come from elsewhere: `read_manifest` is compress.json's one reader (every key
+of its type and in range, the network's shape a GPTConfig that can be built), and its shape is checked
+against the weights (`_checked_state`) before a model is built for it.
 """
 
 import dataclasses
 import hashlib
 import json
+from typing import NotRequired, TypedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,20 +25,37 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from gpt2dist.errors import Gpt2distError
+from gpt2dist.errors import BadFile, Gpt2distError
 from gpt2dist.data.tokenizer import hf_tokenizer_files
 from gpt2dist.fileio import sha256_of
-from gpt2dist.models.gpt import GPT, GPTConfig
+from gpt2dist.models.gpt import GPT, LIMITS, GPTConfig, shape_mismatch
+from gpt2dist.safe_json import Fields, read_json, shown
 
 MANIFEST = "compress.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "gpt2dist-compressed/1"
 QUANTIZED = ("int8-weight", "int4-weight", "int8-dynamic")  # torchao tensors (gpt2dist.models.quantize)
 CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = (*QUANTIZED, *CAST, "prune", "prune-mlp")  # what `method` may say
+MAX_MANIFEST_BYTES = 64 * 2**20  # `pruned` names every weight at most: ~100 bytes each
 
 
 class CompressedError(Gpt2distError, RuntimeError):
     """A compressed directory that is unreadable or cannot serve the request (names the file)."""
+
+
+class BadCompressManifest(CompressedError, BadFile):
+    """A compress.json that does not hold what this version writes, or that its weights contradict (names the key)."""
+
+
+class Manifest(TypedDict):
+    """compress.json, as `read_manifest` returns it, checked (`save` writes more, such as the command line)."""
+
+    format: str  # FORMAT
+    method: str  # one of METHODS
+    source: str  # the model it was compressed from
+    config: dict  # a GPTConfig's fields (`config_of`)
+    pruned: NotRequired[list[str]]  # prune: the weights it zeroed
 
 
 def is_compressed(path: str | Path) -> bool:
@@ -58,20 +80,49 @@ def source_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: str | Path) -> dict:
-    """compress.json of a compressed directory, checked for the keys every reader needs."""
+def read_manifest(path: str | Path) -> Manifest:
+    """compress.json of a compressed directory, checked: its format and method, and a network shape that
+    `config_of` can build (`check_config`); a BadCompressManifest naming the key otherwise. The one reader
+    of compress.json."""
     file = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-        GPTConfig(**manifest["config"])
-        assert manifest["format"] == FORMAT, f"format {manifest['format']!r} is not {FORMAT}"
-        assert manifest["method"], "no method"
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise CompressedError(f"{file}: not a gpt2dist compressed model ({e!r})") from None
-    return manifest
+    m = Fields(file, read_json(file, MAX_MANIFEST_BYTES, error=BadCompressManifest), error=BadCompressManifest)
+    if (format_ := m.get("format", str)) != FORMAT:
+        raise m.bad("format", f"{shown(format_)} is not {FORMAT}: not a model compressed by this version")
+    if (method := m.get("method", str)) not in METHODS:
+        raise m.bad("method", f"{shown(method)} is none of {', '.join(METHODS)}")
+    m.get("source", str)
+    m.strings("pruned", optional=True)
+    check_config(m.fields("config"))
+    return m.value
 
 
-def config_of(manifest: dict) -> GPTConfig:
+def check_config(c: Fields) -> GPTConfig:
+    """A GPTConfig from its fields as `save` writes them (dataclasses.asdict), each of its type and range."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    if unknown := sorted(set(c.value) - known):
+        raise c.bad(unknown[0], "not a field of gpt2dist's model")
+    sizes = {key: c.count(key, 1, LIMITS[key]) for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise c.bad("n_head", f"{sizes['n_head']:,} does not divide n_embd {sizes['n_embd']:,}")
+    share = c.count("share_layers", 1, sizes["n_layer"])
+    if sizes["n_layer"] % share:
+        raise c.bad("share_layers", f"{share:,} does not divide n_layer {sizes['n_layer']:,}")
+    widths = c.get("mlp_hidden", (list, type(None)))
+    if widths is not None and (len(widths) != sizes["n_layer"] // share or not all(
+            isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= LIMITS["mlp_width"] for w in widths)):
+        raise c.bad("mlp_hidden", f"{shown(widths)} is not one width (1 to {LIMITS['mlp_width']:,}) per block "
+                                  f"({sizes['n_layer'] // share})")
+    labels = c.strings("labels")
+    if len(labels) > LIMITS["labels"] or len(set(labels)) != len(labels):
+        raise c.bad("labels", f"{shown(labels)} is not a list of distinct labels")
+    return GPTConfig(**sizes, share_layers=share, mlp_hidden=widths, labels=tuple(labels),
+                     dropout=c.number("dropout", 0, 1, open_high=True),
+                     layer_norm_epsilon=c.number("layer_norm_epsilon", 0, 1, open_low=True),
+                     pad_vocab_multiple=c.count("pad_vocab_multiple", 1, 2**16),
+                     pad_token_id=c.count("pad_token_id", 0, sizes["vocab_size"] - 1))
+
+
+def config_of(manifest: Manifest) -> GPTConfig:
     return GPTConfig(**manifest["config"])
 
 
@@ -89,20 +140,30 @@ def save(model: GPT, out_dir: Path, manifest: dict) -> None:
         (out_dir / name).write_text(text, encoding="utf-8")
 
 
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _checked_state(path: Path, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of model.safetensors and its metadata, checked against compress.json: the shape it claims
+    (before any model is built for it) and the weights `pruned` names."""
     file = path / WEIGHTS
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types as well as OSError
         raise CompressedError(f"{file}: unreadable safetensors file ({e})") from None
+    if mismatch := shape_mismatch(config_of(manifest), {name: t.shape for name, t in state.items()}):
+        field, message = mismatch
+        if field is None:
+            raise CompressedError(f"{file}: {message}")
+        raise BadCompressManifest(path / MANIFEST, message, f"config.{field}")
+    if odd := sorted(set(manifest.get("pruned", [])) - set(state)):
+        raise BadCompressManifest(path / MANIFEST, f"{shown(odd[0])} is not a weight of {WEIGHTS}", "pruned")
+    return state, metadata
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> GPT:
     """The GPT of a compressed directory, in eval mode, its weights as stored (quantized, bf16, ...)."""
     path = Path(path)
     manifest = read_manifest(path)
-    state, metadata = _read_state(path)
+    state, metadata = _checked_state(path, manifest)
     if manifest["method"] in QUANTIZED:
         try:
             state = torchao().unflatten_tensor_state_dict(state, metadata)[0]
@@ -135,5 +196,5 @@ def plain_tensors(path: str | Path) -> tuple[GPTConfig, Iterator[tuple[str, torc
     if manifest["method"] in QUANTIZED:
         raise CompressedError(f"{path}: holds {manifest['method']}-quantized weights, which cannot be trained or "
                               f"exported; use the model it was quantized from ({manifest['source']})")
-    state, _ = _read_state(path)
+    state, _ = _checked_state(path, manifest)
     return config_of(manifest), ((name, t.float()) for name, t in state.items())

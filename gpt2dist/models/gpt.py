@@ -13,6 +13,8 @@ optimizer state are applied from outside by `gpt2dist.training.engine`.
 """
 
 import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,44 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
+
+
+# The largest shape a file from elsewhere (config.json, compress.json) may claim, far beyond any GPT-2 (XL: 48
+# layers of 1600, 25 heads, 1024 positions): a claim past these is refused before the weights are looked at.
+LIMITS = {"n_layer": 2**12, "n_head": 2**10, "n_embd": 2**16, "block_size": 2**20, "vocab_size": 2**22,
+          "mlp_width": 2**20, "labels": 2**16}
+_BLOCK = re.compile(r"transformer\.h\.(\d+)\.")
+
+
+def shape_mismatch(config: GPTConfig, shapes: Mapping[str, Sequence[int]]) -> tuple[str | None, str] | None:
+    """The GPTConfig field (n_layer, n_embd, vocab_size, block_size, mlp_hidden, labels) that weights of these
+    shapes (by our names, from a file's header: nothing loaded) contradict, and how; None if they fit. The
+    field is None where the weights lack a tensor that shows the shape. Only the embeddings, the MLPs' c_fc
+    biases and the classifier's head are looked at: they are stored plainly in every layout (Hugging Face's
+    transposed Conv1D weights and torchao's quantized parts aside), so that a claim of far more layers, width
+    or vocabulary than the weights hold is refused before any model is built for it."""
+    blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK.match(name))}
+    if blocks != set(range(config.n_blocks)):
+        held = f"blocks 0 to {max(blocks)}" if blocks == set(range(len(blocks))) and blocks else \
+            f"{len(blocks)} blocks"
+        return "n_layer", (f"{config.n_layer:,}" + (f" ({config.n_blocks:,} blocks)" if config.share_layers > 1 else "")
+                           + f", but the weights hold {held}")
+    expected = {"transformer.wte.weight": None, "transformer.wpe.weight": ("block_size", config.block_size),
+                **{f"transformer.h.{b}.mlp.c_fc.bias": ("mlp_hidden", config.mlp_width(b))
+                   for b in range(config.n_blocks)}}
+    if config.labels:
+        expected["score.weight"] = ("labels", config.num_labels)
+    for name, (field, value) in ((n, e or ("vocab_size", config.vocab_size)) for n, e in expected.items()):
+        shape = tuple(shapes.get(name, ()))
+        if not shape:
+            return None, f"no {name}, which every {'classifier' if field == 'labels' else 'GPT-2'} has"
+        rows = shape[0]
+        if len(shape) != (1 if field == "mlp_hidden" else 2) or len(shape) == 2 and shape[1] != config.n_embd:
+            return "n_embd", f"{config.n_embd:,}, but {name} is {shape}"
+        if field == "vocab_size" and not config.vocab_size <= rows <= config.padded_vocab_size or \
+                field != "vocab_size" and rows != value:
+            return field, f"{value:,}, but {name} holds {rows:,}"
+    return None
 
 
 def pad_vocab(embedding: torch.Tensor, config: GPTConfig) -> torch.Tensor:

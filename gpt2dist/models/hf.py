@@ -12,7 +12,10 @@ and its labels as `id2label`/`label2id`, with `pad_token_id`, in config.json.
 
 Directories are read and written without transformers: config.json is plain JSON, and weights
 are read from safetensors, or from `pytorch_model.bin` through `gpt2dist.safe_load`, so a
-downloaded checkpoint cannot run code.
+downloaded checkpoint cannot run code. A directory comes from elsewhere: `read_hf_config` is its one
+reader, which checks config.json key by key (`check_hf_config`), the index of a sharded model
+(`weight_files`), and then config.json's shape against the weight files' headers (`weight_shapes`, nothing
+loaded), so that a config claiming more than its weights hold is refused before a model is built for it.
 """
 
 import json
@@ -24,19 +27,35 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from gpt2dist.errors import Gpt2distError
+from gpt2dist.errors import BadFile, Gpt2distError
 from gpt2dist import safe_load
-from gpt2dist.models.gpt import GPT, GPTConfig
+from gpt2dist.models.gpt import GPT, LIMITS, GPTConfig, shape_mismatch
+from gpt2dist.safe_json import Fields, read_json, shown
 from gpt2dist.data.tokenizer import EOT, hf_tokenizer_files
 
 # Suffixes of the Conv1D weights in Hugging Face's GPT-2.
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 CLASSIFIER = "GPT2ForSequenceClassification"
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model", CLASSIFIER)  # what gpt2dist's GPT holds the weights of
+CONFIG, SAFETENSORS, INDEX, BIN = "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+MAX_CONFIG_BYTES = 2**20  # a GPT-2 config.json is ~1 kB
+MAX_INDEX_BYTES = 64 * 2**20  # an index lists each weight once: ~100 bytes each
+# config.json's names for the GPTConfig fields that `shape_mismatch` names.
+HF_KEYS = {"block_size": "n_positions", "mlp_hidden": "n_inner", "labels": "id2label"}
+# Variants of GPT-2 that config.json may select and gpt2dist does not implement: (key, its default, allowed values).
+VARIANTS = (("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+            ("scale_attn_weights", True, (True,)), ("scale_attn_by_inverse_layer_idx", False, (False,)),
+            ("tie_word_embeddings", True, (True,)), ("add_cross_attention", False, (False,)))
 
 
 class HFError(Gpt2distError, RuntimeError):
     """A Hugging Face directory that is missing, unreadable or not a GPT-2 we can load (names the file)."""
+
+
+class BadHFFile(HFError, BadFile):
+    """A file of a Hugging Face directory (config.json, the index, the weights) that does not hold what its
+    format promises, or a config.json its weights contradict (names the file and the key)."""
 
 
 def config_from_hf(hf_config) -> GPTConfig:
@@ -95,41 +114,86 @@ def hf_config_dict(config: GPTConfig) -> dict:
     }
 
 
-def read_hf_config(hf_dir: Path) -> GPTConfig:
-    """The GPTConfig of a Hugging Face directory's config.json; refuses GPT-2 variants we do not implement."""
-    path = hf_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFError(f"{path}: unreadable ({e})") from None
-    differences = {
-        "model_type": (raw.get("model_type"), "gpt2"),
-        "activation_function": (raw.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "scale_attn_weights": (raw.get("scale_attn_weights", True), True),
-        "scale_attn_by_inverse_layer_idx": (raw.get("scale_attn_by_inverse_layer_idx", False), False),
-        "tie_word_embeddings": (raw.get("tie_word_embeddings", True), True),
-    }
-    if CLASSIFIER in (raw.get("architectures") or []):  # our classifier pads with <|endoftext|>
-        differences["pad_token_id"] = (raw.get("pad_token_id"), EOT)
-    for key, (value, allowed) in differences.items():
-        if value != allowed and not (isinstance(allowed, tuple) and value in allowed):
-            raise HFError(f"{path}: {key}={value!r} is not the GPT-2 architecture gpt2dist implements")
-    try:
-        return config_from_hf(SimpleNamespace(**{"layer_norm_epsilon": 1e-5, **raw}))
-    except AttributeError as e:
-        raise HFError(f"{path}: incomplete GPT-2 config ({e})") from None
+def read_hf_config(hf_dir: str | Path) -> GPTConfig:
+    """The GPTConfig of a Hugging Face directory, from its config.json (`check_hf_config`), checked against the
+    shapes its weight files hold (read from their headers: nothing is loaded or built); a BadHFFile naming the
+    file and the key otherwise. The one reader of a Hugging Face directory's config.json."""
+    path = Path(hf_dir) / CONFIG
+    config = check_hf_config(read_json(path, MAX_CONFIG_BYTES, error=BadHFFile), str(path))
+    files = weight_files(hf_dir)
+    if mismatch := shape_mismatch(config, weight_shapes(hf_dir, files)):
+        field, message = mismatch
+        if field is None:  # a tensor missing: the weights' fault
+            raise BadHFFile(files[0] if len(files) == 1 else Path(hf_dir) / INDEX, message)
+        raise BadHFFile(path, message, HF_KEYS.get(field, field))
+    return config
+
+
+def check_hf_config(raw: object, where: str) -> GPTConfig:
+    """`raw`, the JSON of a config.json read from `where`, as a GPTConfig: a GPT-2 (model_type, architectures
+    and the variant keys) of sizes that are integers in range (LIMITS), n_head dividing n_embd, a classifier's
+    labels an id2label of ids 0..n-1 (label2id, if given, its inverse). Raises BadHFFile naming the key."""
+    c = Fields(where, raw, error=BadHFFile)
+    if (model_type := c.get("model_type", str)) != "gpt2":
+        raise c.bad("model_type", f"{shown(model_type)} is not gpt2, the architecture gpt2dist implements")
+    architectures = c.strings("architectures", optional=True) or []
+    if [a for a in architectures if a not in ARCHITECTURES] or len(architectures) > 1:
+        raise c.bad("architectures", f"{shown(architectures)}: gpt2dist loads one of {', '.join(ARCHITECTURES)}")
+    for key, default, allowed in VARIANTS:
+        value = c.get(key, type(default), optional=True)
+        if value is not None and value not in allowed:
+            raise c.bad(key, f"{value!r} is not the GPT-2 architecture gpt2dist implements")
+    sizes = {key: c.count(key, 1, LIMITS[ours]) for key, ours in (
+        ("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"), ("n_positions", "block_size"),
+        ("vocab_size", "vocab_size"))}
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise c.bad("n_head", f"{sizes['n_head']:,} does not divide n_embd {sizes['n_embd']:,}")
+    if c.get("n_inner", (int, type(None)), optional=True) is not None:
+        sizes["n_inner"] = c.count("n_inner", 1, LIMITS["mlp_width"])
+    epsilon = c.number("layer_norm_epsilon", 0, 1, optional=True, open_low=True)
+    id2label = _id2label(c)
+    if CLASSIFIER in architectures:
+        if not id2label:
+            raise c.bad("id2label", "missing: a classifier's config names its labels")
+        if c.get("pad_token_id", (int, type(None)), optional=True) != EOT:  # our classifier pads with <|endoftext|>
+            raise c.bad("pad_token_id", f"{shown(raw.get('pad_token_id'))}: gpt2dist's classifier pads with "
+                                        f"<|endoftext|> ({EOT})")
+    return config_from_hf(SimpleNamespace(**sizes, layer_norm_epsilon=1e-5 if epsilon is None else epsilon,
+                                          architectures=architectures, id2label=id2label))
+
+
+def _id2label(c: Fields) -> dict[str, str]:
+    """config.json's id2label, checked: ids "0" to "n-1", each a distinct string label; label2id, if given,
+    maps each label back to its id."""
+    labels = c.fields("id2label", optional=True)
+    if labels is None:
+        return {}
+    ids = labels.value
+    if not 0 < len(ids) <= LIMITS["labels"] or set(ids) != {str(i) for i in range(len(ids))}:
+        raise c.bad("id2label", f"ids {shown(sorted(ids))}: the ids of n labels are \"0\" to \"n-1\"")
+    names = [labels.get(str(i), str) for i in range(len(ids))]
+    if len(set(names)) != len(names):
+        raise c.bad("id2label", f"{shown(names)}: a label is named twice")
+    inverse = c.fields("label2id", optional=True)
+    if inverse is not None and inverse.value != {name: i for i, name in enumerate(names)}:
+        raise c.bad("label2id", f"{shown(inverse.value)} is not the inverse of id2label")
+    return ids
+
+
+def _our_name(name: str) -> str | None:
+    """A Hugging Face weight's name on our side; None for buffers and the tied head. `GPT2Model` checkpoints
+    (OpenAI's `gpt2` files) lack the `transformer.` prefix."""
+    if name.endswith(_BUFFERS) or name == "lm_head.weight":
+        return None
+    return name if name.startswith("transformer.") or name == "score.weight" else "transformer." + name
 
 
 def from_hf_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-    """One Hugging Face tensor under our name and layout; None for buffers and the tied head.
-
-    `GPT2Model` checkpoints (OpenAI's `gpt2` files) lack the `transformer.` prefix.
-    """
-    if name.endswith(_BUFFERS) or name == "lm_head.weight":
+    """One Hugging Face tensor under our name and layout; None for buffers and the tied head."""
+    ours = _our_name(name)
+    if ours is None:
         return None
-    if not name.startswith("transformer.") and name != "score.weight":
-        name = "transformer." + name
-    return name, (tensor.t() if name.endswith(_TRANSPOSED) else tensor)
+    return ours, (tensor.t() if ours.endswith(_TRANSPOSED) else tensor)
 
 
 def to_hf_tensor(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
@@ -139,35 +203,97 @@ def to_hf_tensor(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Te
     return (tensor.t() if name.endswith(_TRANSPOSED) else tensor).contiguous()
 
 
-def hf_tensors(hf_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, fp32 tensor) for each weight of a Hugging Face directory, one at a time, so a
-    large model is never held twice: model.safetensors, its sharded index, or pytorch_model.bin.
-    """
+def weight_files(hf_dir: str | Path) -> list[Path]:
+    """The weight files of a Hugging Face directory: model.safetensors, the shards its index lists (checked:
+    a weight_map of weight names to file names of this directory, each file present), or pytorch_model.bin."""
     hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    if (hf_dir / "model.safetensors").is_file():
-        files = [hf_dir / "model.safetensors"]
-    elif index.is_file():
-        try:
-            files = [hf_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise HFError(f"{index}: unreadable ({e})") from None
-    elif (hf_dir / "pytorch_model.bin").is_file():
-        path = hf_dir / "pytorch_model.bin"
-        for name, tensor in safe_load.load(path, HFError, map_location="cpu", mmap=True).items():
-            mapped = from_hf_tensor(name, tensor)
-            if mapped:
-                yield mapped[0], mapped[1].float()
-        return
-    else:
-        raise HFError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    if (hf_dir / SAFETENSORS).is_file():
+        return [hf_dir / SAFETENSORS]
+    if (hf_dir / INDEX).is_file():
+        return sorted(set(_index(hf_dir).values()))
+    if (hf_dir / BIN).is_file():
+        return [hf_dir / BIN]
+    raise HFError(f"{hf_dir}: no {SAFETENSORS}, {INDEX} or {BIN}")
+
+
+def _index(hf_dir: Path) -> dict[str, Path]:
+    """model.safetensors.index.json's weight_map: each weight's file, checked to be a file of hf_dir."""
+    where = str(hf_dir / INDEX)
+    weight_map = Fields(where, read_json(hf_dir / INDEX, MAX_INDEX_BYTES, error=BadHFFile),
+                        error=BadHFFile).fields("weight_map")
+    files = {}
+    for name in weight_map.value:
+        file = weight_map.get(name, str)
+        if Path(file).name != file or file in (".", "..") or not file.endswith(".safetensors"):
+            raise weight_map.bad(name, f"{shown(file)} is not the name of a .safetensors file in {hf_dir}")
+        if not (hf_dir / file).is_file():
+            raise weight_map.bad(name, f"{file} is missing from {hf_dir}")
+        files[name] = hf_dir / file
+    if not files:
+        raise BadHFFile(where, "names no weights", "weight_map")
+    return files
+
+
+def _bin_state(path: Path) -> dict[str, torch.Tensor]:
+    """pytorch_model.bin, loaded weights-only and memory-mapped: a mapping of weight names to tensors, or a
+    BadHFFile saying what it holds instead."""
+    state = safe_load.load(path, HFError, map_location="cpu", mmap=True)
+    if not isinstance(state, dict):
+        raise BadHFFile(path, f"holds a {type(state).__name__}, not a mapping of weight names to tensors")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise BadHFFile(path, f"holds {type(tensor).__name__} {shown(tensor)}, not a tensor",
+                            name if isinstance(name, str) else shown(name))
+    return state
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types as well as OSError
+        raise HFError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def weight_shapes(hf_dir: str | Path, files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Each weight's shape, by our name and in our layout, from the headers of `files` (`weight_files`):
+    nothing is loaded. Refuses a weight held twice (in two files, or under both of its names), and a shard
+    that holds other weights than the index assigns it."""
+    hf_dir, shapes, held, seen = Path(hf_dir), {}, {}, set()
+    assigned = _index(hf_dir) if files != [hf_dir / SAFETENSORS] and (hf_dir / INDEX).is_file() else None
     for path in files:
-        try:
-            f = safe_open(str(path), framework="pt")
-        except Exception as e:  # safetensors raises its own error types as well as OSError
-            raise HFError(f"{path}: unreadable safetensors file ({e})") from None
-        for name in f.keys():
-            mapped = from_hf_tensor(name, f.get_tensor(name))
+        if path.name == BIN:
+            names = {name: tuple(t.shape) for name, t in _bin_state(path).items()}
+        else:
+            f = _open_safetensors(path)
+            names = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        for name, shape in names.items():
+            if assigned is not None and assigned.get(name) != path:
+                also = f" (the index puts it in {assigned[name].name})" if name in assigned else " (not in the index)"
+                raise BadHFFile(hf_dir / INDEX, f"{path.name} holds it{also}", f"weight_map.{name}")
+            seen.add(name)
+            ours = _our_name(name)
+            if ours is None:
+                continue
+            if ours in held:
+                raise BadHFFile(path, f"holds {ours} twice (as {held[ours]} and {name})")
+            held[ours] = name
+            shapes[ours] = shape[::-1] if ours.endswith(_TRANSPOSED) else shape
+    if assigned is not None and (missing := sorted(set(assigned) - seen)):
+        raise BadHFFile(hf_dir / INDEX, f"not in {assigned[missing[0]].name}", f"weight_map.{missing[0]}")
+    return shapes
+
+
+def hf_tensors(hf_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, fp32 tensor) for each weight of a Hugging Face directory (`weight_files`; checked by
+    `read_hf_config`), one at a time, so a large model is never held twice."""
+    for path in weight_files(hf_dir):
+        if path.name == BIN:
+            items = _bin_state(path).items()
+        else:
+            f = _open_safetensors(path)
+            items = ((name, f.get_tensor(name)) for name in f.keys())
+        for name, tensor in items:
+            mapped = from_hf_tensor(name, tensor)
             if mapped:
                 yield mapped[0], mapped[1].float()
 
@@ -206,9 +332,9 @@ def save_hf_dir(config: GPTConfig, shapes: dict[str, torch.Size], tensor: Callab
     ours = dict(_hf_layer_names(config, [name for name in shapes if name != "lm_head.weight"]))  # HF name -> ours
     hf_shapes = {hf: torch.Size(to_hf_tensor(name, torch.empty(shapes[name], device="meta"), config).shape)
                  for hf, name in ours.items()}
-    write_safetensors(out_dir / "model.safetensors", hf_shapes,
+    write_safetensors(out_dir / SAFETENSORS, hf_shapes,
                       lambda hf: to_hf_tensor(ours[hf], tensor(ours[hf]), config))
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (out_dir / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
     for name, text in hf_tokenizer_files(config.block_size).items():
         (out_dir / name).write_text(text, encoding="utf-8")
     return out_dir

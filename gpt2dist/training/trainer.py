@@ -137,7 +137,8 @@ class Trainer:
             raise ConfigError(f"train.run_dir differs between ranks ({run_dirs[0]} on rank 0, {run_dirs[other]} on "
                               f"rank {other}): every rank must resolve the same directory")
         self.print(f"launcher {self.env.launcher}: rank {self.env.rank} of {self.env.world_size}, run dir {self.run_dir}")
-        tag = run_dir.plan(self.run_dir, Resume(self.cfg.train.resume))
+        read = [path for _, path, _ in self.sources] + ([self.cfg.train.init_from] if self.cfg.train.init_from else [])
+        tag = run_dir.plan(self.run_dir, Resume(self.cfg.train.resume), read)
         if tag:
             self.manifest = checkpoint.check_compatible(self.cfg, self._checkpoint_dir(tag), self.env.world_size)
         return tag
