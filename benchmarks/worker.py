@@ -117,7 +117,7 @@ def run_bare(cfg) -> tuple[list[float], float]:
     model = torch.compile(raw) if t.compile else raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    optimizer = build_optimizer(param_groups(raw, o.weight_decay), o, offload=False, is_main=rank == 0)
+    optimizer = build_optimizer(param_groups(raw, o), o, offload=False, is_main=rank == 0)
     schedule = lr_scheduler(optimizer, o, t.max_steps)
     dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(Precision(t.precision))
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -212,7 +212,8 @@ def main() -> None:
         tokens_per_s = steady_tokens_per_s(rates)
         per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
         result = {"mode": mode, "overrides": overrides, "world_size": len(ranks), "tokens_per_s": tokens_per_s,
-                  "mfu": mfu(tokens_per_s / len(ranks), per_token, device_peak_flops(cfg.logger.peak_tflops)),
+                  "mfu": mfu(tokens_per_s / len(ranks), per_token,
+                             device_peak_flops(cfg.logger.peak_tflops, cfg.train.precision)),
                   "window_tokens_per_s": rates, "ranks": ranks}
         print("RESULT " + json.dumps(result), flush=True)
     if torch.distributed.is_initialized():

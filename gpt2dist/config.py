@@ -178,7 +178,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # on weight matrices and embeddings; none on biases and LayerNorms
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1e-8  # AdamW only
+    eps: float = 1e-8  # AdamW only (and Muon's AdamW half)
+    momentum: float = 0.95  # Muon only: the Nesterov momentum of its matrices (its AdamW half: beta1, beta2)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 
@@ -189,7 +190,8 @@ class LoggerConfig:
     backends: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbMode = WandbMode.offline  # the wandb backend's mode
     wandb_project: str = "gpt2dist"
-    peak_tflops: Optional[float] = None  # per-GPU peak for MFU; null: looked up from the GPU's name
+    # Per-device peak for mfu; null: a GPU's looked up from its name, a CPU's torch.mm peak measured at start-up
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -204,6 +206,9 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validation runs (and at the end); 0: only at the end
     eval_sequences: int = 64  # validation sequences, all ranks together (the same set for any world size)
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0: only at the end
+    # Write checkpoints in the background: training waits only while the state is copied to CPU memory
+    # (see README "Checkpoints and resuming"); false: it waits until the checkpoint is on disk
+    async_checkpoint: bool = True
     keep_last: int = 0  # keep only the newest N checkpoints (pruned after a new one is complete); 0: all
     # Also keep the checkpoint of the best validation by this metric (val_loss: lowest; val_bleu, val_chrf:
     # highest), named in <run_dir>/checkpoints/best; the final test evaluation scores it. null: off
@@ -543,6 +548,10 @@ def check(cfg, world_size: int, given: Collection[str] | None = None) -> list[st
          f"train.epochs={t.epochs} and train.max_steps={t.max_steps} both set the run's length: give one")
     if t.epochs is None:  # else the trainer fits the schedule once the corpus gives train.max_steps
         notes += fit_schedule(cfg, given)
+    o = cfg.optim
+    need(o.name != Optimizer.muon or o.grad_clip == 0,
+         f"optim.grad_clip={o.grad_clip}: with optim=muon use 0 (ZeRO 1-3 would clip Muon's orthogonalized "
+         f"update, whose norm its shape fixes, not the gradient)")
     need(not t.init_optimizer or t.init_from, "train.init_optimizer needs train.init_from")
     need(not t.init_adapter or t.init_from, "train.init_adapter needs train.init_from, the base it adapts")
     backends = list(cfg.logger.backends)

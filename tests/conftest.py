@@ -161,6 +161,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+TIMING = ("tokens_per_s", "mfu")  # the logged values that depend on how fast the machine ran
+
+
+def without_timing(metrics: list[dict]) -> list[dict]:
+    """Logged values that a run that never died (or ran elsewhere) must reproduce exactly: all but TIMING."""
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
 def run_to_end(trainer):
     """Train a Trainer a test has built (and perhaps reached into) to its end, then close it."""
     try:

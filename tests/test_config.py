@@ -96,6 +96,10 @@ def test_deepspeed_config_is_derived():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["reduce_bucket_size"] == cfg.model.n_embd**2  # not DeepSpeed's 5e8 (1 GB)
+    assert "reduce_scatter" not in ds["zero_optimization"] and ds["zero_force_ds_cpu_optimizer"]
+    # Muon at ZeRO 3 gathers whole gradients; under offload its AdamW half is DeepSpeed's CPU Adam.
+    muon = deepspeed_config(make_cfg("zero=offload", "optim=muon"), world_size=1)
+    assert muon["zero_optimization"]["reduce_scatter"] is False and not muon["zero_force_ds_cpu_optimizer"]
 
 
 def test_cli_rejects_misspelt_key(tmp_path):

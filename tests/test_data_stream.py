@@ -4,7 +4,7 @@ sets, exact resume with DataLoader workers on 2 ranks, and elastic resume from 2
 import pytest
 
 from gpt2dist.training.trainer import Trainer
-from tests.conftest import make_cfg, read_metrics, rewind, run_to_end, run_train, tiny_overrides
+from tests.conftest import make_cfg, read_metrics, rewind, run_to_end, run_train, tiny_overrides, without_timing
 
 
 def mixture(corpus, code_corpus) -> str:
@@ -38,9 +38,7 @@ def test_mixture_resumes_exactly(corpus, code_corpus, tmp_path):
     train(tiny_overrides(corpus, tmp_path / "full", *overrides))
     resumed = rewind(tmp_path / "full", tmp_path / "resumed", 3)
     train(tiny_overrides(corpus, resumed, *overrides))
-    def timeless(metrics):
-        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
-    assert timeless(read_metrics(resumed)) == timeless(read_metrics(tmp_path / "full"))  # bit-identical
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(tmp_path / "full"))  # bit-identical
 
 
 STEPS = ["train.max_steps=6", "train.ckpt_interval=3", "optim.lr=3e-3", "train.sample_tokens=0"]

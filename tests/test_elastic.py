@@ -112,3 +112,15 @@ def test_universal_form_is_made_once_and_read_only_as_weights(corpus, two_rank_r
     with pytest.raises(CheckpointError, match=f"{path}: refused: it holds builtins.exec"):
         Trainer(cfg)
     assert not (tmp_path / "marker").exists()
+
+
+def test_muon_at_zero0_resumes_on_two_ranks(corpus, tmp_path):
+    """A ZeRO-0 Muon state is whole (momenta and AdamW moments by parameter), so a 1-process checkpoint
+    continues on 2 ranks as it is. (At ZeRO 1-3 another number of ranks is refused: tests/test_optim.py.)"""
+    overrides = [*STEPS, "optim=muon"]
+    full = tmp_path / "full"
+    run_to_end(Trainer(make_cfg(*tiny_overrides(corpus, full, *overrides))))
+    run_dir = rewind(full, tmp_path / "run", RESUMED_STEP)
+    result = run_train(tiny_overrides(corpus, run_dir, *overrides), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_continues(read_metrics(full), read_metrics(run_dir), rel=1e-5)

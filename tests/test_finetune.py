@@ -24,8 +24,8 @@ from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.export import main as export_main
 from gpt2dist.models.weights import load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
-from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg
-from tests.test_faults import kill_repeatedly, resumed_steps, without_timing
+from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg, without_timing
+from tests.test_faults import kill_repeatedly, resumed_steps
 from tests.test_hf_interop import save_hf, tokens
 from tests.test_model import tiny_hf
 

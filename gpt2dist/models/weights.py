@@ -88,7 +88,8 @@ def _checkpoint_state(ckpt_dir: Path, saved, model: torch.nn.Module) -> dict[str
     device, meta too) is the one it was saved from, whose parameter order DeepSpeed's stage-0 masters follow."""
     if saved.zero.stage == 0:
         path = ckpt_dir / STAGE0_STATES
-        return _stage0_state(model, safe_load.load(path, WeightsError, map_location="cpu", mmap=True), path)
+        return _stage0_state(model, safe_load.load(path, WeightsError, map_location="cpu", mmap=True), path,
+                             saved.optim)
     deepspeed_env.load()  # the accelerator named, not detected with a warning
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -103,17 +104,18 @@ def _checkpoint_state(ckpt_dir: Path, saved, model: torch.nn.Module) -> dict[str
         raise WeightsError(f"{ckpt_dir}: cannot consolidate the ZeRO-{saved.zero.stage} checkpoint ({e})") from None
 
 
-def _stage0_state(model: torch.nn.Module, states: dict, path: Path) -> dict[str, torch.Tensor]:
+def _stage0_state(model: torch.nn.Module, states: dict, path: Path, optim_cfg) -> dict[str, torch.Tensor]:
     """A stage-0 checkpoint's weights: the module's, or with bf16/fp16 the optimizer's fp32 master copy.
 
-    DeepSpeed keeps that copy as lists of tensors in the order of our parameter groups, without names.
+    DeepSpeed keeps that copy as lists of tensors in the order of the parameter groups of the
+    optimizer that saved it (`optim_cfg`), without names.
     """
     module = states["module"]
     groups = (states.get("optimizer") or {}).get("fp32_groups")
     if not groups:
         return module
     names = {id(p): name for name, p in model.named_parameters()}
-    ordered = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+    ordered = [names[id(p)] for group in param_groups(model, optim_cfg) for p in group["params"]]
     master = [t for group in groups for t in group]
     if len(master) != len(ordered) or any(module[n].shape != t.shape for n, t in zip(ordered, master)):
         raise WeightsError(f"{path}: the fp32 master weights do not match the model's parameters")

@@ -19,12 +19,21 @@ ZeRO 1-3 shard the optimizer state by rank, so a checkpoint loads as saved only 
 as wrote it. On another number, its universal form (one file per parameter and state, whatever
 the ranks: DeepSpeed's `ds_to_universal`) is loaded instead; it is written beside the original's
 files, under a partial name renamed when complete, and the original's files are never changed.
+
+With train.async_checkpoint (Checkpointer), training waits only for a snapshot of the state in CPU
+memory; a thread writes, fsyncs and publishes it as above. DeepSpeed 0.19's own engines do not fit:
+its FastCheckpointEngine is a faster synchronous writer, and its DecoupledCheckpointEngine hands each
+state to a spawned process without a copy (the ZeRO optimizer files' tensors are the live ones, which
+the next step changes), and fsyncs nothing.
 """
 
 import argparse
+import copy
 import json
 import os
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +48,7 @@ from gpt2dist.config import gpt_config
 from gpt2dist.fileio import fsync_dir, sha256_of
 from gpt2dist.data.shards import MANIFEST as CORPUS_MANIFEST
 from gpt2dist.data.tokenizer import TOKENIZER
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # after ds_engine: loaded
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
@@ -80,59 +90,221 @@ def _rng_state() -> dict:
     return state
 
 
-def _all_ok(ok: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on every rank (a collective call)."""
+def _all_ok(ok: bool, device: torch.device, group=None) -> bool:
+    """True on every rank if it is true on every rank (a collective call, over `group`: the default one)."""
     flag = torch.tensor([1 if ok else 0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
-def save(engine, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0,
-         keep: str | None = None) -> str:
-    """Write and publish a checkpoint of the current step (every rank calls this); returns its tag.
-    Frozen weights (the base of adapters) are left out. `keep`: a tag that keep_last never prunes (the best)."""
-    root = checkpoint_root(run_dir)
-    tag = tag_of(train_state["step"])
-    partial = root / f"{PARTIAL}{tag}"
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
-        for doomed in root.glob(f"{PRUNED}*"):  # deletions an earlier crash cut short
-            shutil.rmtree(doomed, ignore_errors=True)
-        partial.mkdir(parents=True)
-    torch.distributed.barrier()
-    # Ranks agree after each part: a rank that failed alone must not leave the others waiting in
-    # DeepSpeed's collectives.
-    for write in (lambda: torch.save(_rng_state(), partial / f"rng_rank{rank}.pt"),
-                  lambda: engine.save_checkpoint(str(root), tag=partial.name,
-                                                 client_state={"train_state": train_state}, save_latest=False,
-                                                 exclude_frozen_parameters=True)):
+# Test-only hook (tests/test_faults.py, tests/test_train.py): `<tag>` or `<tag>:<seconds>`, a checkpoint whose
+# background write stops after its first file, for an hour or those seconds, so that a test can kill -9 the
+# run in the middle of it, or see that a stop waits for it. Never set it outside the tests.
+STALL_WRITE = "GPT2DIST_TEST_STALL_CHECKPOINT_WRITE"
+
+
+# The writer thread's niceness: training's threads come first. At its default (0) on a 2-core CPU it took
+# a core from training's two OpenMP threads, and the steps during a write ran 2-6x slower, which gave back
+# most of the stall saved (benchmarks/checkpoint_stall.py); at 10 they run at their usual speed, and the
+# write takes longer, well within any usual checkpoint interval.
+WRITER_NICENESS = 10
+
+
+def _snapshot(item, memo: dict | None = None):
+    """A copy of a state to save that training can no longer change: every tensor cloned to CPU memory
+    (compact, as DeepSpeed's clone_tensors_for_torch_save clones them for its own saves; two views of the
+    same elements, such as tied weights, stay one tensor), containers rebuilt, anything else (a loss
+    scaler, numbers) deep-copied."""
+    memo = {} if memo is None else memo
+    if torch.is_tensor(item):
+        # Empty storages (ZeRO-3's placeholders) all start at address 0: nothing to share there.
+        view = (item.untyped_storage().data_ptr(), item.storage_offset(), item.shape, item.stride(), item.dtype)
+        if view[0] == 0 or view not in memo:
+            memo[view] = item.detach().clone() if item.device.type == "cpu" else item.detach().to("cpu")
+        return memo[view]
+    if isinstance(item, dict):
+        copied = copy.copy(item)  # the same type (OrderedDict, defaultdict and its factory)
+        for key, value in item.items():
+            copied[key] = _snapshot(value, memo)
+        return copied
+    if isinstance(item, list):
+        return [_snapshot(v, memo) for v in item]
+    if isinstance(item, tuple) and any(torch.is_tensor(v) or isinstance(v, dict | list | tuple) for v in item):
+        return tuple(_snapshot(v, memo) for v in item)
+    return copy.deepcopy(item)
+
+
+def _write(state, path: str | Path) -> None:
+    """torch.save, then fsync: the file is on disk before the manifest that vouches for it."""
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Files(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine for our saves (it writes every file DeepSpeed's save_checkpoint
+    makes). Synchronous: each file is written and fsynced as DeepSpeed hands it over. In the background
+    (train.async_checkpoint): each state is snapshot to CPU memory (_snapshot) and kept in `staged` for
+    the writer thread; training changes the live tensors again as soon as save_checkpoint returns."""
+
+    def __init__(self, background: bool):
+        with deepspeed_env.quiet():  # its "Initialized" line
+            super().__init__(None)
+        self.background = background
+        self.staged: list[tuple[object, str]] = []
+
+    def save(self, state_dict, path: str) -> None:
+        if self.background:
+            self.staged.append((_snapshot(state_dict), path))
+        else:
+            _write(state_dict, path)
+
+    def preserves_storage_sharing(self) -> bool:
+        # Whether DeepSpeed clones a state before handing it over: in the background _snapshot clones
+        # every tensor anyway (DeepSpeed clones only some), so not twice.
+        return not self.background
+
+
+class Checkpointer:
+    """Writes and publishes the checkpoints of a run (every rank has one; its calls are collective).
+
+    Synchronous, `save` returns once the checkpoint is published. In the background, `save` returns once
+    this rank's state is snapshot to CPU memory; a thread then writes and fsyncs the files, the ranks
+    agree that all were written (over a gloo group of their own, so the thread's collectives never
+    interleave with training's), and rank 0 publishes it as a synchronous save does. A save, and `wait`,
+    first wait for the previous write; its error, if any, is raised then (`failed` says so earlier)."""
+
+    def __init__(self, engine, background: bool):
+        self.engine = engine
+        self.files = _Files(background)
+        engine.checkpoint_engine = self.files  # loading goes through it too: TorchCheckpointEngine's load
+        self.background = background
+        self.group = torch.distributed.new_group(backend="gloo") if background else None
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.waited_s = 0.0  # how long the last save waited for the write before it
+
+    @property
+    def failed(self) -> bool:
+        """Whether the last background write has ended in an error that `wait` has not raised yet."""
+        return self.error is not None and not (self.thread and self.thread.is_alive())
+
+    def wait(self) -> None:
+        """Wait for the background write, if one is under way; raise its error, if it failed."""
+        if self.thread:
+            self.thread.join()
+            self.thread = None
+        if self.error:
+            error, self.error = self.error, None
+            raise CheckpointError(error)
+
+    def save(self, cfg, run_dir: str | Path, train_state: dict, rank: int, world_size: int, keep_last: int = 0,
+             keep: str | None = None) -> str:
+        """Checkpoint the current step (see the class); returns its tag. Frozen weights (the base of adapters)
+        are left out. `keep`: a tag that keep_last never prunes (the best)."""
+        start = time.perf_counter()
+        self.wait()
+        self.waited_s = time.perf_counter() - start
+        root = checkpoint_root(run_dir)
+        tag = tag_of(train_state["step"])
+        partial = root / f"{PARTIAL}{tag}"
+        train_state = copy.deepcopy(train_state)  # the loop's own dicts change on
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
+            for doomed in root.glob(f"{PRUNED}*"):  # deletions an earlier crash cut short
+                shutil.rmtree(doomed, ignore_errors=True)
+            partial.mkdir(parents=True)
+        torch.distributed.barrier()
+        # Ranks agree after each part: a rank that failed alone must not leave the others waiting in
+        # DeepSpeed's collectives.
+        self.files.staged = []
+        for write in (lambda: self.files.save(_rng_state(), str(partial / f"rng_rank{rank}.pt")),
+                      lambda: self.engine.save_checkpoint(str(root), tag=partial.name,
+                                                          client_state={"train_state": train_state},
+                                                          save_latest=False, exclude_frozen_parameters=True)):
+            error = None
+            try:
+                write()
+            except (OSError, RuntimeError) as e:  # a full disk, mostly (torch.save reports it as a RuntimeError)
+                error = e
+            if not _all_ok(error is None, self.engine.device):
+                self.files.staged = []
+                if rank == 0:
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise CheckpointError(f"{partial}: saving the checkpoint failed ({error or 'on another rank'}); "
+                                      f"the previous checkpoints are untouched")
+        args = (self.files.staged, cfg, root, tag, partial, train_state, rank, world_size, keep_last, keep)
+        self.files.staged = []
+        if self.background:
+            self.thread = threading.Thread(target=self._finish, args=args, name=f"checkpoint {tag}")
+            self.thread.start()
+        else:
+            self._publish_when_written(*args)
+            self.wait()
+        return tag
+
+    def _finish(self, *args) -> None:
+        """The background thread: _publish_when_written, any error kept in self.error for the main thread."""
+        if sys.platform == "linux":  # a thread's own niceness (elsewhere this call would renice the process)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        try:
+            self._publish_when_written(*args)
+        except Exception as e:  # a collective whose peer died, or anything else the writer met
+            self.error = f"{args[4]}: saving the checkpoint failed ({type(e).__name__}: {e})"
+
+    def _publish_when_written(self, staged: list, cfg, root: Path, tag: str, partial: Path, train_state: dict,
+                              rank: int, world_size: int, keep_last: int, keep: str | None) -> None:
+        """Write the staged files (in the background: synchronous saves wrote them already), agree that every
+        rank did, publish, prune; a failure is kept in self.error, for `wait`."""
+        device = torch.device("cpu") if self.group else self.engine.device
+        start = time.perf_counter()
         error = None
         try:
-            write()
+            for i, (state, path) in enumerate(staged):
+                _write(state, path)
+                staged[i] = None  # its memory goes back as soon as it is on disk
+                stall, _, seconds = os.environ.get(STALL_WRITE, "").partition(":")
+                if i == 0 and stall == tag:
+                    time.sleep(float(seconds or 3600))
         except (OSError, RuntimeError) as e:  # a full disk, mostly (torch.save reports it as a RuntimeError)
             error = e
-        if not _all_ok(error is None, engine.device):
+        if not _all_ok(error is None, device, self.group):
             if rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise CheckpointError(f"{partial}: saving the checkpoint failed ({error or 'on another rank'}); "
-                                  f"the previous checkpoints are untouched")
-    if rank == 0:
+            self.error = (f"{partial}: saving the checkpoint failed ({error or 'on another rank'}); "
+                          f"the previous checkpoints are untouched")
+            return
+        if rank == 0:
+            try:
+                _publish(cfg, root, tag, partial, train_state, world_size)
+            except OSError as e:
+                shutil.rmtree(partial, ignore_errors=True)
+                error = e
+        if not _all_ok(error is None, device, self.group):
+            self.error = (f"{partial}: publishing the checkpoint failed ({error or 'on rank 0'}); "
+                          f"the previous checkpoints are untouched")
+            return
+        if rank == 0 and keep_last > 0:
+            for old in complete_tags(root)[:-keep_last]:
+                if old != keep:
+                    _delete(root, old)
+        if rank == 0 and keep:
+            _write_pointer(root, "best", keep)
+        torch.distributed.barrier(group=self.group)
+        if rank == 0 and self.group:
+            print(f"saved checkpoint {root / tag} (written in the background in {time.perf_counter() - start:.1f} s)",
+                  flush=True)
+
+    def close(self) -> None:
+        """Let a background write finish (a run that stops on an error keeps its last checkpoint); its own
+        error, if any, is printed: the run is already failing with another."""
         try:
-            _publish(cfg, root, tag, partial, train_state, world_size)
-        except OSError as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            error = e
-    if not _all_ok(error is None, engine.device):
-        raise CheckpointError(f"{partial}: publishing the checkpoint failed ({error or 'on rank 0'}); "
-                              f"the previous checkpoints are untouched")
-    if rank == 0 and keep_last > 0:
-        for old in complete_tags(root)[:-keep_last]:
-            if old != keep:
-                _delete(root, old)
-    if rank == 0 and keep:
-        _write_pointer(root, "best", keep)
-    torch.distributed.barrier()
-    return tag
+            self.wait()
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 def _delete(root: Path, tag: str) -> None:
@@ -230,6 +402,12 @@ def check_compatible(cfg, ckpt_dir: Path, world_size: int, init_optimizer: bool 
         raise CheckpointError(
             f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at "
             f"ZeRO stage {cfg.zero.stage}. DeepSpeed cannot reshard that optimizer state: {remedy}")
+    if saved_optimizer == "muon" and needs_universal(manifest, world_size, cfg.zero.stage):
+        raise CheckpointError(
+            f"{ckpt_dir}: written by {ranks} ranks at ZeRO stage {stage}; this run has {world_size} ranks at ZeRO "
+            f"stage {cfg.zero.stage}. DeepSpeed's universal form, which reshards optimizer state, carries AdamW's "
+            f"moments but not Muon's momentum: resume on {ranks} ranks with zero.stage={stage}, or start another run "
+            f"from its weights with {fresh}")
     return manifest
 
 

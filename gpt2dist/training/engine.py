@@ -7,7 +7,7 @@ import torch
 
 from gpt2dist.training import deepspeed_env
 from gpt2dist.config import ConfigError, Precision, grad_accum_steps
-from gpt2dist.training.optim import build_optimizer, lr_scheduler, param_groups
+from gpt2dist.training.optim import Optimizer, build_optimizer, lr_scheduler, param_groups
 
 deepspeed = deepspeed_env.load()
 
@@ -38,6 +38,8 @@ def deepspeed_config(cfg, world_size: int, load_universal: bool = False) -> dict
         h = cfg.model.n_embd
         zero.update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
                     stage3_param_persistence_threshold=10 * h)
+        if o.name == Optimizer.muon:  # its ZeRO-3 path gathers whole gradients to orthogonalize them
+            zero["reduce_scatter"] = False
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if z.offload_param:
@@ -53,13 +55,15 @@ def deepspeed_config(cfg, world_size: int, load_universal: bool = False) -> dict
         "fp16": {"enabled": precision == Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**62,  # our metrics print progress
         "zero_allow_untested_optimizer": True,
+        # Muon is not DeepSpeed's CPU Adam, but under offload its AdamW half is (optim._muon).
+        "zero_force_ds_cpu_optimizer": o.name != Optimizer.muon,
         "checkpoint": {"load_universal": load_universal},
     }
 
 
 def build(model: torch.nn.Module, cfg, world_size: int, is_main: bool = True, load_universal: bool = False):
     """Wrap the model in a DeepSpeed engine with our optimizer and schedule (see deepspeed_config)."""
-    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, cfg.zero.offload_optimizer,
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, cfg.zero.offload_optimizer,
                                 is_main)
     with deepspeed_env.quiet():  # its build and configuration lines
         engine, _, _, _ = deepspeed.initialize(

@@ -4,6 +4,8 @@ W&B, TensorBoard; see gpt2dist/training/metric_backends.py).
 Only rank 0 builds a `Metrics`; other ranks get `None` and log nothing.
 """
 
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> i
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak_flops: float | None) -> float | None:
     """Model FLOPs utilisation: the share of the device's peak that the model's FLOPs (not
-    recomputation, not padding) use; None without a known peak (CPUs, unlisted GPUs)."""
+    recomputation, not padding) use; None without a known peak (unlisted GPUs)."""
     return tokens_per_s_per_device * flops_per_token / peak_flops if peak_flops else None
 
 
@@ -39,12 +41,33 @@ def peak_gpu_memory_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def device_peak_flops(override_tflops: float | None) -> float | None:
-    """Peak FLOP/s of this rank's GPU from the table (or the override); None on CPU or unknown GPUs."""
+MM_SIZE = 1024  # the square matrices of mm_peak_flops: 2.1 GFLOP a product, ~20 ms on a 2-core CPU in fp32
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def mm_peak_flops(dtype: torch.dtype = torch.float32, repeats: int = 10, n: int = MM_SIZE) -> float:
+    """This CPU's matrix-multiply peak as torch reaches it: the FLOP/s of the fastest of `repeats`
+    (n x n) @ (n x n) torch.mm of `dtype` (after one warm-up), on all of torch's threads, as training
+    runs. The default takes a fifth of a second on a 2-core CPU."""
+    generator = torch.Generator().manual_seed(0)  # its own: the run's random stream (dropout) stays untouched
+    a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
+    out = torch.mm(a, b)  # warm-up: the first call picks and loads the kernel
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def device_peak_flops(override_tflops: float | None, precision: str = "fp32") -> float | None:
+    """Peak FLOP/s of this rank's device: the override (logger.peak_tflops); a GPU's dense bf16 peak from the
+    table (None for unlisted GPUs); on a CPU, its torch.mm peak at the training precision, measured now
+    (mm_peak_flops)."""
     if override_tflops:
         return override_tflops * 1e12
     if not torch.cuda.is_available():
-        return None
+        return mm_peak_flops(PRECISION_DTYPES[precision])
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 

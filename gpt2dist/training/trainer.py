@@ -87,7 +87,7 @@ class Trainer:
     def __init__(self, cfg, given: Collection[str] | None = None):
         self.cfg = cfg
         self.given = command_line_keys() if given is None else frozenset(given)
-        self.metrics = self.preemption = None
+        self.metrics = self.preemption = self.checkpointer = None
         self.stores = {}  # data.mode=stream: each source's shard store (_find_sources)
         notes = check(cfg, dist.detect().world_size, self.given)  # before joining the process group (dist.timeout_s)
         if cfg.train.retain_freed_memory:
@@ -119,12 +119,20 @@ class Trainer:
         self._build_batches()
         self._start_logging()
         self.flops_per_token = flops_per_token(self.n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len)
-        self.peak_flops = device_peak_flops(cfg.logger.peak_tflops)
+        self.peak_flops = self._peak_flops() if self.is_main else None  # only rank 0 logs mfu
         self.preemption = PreemptionWatch()
         if cfg.train.init_from and not tag:
             self.start_losses = self._losses(self._val_scores())
             if self.metrics:
                 self.metrics.log(0, self._val_metrics(self.start_losses))
+
+    def _peak_flops(self) -> float | None:
+        """What mfu is measured against (metrics.device_peak_flops); a CPU's, measured now, is printed."""
+        peak = device_peak_flops(self.cfg.logger.peak_tflops, self.cfg.train.precision)
+        if peak and not self.cfg.logger.peak_tflops and not torch.cuda.is_available():
+            self.print(f"mfu: against this CPU's {self.cfg.train.precision.value} torch.mm peak, measured now: "
+                       f"{peak / 1e9:,.1f} GFLOP/s (logger.peak_tflops sets it instead)")
+        return peak
 
     def _run_directory(self) -> str | None:
         """Resolve train.run_dir (the same on every rank) and decide, writing nothing, whether this
@@ -242,6 +250,7 @@ class Trainer:
             self._add_adapters(model, tag, start)
         torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs across ranks
         self.engine = ds_engine.build(model, cfg, self.env.world_size, self.is_main, self.universal)
+        self.checkpointer = checkpoint.Checkpointer(self.engine, cfg.train.async_checkpoint)
         if cfg.train.compile:
             self.engine.compile()  # torch.compile, in place: parameter names and checkpoints unchanged
         self.device = self.engine.device
@@ -414,12 +423,17 @@ class Trainer:
             losses[i] = loss.detach()
             if i < self.grad_accum - 1:
                 ds_engine.step(self.engine)  # accumulates; the update comes with the last micro-batch
-        # One all-reduce per step carries both the loss and whether any rank got a stop signal.
-        loss_sum, votes = self._sum_over_ranks(torch.stack([losses.sum(), losses.new_full((), self.preemption.vote)]))
+        # One all-reduce per step carries the loss, whether any rank got a stop signal, and whether any rank's
+        # background checkpoint write failed (then every rank raises its error, together).
+        loss_sum, votes, failed_writes = self._sum_over_ranks(torch.stack([
+            losses.sum(), losses.new_full((), self.preemption.vote), losses.new_full((), self.checkpointer.failed)]))
+        if failed_writes:
+            self.checkpointer.wait()
         self.preemption.stopping = votes > 0
         mean = loss_sum / (self.grad_accum * self.env.world_size)
         skip = self.guard.check(mean) if self.guard else None
-        lr = self.engine.get_lr()[0]  # the scheduler moves on inside step()
+        # The last group runs at optim.lr itself (Muon scales its matrix groups: optim.muon_groups).
+        lr = self.engine.get_lr()[-1]  # the scheduler moves on inside step()
         with ds_engine.update_skipped(self.engine) if skip else contextlib.nullcontext():
             grad_norm = ds_engine.step(self.engine)
         return StepResult(mean, lr, grad_norm, skip)
@@ -483,11 +497,21 @@ class Trainer:
         drawn = self.stream.drawn(self.samples)
         return {f"tokens/{name}": n * self.cfg.data.seq_len for (name, *_), n in zip(self.sources, drawn)}
 
-    def save(self) -> None:
-        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.train_state(), self.env.rank,
-                              self.env.world_size, self.cfg.train.keep_last,
-                              keep=self.best["tag"] if self.best else None)
-        self.print(f"saved checkpoint {self.run_dir / checkpoint.CHECKPOINTS / tag}")
+    def save(self) -> float:
+        """Checkpoint this step (train.async_checkpoint: in the background); returns the seconds training was
+        blocked."""
+        start = time.perf_counter()
+        tag = self.checkpointer.save(self.cfg, self.run_dir, self.train_state(), self.env.rank, self.env.world_size,
+                                     self.cfg.train.keep_last, keep=self.best["tag"] if self.best else None)
+        blocked = time.perf_counter() - start
+        path = self.run_dir / checkpoint.CHECKPOINTS / tag
+        waited = self.checkpointer.waited_s
+        # Waiting for the previous write means checkpoints come faster than they are written.
+        waited = f" ({waited:.2f} s of it for the previous checkpoint's write)" if waited >= 0.01 else ""
+        self.print(f"checkpoint {path}: training blocked {blocked:.2f} s{waited}, writing in the background"
+                   if self.cfg.train.async_checkpoint else
+                   f"saved checkpoint {path} (training blocked {blocked:.2f} s)")
+        return blocked
 
     def train(self) -> int:
         """Train to train.max_steps; returns the exit status (0, or EXIT_REQUEUE after a stop signal)."""
@@ -501,8 +525,10 @@ class Trainer:
             try:
                 result = self.train_step()
             except ShardUnavailable:  # every rank raises it (see _step_batches): stop after a checkpoint
+                self.checkpointer.wait()
                 if self.step > 0 and checkpoint.latest_tag(self.run_dir) != checkpoint.tag_of(self.step):
                     self.save()
+                    self.checkpointer.wait()
                 raise
             skipped = result.skipped
             self.step += 1
@@ -551,13 +577,14 @@ class Trainer:
             if self.preemption.stopping:
                 if not saved and not in_trouble:
                     self.save()
-                torch.distributed.barrier()  # every rank's part of the checkpoint is on disk
+                self.checkpointer.wait()  # every rank's part of the checkpoint is on disk, and it is published
                 self.print(f"stopped by {self.preemption.reason} at step "
                            f"{self.step}; exit {EXIT_REQUEUE}: run again with train.resume=auto to continue")
                 mark_requeue()
                 return EXIT_REQUEUE
             if values:
                 t0, steps_since_log = time.perf_counter(), 0
+        self.checkpointer.wait()  # the last checkpoint is published before the test evaluation may load it
         if self.cfg.task.name in (Task.sft, Task.classify) and self.cfg.task.test:
             self.test()
         self.sample()
@@ -611,7 +638,10 @@ class Trainer:
         self.print(f"sample: {enc.decode(out[0].tolist())!r}")
 
     def close(self) -> None:
-        """Release everything, also after a failed start: signal handlers, metrics, the process group."""
+        """Release everything, also after a failed start: a checkpoint still being written (it is finished),
+        signal handlers, metrics, the process group."""
+        if self.checkpointer:
+            self.checkpointer.close()
         if self.preemption:
             self.preemption.close()
         if self.metrics:
