@@ -18,9 +18,9 @@ On many machines (slurm/prepare.sbatch runs it as a SLURM array; see data_tools/
 gives the same corpus, byte for byte, whatever N is.
 """
 
-import argparse
 import sys
 
+from gpt2dist.arguments import Parser, fraction, positive, positive_number
 from gpt2dist.errors import Gpt2distError, report
 from data_tools import parts
 from data_tools.sources import Documents, describe_skips, input_files
@@ -29,8 +29,7 @@ from gpt2dist.data.shards import DEFAULT_BLOCK_TOKENS
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("python -m data_tools.prepare", __doc__)
     p.add_argument("inputs", nargs="+", help="files, directories or glob patterns")
     p.add_argument("--output", required=True,
                    help="directory to create (manifest.json and shards), or 'pipe:COMMAND' with {file} where each "
@@ -41,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip files whose name or path matches this glob pattern (repeatable)")
     p.add_argument("--text-field", default="text", help="JSON Lines field or Parquet column holding the text "
                                                         "(default: text)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
-    p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
+    p.add_argument("--val-fraction", type=fraction, default=0.01, help="share of documents held out (default: 0.01)")
+    p.add_argument("--block-tokens", type=positive, default=DEFAULT_BLOCK_TOKENS,
                    help=f"tokens per stored block: the longest seq_len served (default: {DEFAULT_BLOCK_TOKENS})")
-    p.add_argument("--shard-mb", type=float, default=256, help="shard size in MB (default: 256)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
+    p.add_argument("--shard-mb", type=positive_number, default=256, help="shard size in MB (default: 256)")
+    p.add_argument("--workers", type=positive, default=None, help="tokenizer processes (default: one per core)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad documents, lines and files (counted in the manifest) instead of stopping")
     p.add_argument("--overwrite", action="store_true",

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gpt2dist.arguments import Parser, fraction, positive
 from gpt2dist.errors import BadFile, Gpt2distError, report
 from gpt2dist.safe_json import lines, row
 from data_tools.sources import READ_ERRORS, SKIPS_SHOWN, InputError, _open
@@ -78,15 +79,15 @@ class Rows:
 def examples_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A command line for a preparation of examples (this command's and data_tools.classify's): its
     inputs and outputs; the caller adds its own fields."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog, doc)
     p.add_argument("inputs", nargs="*", help="JSON Lines files to split by hash")
     p.add_argument("--train", nargs="+", default=[], help="files of the train split (instead of a hash split)")
     p.add_argument("--dev", nargs="+", default=[], help="files of the dev split (the corpus's val split)")
     p.add_argument("--test", nargs="+", default=[], help="files of the test split")
     p.add_argument("--output", required=True, help="directory to create")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per example: data.seq_len of the training run")
-    p.add_argument("--dev-fraction", type=float, default=0.1, help="hash split: share for dev (default: 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="hash split: share for test (default: 0.1)")
+    p.add_argument("--seq-len", type=positive, required=True, help="tokens per example: data.seq_len of the training run")
+    p.add_argument("--dev-fraction", type=fraction, default=0.1, help="hash split: share for dev (default: 0.1)")
+    p.add_argument("--test-fraction", type=fraction, default=0.1, help="hash split: share for test (default: 0.1)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted in the manifest) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus at --output (nothing else)")
     return p
@@ -101,6 +102,9 @@ def read_splits(p: argparse.ArgumentParser, args: argparse.Namespace, rows: Rows
         splits = {split: [e for f in files for e in rows.read(Path(f))]
                   for split, files in (("train", args.train), ("val", args.dev), ("test", args.test))}
         return splits, "files", " ".join(args.train + args.dev + args.test)
+    if args.dev_fraction + args.test_fraction >= 1:
+        p.error(f"--dev-fraction {args.dev_fraction} + --test-fraction {args.test_fraction}: must be below 1, or no "
+                "example is left for train")
     splits = split_by_hash((e for f in args.inputs for e in rows.read(Path(f))), args.dev_fraction, args.test_fraction)
     return splits, f"hash (dev {args.dev_fraction}, test {args.test_fraction})", " ".join(args.inputs)
 

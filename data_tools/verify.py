@@ -6,10 +6,10 @@ Prints one `error: ...` line per bad shard and exits with status 2 if there is a
 every byte, so it takes as long as reading the corpus once.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
+from gpt2dist.arguments import Parser
 from gpt2dist.fileio import sha256_of
 from gpt2dist.data.shards import CorpusError, read_manifest, shard_offsets, shard_path
 
@@ -36,8 +36,7 @@ def problems(corpus_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("python -m data_tools.verify", __doc__)
     p.add_argument("corpus", type=Path, help="a directory written by data_tools.prepare")
     args = p.parse_args(argv)
     try:

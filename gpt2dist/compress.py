@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2dist import outputs
+from gpt2dist.arguments import Parser, fraction, positive
 from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.data.shards import TokenBlocks
 from gpt2dist.data.loader import Windows
@@ -32,12 +33,6 @@ from gpt2dist.training.validation import rank_batches
 
 class CompressError(Gpt2distError, ValueError):
     """An argument or input compress cannot use (names it)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def source_model(path: str) -> torch.nn.Module:
@@ -69,19 +64,10 @@ def importance_batches(corpus: str, split: str, sequences: int, seq_len: int):
     return (x for x, _ in rank_batches(windows, sequences, 8))
 
 
-def check_args(args) -> None:
-    """Refuse out-of-range values before any work."""
-    if args.command == "prune" and not 0 <= args.sparsity < 1:
-        raise CompressError(f"--sparsity {args.sparsity}: must be in [0, 1)")
-    if args.command == "prune-mlp" and not 0 <= args.fraction < 1:
-        raise CompressError(f"--fraction {args.fraction}: must be in [0, 1)")
-    outputs.check(args.output, inputs(args), args.overwrite)
-
-
 def run(args) -> str:
     """Do what the arguments say; returns the line to print."""
-    check_args(args)
     out = Path(args.output)
+    outputs.check(args.output, inputs(args), args.overwrite)  # before any work (the arguments' ranges: their types)
     model = source_model(args.model)
     manifest = {"method": args.command, "source": str(args.model),
                 "source_sha256": compressed.source_sha256(weights_source(args.model)),
@@ -104,9 +90,8 @@ def run(args) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m gpt2dist.compress", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = Parser("python -m gpt2dist.compress", __doc__)
+    sub = p.add_subparsers(dest="command", required=True)
     commands = {
         "quantize": sub.add_parser("quantize", help="post-training quantization or a cast"),
         "prune": sub.add_parser("prune", help="unstructured global magnitude pruning"),
@@ -117,13 +102,14 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("output", help="directory to write")
         c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if gpt2dist wrote it")
     commands["quantize"].add_argument("--method", required=True, choices=METHODS)
-    commands["prune"].add_argument("--sparsity", type=float, required=True, help="share of weights zeroed, in [0, 1)")
+    commands["prune"].add_argument("--sparsity", type=fraction, required=True, help="share of weights zeroed, in [0, 1)")
     mlp = commands["prune-mlp"]
-    mlp.add_argument("--fraction", type=float, required=True, help="share of each block's MLP neurons removed")
+    mlp.add_argument("--fraction", type=fraction, required=True, help="share of each block's MLP neurons removed, "
+                                                                      "in [0, 1)")
     mlp.add_argument("--corpus", required=True, help="a prepared corpus to measure neuron importance on")
     mlp.add_argument("--split", default="train")
-    mlp.add_argument("--sequences", type=int, default=64, help="windows scored (default: 64)")
-    mlp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    mlp.add_argument("--sequences", type=positive, default=64, help="windows scored (default: 64)")
+    mlp.add_argument("--seq-len", type=positive, default=256, help="tokens per window (default: 256)")
     return p
 
 

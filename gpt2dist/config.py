@@ -2,21 +2,29 @@
 of the wrong type fails at start-up, naming the key.
 
 Derived values (gradient accumulation, tokens per step) are computed here and nowhere else.
+
+A value the command line gave (`given_keys`) means what it says: if it cannot hold, the run is refused.
+A default that does not fit a small run (optim.warmup_steps beyond train.max_steps=2, train.eval_sequences
+beyond a small validation split) is lowered to fit, and a note says so (`lower_default`).
 """
 
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -283,6 +291,9 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
+# The linear layers of a block (transformer.h.N.*), which peft.target_modules name by a suffix of their name.
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
 # train.keep_best: the metric, and whether higher is better
 KEEP_BEST = {None: None, "val_loss": False, "val_bleu": True, "val_chrf": True, "val_accuracy": True,
              "val_macro_f1": True}
@@ -401,14 +412,89 @@ def _missing_message(key: str) -> str:
     return f"{key} is missing: pass {key}=<value>"
 
 
-def check(cfg, world_size: int) -> None:
-    """Keys the schema does not know, values left missing (`???`), and relations between values
-    that the types alone cannot express."""
-    t, m, d, z = cfg.train, cfg.model, cfg.data, cfg.zero
+def given_keys(overrides: Iterable[str]) -> frozenset[str]:
+    """The keys a command line's overrides set: `train.max_steps=2` and `+train.x=1` set train.max_steps and
+    train.x; a config group (`optim=lion`) sets its keys' defaults, not given values."""
+    return frozenset(o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides)))
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
+
+def command_line_keys() -> frozenset[str] | None:
+    """The keys this Hydra job's command line set (`given_keys`); None outside a Hydra job (a config a
+    program composed itself), where every value counts as given."""
+    if not HydraConfig.initialized():
+        return None
+    return given_keys(HydraConfig.get().overrides.task)
+
+
+def is_given(key: str, given: Collection[str] | None) -> bool:
+    """Whether `key` was given (None: every key was)."""
+    return given is None or key in given
+
+
+def lower_default(cfg, key: str, limit, given: Collection[str] | None, rule: str) -> str:
+    """`key`'s value breaks `rule` (`must be in 0..train.max_steps=2`), and `limit` is the most that keeps it: a
+    default is lowered to `limit`, and the returned note says so; a given value is a ConfigError."""
+    value = OmegaConf.select(cfg, key)
+    if is_given(key, given):
+        raise ConfigError(f"{key}={value} {rule}")
+    OmegaConf.update(cfg, key, limit)
+    return f"note: {key}={limit}: its default {value} {rule} (set {key} to choose another)"
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def fit_schedule(cfg, given: Collection[str] | None) -> list[str]:
+    """optim.warmup_steps and optim.decay_steps within train.max_steps (once it is known: train.epochs sets it
+    from the corpus); a default warmup longer than the run is lowered to it. Returns the notes."""
+    t, o = cfg.train, cfg.optim
+    steps = f"train.max_steps={t.max_steps}" if t.epochs is None else f"{t.max_steps} (train.epochs={t.epochs})"
+    notes = []
+    need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be in 0..{steps}")
+    if o.warmup_steps > t.max_steps:
+        notes.append(lower_default(cfg, "optim.warmup_steps", t.max_steps, given, f"must be in 0..{steps}"))
+    need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in 0..optim.lr={o.lr}")
+    if o.schedule == Schedule.constant:
+        need(0 <= o.decay_steps <= t.max_steps - o.warmup_steps,
+             f"optim.decay_steps={o.decay_steps} must be in 0..train.max_steps - optim.warmup_steps "
+             f"= {t.max_steps - o.warmup_steps}")
+    else:
+        need(o.decay_steps == 0, "optim.decay_steps is for optim.schedule=constant (cosine decays over the whole run)")
+    return notes
+
+
+def _adapts(target: str, blocks: int) -> bool:
+    """Whether a peft.target_modules entry names a linear layer of one of the blocks, as peft matches it:
+    the layer's whole name, or a suffix of it after a dot."""
+    names = (f"transformer.h.{i}.{linear}" for i in range(blocks) for linear in BLOCK_LINEARS)
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def check_peft(p, blocks: int) -> None:
+    """peft.* that peft itself would only refuse with a traceback, or not at all (a dropout of 1 trains nothing)."""
+    method = PeftMethod(p.method)
+    need(p.r > 0, f"peft.r={p.r} must be positive")
+    if method == PeftMethod.none:
+        return
+    need(method != PeftMethod.lora or 0 <= p.dropout < 1, f"peft.dropout={p.dropout} must be in [0, 1)")
+    targets = list(p.target_modules)
+    need(bool(targets), f"peft.target_modules is empty: name the layers to adapt ({', '.join(BLOCK_LINEARS)})")
+    for i, target in enumerate(targets):
+        need(_adapts(target, blocks), f"peft.target_modules[{i}]={target} names no linear layer of the model: "
+                                      f"by a suffix of their names, {', '.join(BLOCK_LINEARS)}")
+    outside = [f for f in p.feedforward_modules if f not in targets]
+    need(method != PeftMethod.ia3 or not outside, f"peft.feedforward_modules: {', '.join(outside)} not in "
+                                                  f"peft.target_modules=[{','.join(targets)}]: each must be one of them")
+
+
+def check(cfg, world_size: int, given: Collection[str] | None = None) -> list[str]:
+    """Keys the schema does not know, values left missing (`???`), and relations between values
+    that the types alone cannot express. `given`: the keys the user set (`command_line_keys`); None: all.
+    Returns the notes of defaults lowered to fit (`lower_default`), to print."""
+    t, m, d, z = cfg.train, cfg.model, cfg.data, cfg.zero
+    notes = []
 
     unknown = _unknown_keys(cfg, Config)
     if unknown:
@@ -458,25 +544,21 @@ def check(cfg, world_size: int) -> None:
     need(not z.offload_param or z.stage == 3, "zero.offload_param needs zero.stage=3")
     need(t.keep_last >= 0, "train.keep_last must be >= 0")
     need(t.loss_chunk >= 0, "train.loss_chunk must be >= 0")
+    need(t.epochs is None or (math.isfinite(t.epochs) and t.epochs > 0),
+         f"train.epochs={t.epochs} must be a positive number of passes")
+    need(t.epochs is None or not is_given("train.max_steps", given),
+         f"train.epochs={t.epochs} and train.max_steps={t.max_steps} both set the run's length: give one")
+    if t.epochs is None:  # else the trainer fits the schedule once the corpus gives train.max_steps
+        notes += fit_schedule(cfg, given)
     o = cfg.optim
-    need(0 <= o.warmup_steps <= t.max_steps,
-         f"optim.warmup_steps={o.warmup_steps} must be in 0..train.max_steps={t.max_steps}")
-    need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in 0..optim.lr={o.lr}")
     need(o.name != Optimizer.muon or o.grad_clip == 0,
          f"optim.grad_clip={o.grad_clip}: with optim=muon use 0 (ZeRO 1-3 would clip Muon's orthogonalized "
          f"update, whose norm its shape fixes, not the gradient)")
-    if o.schedule == Schedule.constant:
-        need(0 <= o.decay_steps <= t.max_steps - o.warmup_steps,
-             f"optim.decay_steps={o.decay_steps} must be in 0..train.max_steps - optim.warmup_steps "
-             f"= {t.max_steps - o.warmup_steps}")
-    else:
-        need(o.decay_steps == 0, "optim.decay_steps is for optim.schedule=constant (cosine decays over the whole run)")
     need(not t.init_optimizer or t.init_from, "train.init_optimizer needs train.init_from")
     need(not t.init_adapter or t.init_from, "train.init_adapter needs train.init_from, the base it adapts")
     backends = list(cfg.logger.backends)
     need(set(backends) <= BACKENDS.keys() and len(set(backends)) == len(backends),
          f"logger.backends=[{','.join(backends)}]: each must be one of {', '.join(BACKENDS)}, at most once")
-    need(t.epochs is None or t.epochs > 0, f"train.epochs={t.epochs} must be positive")
     need(t.keep_best in KEEP_BEST, f"train.keep_best={t.keep_best}: must be one of "
                                    f"{', '.join(str(k) for k in KEEP_BEST)}")
     task = METRIC_TASK.get(t.keep_best)
@@ -488,11 +570,12 @@ def check(cfg, world_size: int) -> None:
     need(p.method == PeftMethod.none or t.init_from,
          f"peft.method={p.method.value if hasattr(p.method, 'value') else p.method} adapts a trained model: "
          "pass train.init_from=<a run or Hugging Face GPT-2 directory>")
-    need(p.r > 0, f"peft.r={p.r} must be positive")
+    check_peft(p, blocks)
     g = cfg.guard
     need(g.window > 0 and 0 < g.min_history <= g.window,
          f"guard.min_history={g.min_history} must be in 1..guard.window={g.window}")
     need(g.max_skips >= 0, "guard.max_skips must be >= 0")
+    return notes
 
 
 def error_line(e: BaseException) -> str:

@@ -30,7 +30,6 @@ Multiple choice is scored whole on every rank.
 calls it every `evals.interval` steps, beside its periodic validation loss (`val_loss`).
 """
 
-import argparse
 import json
 import random
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2dist.arguments import Parser, non_negative, positive
 from gpt2dist.errors import BadFile, Gpt2distError, report
 from gpt2dist.training import dist
 from gpt2dist.config import EvalConfig
@@ -196,27 +196,26 @@ def run_evals(model: torch.nn.Module, cfg: EvalConfig, seq_len: int | None = Non
 def main(argv: list[str] | None = None) -> int:
     from gpt2dist.models.weights import default_device, load_model
 
-    p = argparse.ArgumentParser(prog="python -m gpt2dist.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("python -m gpt2dist.evaluate", __doc__)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")
     p.add_argument("--corpus", help="a prepared corpus (python -m data_tools.prepare) to score")
     p.add_argument("--text", nargs="+", metavar="INPUT",
                    help="raw text to score whole: files, directories or glob patterns (as data_tools.prepare reads)")
     p.add_argument("--split", default="val", help="corpus split (default: val)")
-    p.add_argument("--seq-len", type=int, help="tokens per scored window (default: the model's context)")
-    p.add_argument("--max-sequences", type=int, help="score only the first N windows")
+    p.add_argument("--seq-len", type=positive, help="tokens per scored window (default: the model's context)")
+    p.add_argument("--max-sequences", type=positive, help="score only the first N windows")
     p.add_argument("--choices", help="multiple-choice JSONL (HellaSwag format)")
-    p.add_argument("--limit", type=int, help="score only the first N questions (or --sft examples)")
+    p.add_argument("--limit", type=positive, help="score only the first N questions (or --sft examples)")
     p.add_argument("--fewshot-file", help="solved questions to draw few-shot examples from")
-    p.add_argument("--fewshot-k", type=int, default=0, help="examples prepended to each question (default: 0)")
+    p.add_argument("--fewshot-k", type=non_negative, default=0, help="examples prepended to each question (default: 0)")
     p.add_argument("--sft", help="a fine-tuning corpus (python -m data_tools.sft) whose --sft-split is answered")
     p.add_argument("--sft-split", default="test", help="split of --sft (default: test)")
-    p.add_argument("--shots", type=int, default=0, help="--sft: solved train examples before each prompt (default: 0)")
+    p.add_argument("--shots", type=non_negative, default=0, help="--sft: solved train examples before each prompt (default: 0)")
     p.add_argument("--template", default="{prompt}", help="--sft: the prompt's text, {prompt} marking it (default: {prompt})")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="--sft: the longest answer (default: 64)")
+    p.add_argument("--max-new-tokens", type=positive, default=64, help="--sft: the longest answer (default: 64)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive, default=8)
     p.add_argument("--device", help="default: cuda (under torchrun or srun, this rank's GPU) if there is one, else cpu")
     args = p.parse_args(argv)
     if not args.corpus and not args.text and not args.choices and not args.sft:

@@ -21,13 +21,13 @@ A classifier (task=classify) is written as `GPT2ForSequenceClassification`, its 
     # in Python: transformers.GPT2ForSequenceClassification.from_pretrained("exported/classifier")
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from gpt2dist import outputs
+from gpt2dist.arguments import Parser
 from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.models import adapters, compressed
 from gpt2dist.models.hf import export_hf, save_hf_dir
@@ -74,8 +74,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, adapter: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2dist.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("python -m gpt2dist.export", __doc__)
     p.add_argument("source", help="run directory or checkpoint directory")
     p.add_argument("output", help="directory to write (new or empty, or with --overwrite one gpt2dist wrote)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if gpt2dist wrote it")

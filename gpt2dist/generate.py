@@ -7,11 +7,11 @@ The model is a gpt2dist run or checkpoint directory, or a Hugging Face GPT-2 dir
 of one prompt run as one batch.
 """
 
-import argparse
 import sys
 
 import torch
 
+from gpt2dist.arguments import Parser, positive
 from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.models.gpt import KVCache
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
@@ -105,17 +105,16 @@ def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_toke
 def main(argv: list[str] | None = None) -> int:
     from gpt2dist.models.weights import default_device, load_model
 
-    p = argparse.ArgumentParser(prog="python -m gpt2dist.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("python -m gpt2dist.generate", __doc__)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt (repeat for several); with no prompt at all, unconditional samples")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=positive, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--num-samples", type=positive, default=1, help="continuations per prompt")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")

@@ -10,7 +10,6 @@ use from Python through `lm_eval.simple_evaluate`. lm-eval downloads its standar
 from the Hugging Face hub; tasks of your own can read local files (`dataset_path: json`).
 """
 
-import argparse
 import difflib
 import json
 import sys
@@ -22,6 +21,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from gpt2dist.arguments import Parser, non_negative, positive
 from gpt2dist.errors import Gpt2distError, report
 from gpt2dist.evaluate import continuation_logprobs
 from gpt2dist.generate import generate
@@ -95,15 +95,14 @@ def check_tasks(tasks: list[str], task_manager: TaskManager) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2dist.lmeval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("python -m gpt2dist.lmeval", __doc__)
     p.add_argument("model", help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     p.add_argument("--adapter", help="an adapter directory in PEFT's format (adapter_config.json) to apply to the model")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="a directory of task YAML files of your own")
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--num-fewshot", type=non_negative, default=None)
     p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction, below 1)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive, default=8)
     p.add_argument("--device", default=default_device())
     p.add_argument("--output", help="write lm-eval's results here as JSON")
     args = p.parse_args(argv)

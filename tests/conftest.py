@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from gpt2dist.data.builtin_corpus import documents
-from gpt2dist.config import CONF_DIR, register
+from gpt2dist.config import CONF_DIR, given_keys, register
 from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.training.checkpoint import CHECKPOINTS
 
@@ -178,10 +178,11 @@ def run_to_end(trainer):
 
 
 def train_cfg(overrides: list[str], run_dir: Path) -> list[dict]:
-    """Train in this process through the real Trainer, as train.py does; returns the metrics."""
+    """Train in this process through the real Trainer, as train.py does (the overrides' keys given); returns
+    the metrics."""
     from gpt2dist.training.trainer import run
 
-    run(make_cfg(*overrides))
+    run(make_cfg(*overrides), given_keys(overrides))
     return read_metrics(run_dir)
 
 

@@ -15,7 +15,9 @@ from transformers import GPT2ForSequenceClassification
 from data_tools.classify import main as classify_main
 from gpt2dist import safe_load
 from gpt2dist.config import ConfigError, check
+from gpt2dist.data.classify import MAX_LABELS, LabelledText, prepare_classify
 from gpt2dist.data.loader import open_split
+from gpt2dist.data.sft import ExampleError
 from gpt2dist.data.shards import CorpusError
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.evaluate import main as evaluate_main
@@ -83,6 +85,26 @@ def test_examples_are_padded_texts_with_their_label_ids(cls_corpus):
         x, y = train[i]
         ids = enc.encode_ordinary(text)
         assert x.tolist() == ids + [EOT] * (8 - len(ids)) and manifest["labels"][int(y)] == label
+
+
+def test_integer_labels_sort_by_value_and_read_back(tmp_path):
+    (tmp_path / "in.jsonl").write_text(rows([(f"text {n}", n) for n in (10, 2, 1, 10)]))
+    out = tmp_path / "out"
+    assert classify_main(["--output", str(out), "--seq-len", "8", "--train", str(tmp_path / "in.jsonl")]) == 0
+    labels = json.loads((out / "manifest.json").read_text())["labels"]
+    assert labels == ["1", "2", "10"]  # not "1", "10", "2"
+    train = open_split(out, "train", 8)
+    assert [labels[int(train[i][1])] for i in range(4)] == ["10", "2", "1", "10"]
+
+
+def test_every_label_id_a_corpus_holds_reads_back_and_one_more_label_is_refused(tmp_path):
+    labels = [f"l{i}" for i in range(MAX_LABELS)]
+    splits = {"train": [LabelledText("the cat", labels[-1])], "val": [], "test": []}
+    prepare_classify(splits, labels, tmp_path / "all", 8, "test")
+    assert int(open_split(tmp_path / "all", "train", 8)[0][1]) == MAX_LABELS - 1
+    with pytest.raises(ExampleError, match=f"labels: {MAX_LABELS + 1:,} labels, more than the {MAX_LABELS:,}"):
+        prepare_classify(splits, [*labels, "one more"], tmp_path / "more", 8, "test")  # its id would wrap
+    assert not (tmp_path / "more").exists()
 
 
 def test_hash_split_keeps_each_text_in_one_split_and_is_stable(tmp_path):

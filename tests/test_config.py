@@ -6,11 +6,14 @@ import re
 import pytest
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from gpt2dist.config import (CONF_DIR, ConfigError, DataMode, Precision, check, data_mode, grad_accum_steps,
                              one_line_errors)
+from gpt2dist.data.loader import open_split
+from gpt2dist.data.prepare import prepare_corpus
 from gpt2dist.training.engine import deepspeed_config
-from tests.conftest import make_cfg, run_train
+from tests.conftest import TINY, make_cfg, run_train, train_cfg
 
 GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF_DIR.iterdir()) if group.is_dir()
                  for f in sorted(group.glob("*.yaml"))]
@@ -157,3 +160,31 @@ def test_hydra_full_error_keeps_the_trace(tmp_path):
 def test_check_refuses_unknown_and_missing_keys(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         check(make_cfg(*overrides), world_size=1)
+
+
+def test_defaults_too_large_for_a_small_run_are_lowered_with_a_note(tmp_path):
+    """`train.py train.max_steps=2`, a new user's first smoke test, on a corpus of 20 validation windows: the
+    default optim.warmup_steps (20) and train.eval_sequences (64) are lowered to fit, one note each; the same
+    values given on the command line are refused."""
+    docs = [f"Document {i}: the five boxing wizards jump quickly over the lazy dog. " * 3 for i in range(300)]
+    prepare_corpus(docs, tmp_path / "small", source="test", val_fraction=0.05, block_tokens=64, progress=False,
+                   workers=1)
+    windows = len(open_split(tmp_path / "small", "val", 32))
+    assert windows < 64
+    defaults = {"optim.warmup_steps=2", "train.eval_sequences=8"}  # TINY's: here left to the defaults
+    overrides = [*(o for o in TINY if o not in defaults), f"data.path={tmp_path / 'small'}",
+                 f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_interval=0",
+                 "train.sample_tokens=0", "logger.backends=[console]"]
+    result = run_train(overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    fits = windows // 2 * 2  # a multiple of micro-batch x world size
+    assert notes == [
+        "note: optim.warmup_steps=2: its default 20 must be in 0..train.max_steps=2 (set optim.warmup_steps to "
+        "choose another)",
+        f"note: train.eval_sequences={fits}: its default 64 is more than the {windows} validation windows of "
+        f"{tmp_path / 'small'} (set train.eval_sequences to choose another)"], result.stdout
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert (saved.optim.warmup_steps, saved.train.eval_sequences) == (2, fits)
+    with pytest.raises(ConfigError, match=re.escape("train.eval_sequences=64 is more than the")):
+        train_cfg([*overrides, "train.eval_sequences=64", f"train.run_dir={tmp_path / 'given'}"], tmp_path / "given")

@@ -111,8 +111,9 @@ def test_task_and_corpus_must_agree(corpus, sft_corpus, hf_base, tmp_path):
 
 def test_sft_from_hf_keeps_the_best_and_scores_the_test_split(sft_corpus, hf_base, tmp_path):
     run_dir = tmp_path / "run"
-    metrics = train_cfg(sft_overrides(sft_corpus, hf_base, run_dir, "train.epochs=1", "train.keep_best=val_loss",
-                                      "train.ckpt_interval=0", "train.keep_last=1", "optim.warmup_steps=1"), run_dir)
+    overrides = sft_overrides(sft_corpus, hf_base, run_dir, "train.epochs=1", "train.keep_best=val_loss",
+                              "train.ckpt_interval=0", "train.keep_last=1", "optim.warmup_steps=1")
+    metrics = train_cfg([o for o in overrides if not o.startswith("train.max_steps=")], run_dir)  # epochs set it
     steps = math.ceil(24 / 4)  # one epoch of 24 examples, 4 per step
     assert max(m["step"] for m in metrics) == steps
     dev = [m for m in metrics if "val_bleu" in m]

@@ -128,6 +128,19 @@ class Valid:
 
         return self._once("sharded", make)
 
+    def classify(self) -> Path:
+        """A tiny classification corpus (data_tools.classify: two labels, each split the same two texts)."""
+        def make(out: Path) -> None:
+            from data_tools.classify import main as classify_main
+
+            out.mkdir()
+            write(out / "in.jsonl", '{"text": "the cat", "label": "animal"}\n{"text": "the red", "label": "color"}\n')
+            files = [str(out / "in.jsonl")]
+            assert classify_main(["--output", str(out / "cls"), "--seq-len", "8", "--train", *files, "--dev", *files,
+                                  "--test", *files]) == 0
+
+        return self._once("classify", make) / "cls"
+
     def parts(self) -> Path:
         """Inputs (`in/`, two JSON Lines files) and both parts of their preparation in 2 parts (`.out.parts/`),
         made here with relative paths: PARTS_MERGE, run in a copy, merges them."""
@@ -635,6 +648,8 @@ JSONL_CASES = [
     Case("classify-row-nested-deeply", jsonl(CLASSIFY, DEEP), names="in.jsonl:2"),
     Case("classify-row-integer-of-5000-digits", jsonl(CLASSIFY, HUGE_INT), names="in.jsonl:2"),
     Case("classify-label-a-float", jsonl(CLASSIFY, '{"text": "b", "label": 1.5}'), names="in.jsonl:2", key="label"),
+    Case("classify-labels-integer-and-string", jsonl(CLASSIFY, '{"text": "b", "label": 1}'), names="in.jsonl:2",
+         key="in.jsonl:1"),
     Case("choices-row-nested-deeply", choices(DEEP), names="q.jsonl:2"),
     Case("choices-label-a-bool", choices(question(label=True)), names="q.jsonl:2", key="label"),
     Case("choices-label-a-float", choices(question(label=0.7)), names="q.jsonl:2", key="label"),
@@ -768,8 +783,66 @@ OUTPUT_CASES = [
     Case("stream-cache-theirs", stream_cache_not_ours, names="the stream cache of", key="notes.txt"),
 ]
 
+# ---- config values (gpt2dist.config.check) that peft, torch or math would end in a traceback, or that one
+# value would silently override ----
+def config(*overrides: str) -> Callable[[Path, Valid], list[str]]:
+    """A row: train.py on the valid corpus from the valid Hugging Face directory (`hf`), with `overrides`."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        valid.copy("hf", d / "hf")
+        return ["train.py", *TINY, f"data.path={valid.corpus()}", "train.run_dir=run", "train.init_from=hf", *overrides]
+
+    return make
+
+
+CONFIG_CASES = [
+    Case("config-epochs-beside-max-steps", config("train.epochs=1"), names="train.max_steps=4", key="train.epochs=1"),
+    Case("config-epochs-inf", config("train.epochs=inf"), names="train.epochs=inf"),
+    Case("config-lora-dropout-above-1", config("peft=lora", "peft.dropout=1.5"), names="peft.dropout=1.5"),
+    Case("config-lora-target-modules-empty", config("peft=lora", "peft.target_modules=[]"),
+         names="peft.target_modules is empty"),
+    Case("config-lora-target-module-unmatched", config("peft=lora", "peft.target_modules=[c_attn,q_proj]"),
+         names="peft.target_modules[1]=q_proj"),
+    Case("config-ia3-feedforward-outside-targets", config("peft=ia3", "peft.feedforward_modules=[mlp.c_fc]"),
+         names="peft.feedforward_modules", key="mlp.c_fc"),
+]
+
+# ---- command-line arguments (gpt2dist.arguments: every command's types) and inputs of the wrong kind ----
+PRUNE_MLP = ["-m", "gpt2dist.compress", "prune-mlp", "hf", "out", "--fraction", "0.25", "--seq-len", "32",
+             "--sequences", "8"]
+
+
+def with_corpus(command: list[str], corpus: str = "corpus") -> Callable[[Path, Valid], list[str]]:
+    """A row: `command`, with the valid Hugging Face directory copied here as `hf` and the valid corpus of
+    that kind (`corpus` or `classify`) as its name."""
+    def make(d: Path, valid: Valid) -> list[str]:
+        shutil.copytree(getattr(valid, corpus)(), d / corpus)
+        return command
+
+    return with_hf(make)
+
+
+MANY_LABELS = ["color", *(f"label{i}" for i in range(50_257))]  # one more than a classification corpus holds
+ARGUMENT_CASES = [
+    Case("prune-mlp-sequences-0", with_corpus([*PRUNE_MLP, "--corpus", "corpus", "--sequences", "0"]),
+         names="--sequences", key="0 is not a positive integer"),
+    Case("prune-mlp-seq-len-0", with_corpus([*PRUNE_MLP, "--corpus", "corpus", "--seq-len", "0"]), names="--seq-len"),
+    Case("sft-dev-fraction-nan", jsonl([*SFT, "--dev-fraction", "nan"]), names="--dev-fraction", key="nan"),
+    Case("classify-test-fraction-above-1", jsonl([*CLASSIFY, "--test-fraction", "1.5"]), names="--test-fraction"),
+    Case("classify-dev-and-test-fractions-leave-no-train", jsonl([*CLASSIFY, "--dev-fraction", "0.5",
+                                                                  "--test-fraction", "0.5"]),
+         names="--dev-fraction 0.5 + --test-fraction 0.5"),
+    Case("classify-more-labels-than-ids", jsonl([*CLASSIFY, "--labels", *MANY_LABELS]), names="--labels",
+         key="50,258 labels"),
+    Case("evaluate-sft-on-a-classification-corpus", with_corpus([*EVALUATE_HF, "--sft", "classify"], "classify"),
+         names="classify: holds classification examples"),
+    Case("evaluate-sft-on-a-pretraining-corpus", with_corpus([*EVALUATE_HF, "--sft", "corpus"]),
+         names="corpus: holds a pretraining corpus"),
+    Case("evaluate-loss-on-a-classification-corpus", with_corpus([*EVALUATE_HF, "--corpus", "classify"], "classify"),
+         names="classify: holds classification examples"),
+]
+
 CASES = [*HF_CASES, *ADAPTER_CASES, *COMPRESSED_CASES, *CORPUS_CASES, *STREAM_CASES, *JSONL_CASES, *PARTS_CASES,
-         *OUTPUT_CASES]
+         *OUTPUT_CASES, *CONFIG_CASES, *ARGUMENT_CASES]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ not cut. The corpus is the pretraining format (`gpt2dist.data.shards`) with one 
 
 The manifest says `"task": "classify"` and holds the label set (`labels`, in the order of the ids),
 the example count of each split (train, val: the dev set, test) and of each label in each split.
+A label id is stored in a token's slot, so a corpus holds at most MAX_LABELS labels (as many as the
+tokenizer has ids, which `gpt2dist.data.shards.read_manifest` also holds every corpus to).
 """
 
 from collections import Counter
@@ -24,6 +26,7 @@ from gpt2dist.data.shards import TOKEN_DTYPE
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 
 TASK = "classify"
+MAX_LABELS = 50257  # the tokenizer's ids: each fits the block's uint16 slot, and read_manifest's bound
 
 
 @dataclass
@@ -31,6 +34,7 @@ class LabelledText:
     text: str
     label: str
     where: str = field(default="", compare=False)  # FILE:LINE it was read from, for errors
+    numeric: bool = field(default=False, compare=False)  # the label was an integer in the input (1, not "1")
 
     def key(self) -> list[str]:
         """What its split is hashed from (`gpt2dist.data.sft.hash_split`): the text alone, so that one text
@@ -46,6 +50,15 @@ def text_ids(text: str, seq_len: int) -> list[int]:
     if len(ids) > seq_len:
         raise ExampleError(f"text of {len(ids)} tokens is longer than --seq-len {seq_len}")
     return ids
+
+
+def label_ids(labels: list[str], named: str = "labels") -> dict[str, int]:
+    """Each label's id, its index in `labels`; refused (ExampleError, naming `named`) when there are more
+    than MAX_LABELS: the ids of the rest would wrap around in their uint16 slot and read back as others."""
+    if len(labels) > MAX_LABELS:
+        raise ExampleError(f"{named}: {len(labels):,} labels, more than the {MAX_LABELS:,} a classification corpus "
+                           "holds (a label id is stored as a token)")
+    return {label: i for i, label in enumerate(labels)}
 
 
 def encode(example: LabelledText, seq_len: int, label_ids: dict[str, int]) -> np.ndarray:
@@ -64,9 +77,9 @@ def prepare_classify(splits: dict[str, list[LabelledText]], labels: list[str], o
     nor inside or holding one); returns its manifest.
     Every label must be in `labels`, which gives the ids in order. Every example is encoded before
     anything is written, so a bad one (ExampleError) leaves nothing."""
-    label_ids = {label: i for i, label in enumerate(labels)}
-    assert len(label_ids) == len(labels) and all(e.label in label_ids for s in splits.values() for e in s)
-    blocks = {s: [encode(e, seq_len, label_ids) for e in splits.get(s, [])] for s in SPLITS}
+    ids = label_ids(labels)
+    assert len(ids) == len(labels) and all(e.label in ids for s in splits.values() for e in s)
+    blocks = {s: [encode(e, seq_len, ids) for e in splits.get(s, [])] for s in SPLITS}
     counts = {s: dict(Counter(e.label for e in splits.get(s, []))) for s in SPLITS}
     return write_examples(blocks, out_dir, overwrite, TASK, inputs, {
         "task": TASK, "source": source, "seq_len": seq_len, "split_by": split_by, "labels": list(labels),

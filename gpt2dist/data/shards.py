@@ -255,6 +255,19 @@ def corpus_task(manifest: Manifest) -> str:
     return manifest.get("task", PRETRAIN)
 
 
+# What each kind of corpus holds, as its manifest says (`corpus_task`).
+CORPUS_KINDS = {"pretrain": "a pretraining corpus", "sft": "fine-tuning examples (data_tools.sft)",
+                "classify": "classification examples (data_tools.classify)"}
+
+
+def require_kind(manifest: Manifest, corpus_dir: str | Path, kinds: tuple[str, ...], use: str) -> None:
+    """Refuse (CorpusError) a corpus whose kind is not one of `kinds` for `use`, which says what it was given
+    to and what to do instead: the examples of another task would be read in a layout they do not have."""
+    kind = corpus_task(manifest)
+    if kind not in kinds:
+        raise CorpusError(f"{corpus_dir}: holds {CORPUS_KINDS.get(kind, kind)}, not {use}")
+
+
 def check_tokenizer(manifest: dict, corpus_dir: str | Path, vocab_size: int) -> None:
     """A corpus tokenized with another tokenizer would train on meaningless ids: refuse it."""
     if manifest["tokenizer"] != TOKENIZER or manifest["vocab_size"] > vocab_size:

@@ -57,10 +57,12 @@ def prompted_scores(model: torch.nn.Module, corpus, split: str = "test", shots: 
     import random
 
     from gpt2dist.data.loader import open_split
-    from gpt2dist.data.shards import CorpusError, read_manifest
+    from gpt2dist.data.shards import CorpusError, read_manifest, require_kind
 
     enc, rng = get_tokenizer(), random.Random(seed)
-    seq_len = read_manifest(corpus)["seq_len"]
+    manifest = read_manifest(corpus)
+    require_kind(manifest, corpus, ("sft",), "prompts and responses to answer (a corpus of python -m data_tools.sft)")
+    seq_len = manifest["seq_len"]
     examples, pool = open_split(corpus, split, seq_len), open_split(corpus, "train", seq_len)
     n = len(examples) if limit is None else min(limit, len(examples))
     if shots > len(pool):

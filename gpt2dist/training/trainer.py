@@ -4,7 +4,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from gpt2dist.training import malloc
 from gpt2dist.training import engine as ds_engine
 from gpt2dist.training import run_dir
 from gpt2dist.data.builtin_corpus import source_corpus
-from gpt2dist.config import (KEEP_BEST, ConfigError, DataMode, Precision, Resume, Task, check, data_mode,
-                             data_sources, gpt_config, grad_accum_steps, tokens_per_step)
+from gpt2dist.config import (KEEP_BEST, ConfigError, DataMode, Precision, Resume, Task, check, command_line_keys,
+                             data_mode, data_sources, fit_schedule, gpt_config, grad_accum_steps, lower_default,
+                             tokens_per_step)
 from gpt2dist.data.loader import open_split
 from gpt2dist.models import adapters
 from gpt2dist.models.adapters import PeftMethod
@@ -35,16 +36,11 @@ from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_toke
 from gpt2dist.models.gpt import GPT
 from gpt2dist.models.prune import fixed_masks, keep_masks
 from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch, mark_requeue
-from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest
+from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest, require_kind
 from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
-from gpt2dist.training.validation import mean_loss, rank_batches, validation_sets
+from gpt2dist.training.validation import fitting_sequences, mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import Adapter, attach, check_base, find_adapter, find_checkpoint, load_into
-
-
-# What each task trains on, as a corpus's manifest says (`corpus_task`).
-CORPUS_KINDS = {"pretrain": "a pretraining corpus", "sft": "fine-tuning examples (data_tools.sft)",
-                "classify": "classification examples (data_tools.classify)"}
 
 
 def run_name(run_dir: Path) -> str:
@@ -83,17 +79,23 @@ class Trainer:
 
     Nothing is written to the run directory until every check has passed (config, data, model,
     checkpoint), so a refused start leaves a previous run's files as they were.
+
+    `given`: the config keys the user set (`gpt2dist.config.given_keys`), whose values are never lowered to
+    fit; None: those of the Hydra job's command line (outside one, every key).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, given: Collection[str] | None = None):
         self.cfg = cfg
+        self.given = command_line_keys() if given is None else frozenset(given)
         self.metrics = self.preemption = self.checkpointer = None
         self.stores = {}  # data.mode=stream: each source's shard store (_find_sources)
-        check(cfg, dist.detect().world_size)  # before joining the process group, which takes dist.timeout_s
+        notes = check(cfg, dist.detect().world_size, self.given)  # before joining the process group (dist.timeout_s)
         if cfg.train.retain_freed_memory:
             malloc.retain_freed_memory()  # before the large tensors are first allocated
         self.env = dist.init(cfg.dist.timeout_s)
         self.is_main = self.env.is_main
+        for note in notes:
+            self.print(note)
         try:
             self._build()
         except BaseException:
@@ -216,18 +218,15 @@ class Trainer:
         for name, path, _ in self.sources:
             manifest = self.train_windows[name].blocks.manifest
             check_tokenizer(manifest, path, cfg.model.vocab_size)
-            kind = corpus_task(manifest)
-            if kind != task.value:
-                raise CorpusError(f"{path}: holds {CORPUS_KINDS.get(kind, kind)}, not data for task={task.value}: "
-                                  f"use task={kind}")
+            require_kind(manifest, path, (task.value,),
+                         f"data for task={task.value}: use task={corpus_task(manifest)}")
         t = cfg.train
         if t.epochs:
             samples = sum(len(w) for (_, _, weight), w in zip(self.sources, self.train_windows.values()) if weight > 0)
             t.max_steps = math.ceil(t.epochs * samples / t.global_batch_size)
-            if cfg.optim.warmup_steps > t.max_steps:
-                raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than the "
-                                  f"{t.max_steps} steps of train.epochs={t.epochs}")
             self.print(f"train.epochs={t.epochs}: {samples:,} training samples, {t.max_steps} steps")
+            for note in fit_schedule(cfg, self.given):
+                self.print(note)
         self.stream = SampleStream([len(w) for w in self.train_windows.values()], [w for *_, w in self.sources],
                                    cfg.train.seed)
 
@@ -328,7 +327,12 @@ class Trainer:
             loader = train_loader(list(self.train_windows.values()), self.stream, cfg.train.micro_batch_size,
                                   self.env.rank, self.env.world_size, self.samples, cfg.data.num_workers)
         self.batches = DevicePrefetch(loader, self.device)
-        self.val, warnings = validation_sets({name: path for name, path, _ in self.sources}, cfg.data.seq_len,
+        corpora = {name: path for name, path, _ in self.sources}
+        fits = fitting_sequences(corpora, cfg.data.seq_len, cfg.train.micro_batch_size * self.env.world_size)
+        if fits and 0 < fits[0] < cfg.train.eval_sequences:  # with none at all, val_batches says why
+            self.print(lower_default(cfg, "train.eval_sequences", fits[0], self.given,
+                                     f"is more than the {fits[1]} validation windows of {fits[2]}"))
+        self.val, warnings = validation_sets(corpora, cfg.data.seq_len,
                                              cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
                                              cfg.train.eval_sequences)
         for warning in warnings:
@@ -646,11 +650,11 @@ class Trainer:
         dist.close()
 
 
-def run(cfg) -> tuple[int, float | None]:
-    """Train one run of `cfg`; returns the exit status (see Trainer.train) and the run's objective
-    (see Trainer.objective), which train.py returns to a sweeper (`-m hydra/sweeper=optuna`)."""
+def run(cfg, given: Collection[str] | None = None) -> tuple[int, float | None]:
+    """Train one run of `cfg` (`given`: see Trainer); returns the exit status (see Trainer.train) and the run's
+    objective (see Trainer.objective), which train.py returns to a sweeper (`-m hydra/sweeper=optuna`)."""
     with dist.peer_loss_as_error():
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, given)
         try:
             return trainer.train(), trainer.objective()
         finally:

@@ -18,7 +18,7 @@ import torch
 
 from gpt2dist.data.loader import Windows, open_split
 from gpt2dist.data.sft import IGNORE
-from gpt2dist.data.shards import CorpusError, TokenBlocks
+from gpt2dist.data.shards import CorpusError, TokenBlocks, require_kind
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (batch, seq_len) int64
 
@@ -83,6 +83,8 @@ def corpus_loss(model: torch.nn.Module, corpus: str | Path, split: str = "val", 
     """
     gpt = getattr(model, "module", model)
     blocks = TokenBlocks(corpus, split)
+    require_kind(blocks.manifest, blocks.dir, ("pretrain", "sft"), "text or fine-tuning examples that a language "
+                 "model's loss scores (a classifier's test split is scored by task=classify's task.test)")
     default = blocks.manifest.get("seq_len") or min(gpt.config.block_size, blocks.block_tokens)
     windows = open_split(corpus, split, seq_len or default)
     n = len(windows) if max_sequences is None else min(max_sequences, len(windows))
@@ -104,6 +106,14 @@ def val_batches(windows: Windows, micro_batch: int, rank: int, world_size: int, 
             f"{windows.seq_len} tokens, fewer than train.eval_sequences={sequences}"
         )
     return list(rank_batches(windows, sequences, micro_batch, rank, world_size))
+
+
+def fitting_sequences(corpora: Mapping[str, Path], seq_len: int, per_pass: int) -> tuple[int, int, Path] | None:
+    """The most validation sequences that every corpus's val split holds, a multiple of `per_pass` (micro-batch
+    x world size), with the window count and the corpus that set it; None when no val split has a window."""
+    counts = [(len(open_split(path, "val", seq_len)), path) for path in corpora.values()]
+    windows, path = min(((n, path) for n, path in counts if n), default=(0, None), key=lambda c: c[0])
+    return None if path is None else (windows // per_pass * per_pass, windows, path)
 
 
 def validation_sets(corpora: Mapping[str, Path], seq_len: int, micro_batch: int, rank: int, world_size: int,
