@@ -19,17 +19,24 @@ ROOT = Path(__file__).resolve().parent.parent
 register()
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each module runs whole on one
-# worker, so its module- and session-scoped fixtures are made once; modules that share an expensive session
-# fixture or a machine-wide resource share a group: the SLURM cluster (one at a time), the 2-rank runs.
-SHARED_GROUPS = {"test_slurm": "slurm", "test_multinode": "slurm", "test_elastic": "two-ranks",
-                 "test_multirank": "two-ranks"}
+# worker, so its module- and session-scoped fixtures are made once; modules that share a machine-wide resource or
+# an expensive session fixture share a group: every module that starts the SLURM cluster (one munged serves the
+# machine, and a cluster stopping stops it), every module that uses the shared 2-rank runs.
+SHARED = {"slurm_cluster": "slurm", "two_nodes": "slurm", "two_rank_run": "two-ranks"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(items):
+    groups = {}
     for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+        module = item.module
+        uses = set(vars(module)) | set(item.fixturenames)
+        shared = [group for name, group in SHARED.items() if name in uses]
+        if shared and groups.get(module) in (None, module.__name__):
+            groups[module] = shared[0]
+        groups.setdefault(module, module.__name__)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.module]))
 
 
 # A model and batch small enough that a step takes milliseconds on a CPU.
