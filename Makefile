@@ -20,4 +20,4 @@ train: setup
 	$(BIN)/python train.py
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup

@@ -18,25 +18,38 @@ from gpt2dist.training.checkpoint import CHECKPOINTS
 ROOT = Path(__file__).resolve().parent.parent
 register()
 
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each module runs whole on one
-# worker, so its module- and session-scoped fixtures are made once; modules that share a machine-wide resource or
-# an expensive session fixture share a group: every module that starts the SLURM cluster (one munged serves the
-# machine, and a cluster stopping stops it), every module that uses the shared 2-rank runs.
-SHARED = {"slurm_cluster": "slurm", "two_nodes": "slurm", "two_rank_run": "two-ranks"}
+# `make test` runs the suite on pytest-xdist workers (`-n 3 --dist loadgroup`). Each module runs whole on one
+# worker, so its module- and session-scoped fixtures are made once, and modules that share a machine-wide
+# resource or an expensive session fixture share a worker, one after another: those that start the SLURM
+# cluster (one munged serves the machine, and a cluster that stops stops it) and those of the 2-rank runs.
+# xdist's own xdist_group marks do not reach its scheduler under pytest 9 (it renames Node._nodeid, which
+# pytest 9 no longer reads), so the groups are named here, by module, for a scheduler of ours.
+GROUPS = {"test_slurm": "slurm", "test_multinode": "slurm", "test_parts": "slurm",
+          "test_elastic": "two-ranks", "test_multirank": "two-ranks"}
+SHARED = {"slurm_cluster": "slurm", "two_nodes": "slurm", "two_rank_run": "two-ranks"}  # what makes a module join
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(items):
-    groups = {}
+    """A module that uses a shared resource but is not in its group would run beside the others: refused."""
     for item in items:
-        module = item.module
-        uses = set(vars(module)) | set(item.fixturenames)
-        shared = [group for name, group in SHARED.items() if name in uses]
-        if shared and groups.get(module) in (None, module.__name__):
-            groups[module] = shared[0]
-        groups.setdefault(module, module.__name__)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.module]))
+        name = item.module.__name__.rpartition(".")[2]
+        uses = set(vars(item.module)) | set(item.fixturenames)
+        for resource, group in SHARED.items():
+            if resource in uses and GROUPS.get(name) != group:
+                raise pytest.UsageError(f"tests/{name}.py uses {resource}: add it to GROUPS[{group!r}] in tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        """xdist's loadscope (a module is a unit of work), with the modules of a group in one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return GROUPS.get(Path(module).stem, module)
+
+    return ModuleGroups(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 # A model and batch small enough that a step takes milliseconds on a CPU.

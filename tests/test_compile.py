@@ -5,6 +5,7 @@ and a combination that cannot compile says so in one line and trains eager."""
 import shutil
 
 import pytest
+import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
@@ -13,6 +14,7 @@ from gpt2dist.training.trainer import Trainer
 from tests.conftest import make_cfg, read_metrics, run_to_end, tiny_overrides, train
 
 EAGER_LINE = "train.compile=true: "
+LINEAR = torch.nn.functional.linear  # as torch has it, before any ZeRO-3 engine
 
 
 def losses(metrics, key="loss"):
@@ -69,3 +71,4 @@ def test_what_cannot_compile_says_so_in_one_line_and_trains_eager(corpus, tmp_pa
     said = [text for text in capsys.readouterr().out.splitlines() if text.startswith(EAGER_LINE)]
     assert said == [EAGER_LINE + line]
     assert len(losses(read_metrics(tmp_path))) == 2
+    assert torch.nn.functional.linear is LINEAR  # ZeRO-3's replacement is put back when the trainer closes

@@ -184,3 +184,14 @@ def update_skipped(engine):
         yield
     finally:
         del optimizer.step
+
+
+def release() -> None:
+    """Put back what DeepSpeed changed in torch for the process: ZeRO-3 replaces torch.nn.functional.linear
+    with its own (which "will persist unless manually reset"), and a later model in the same process (a
+    torchao-quantized one, whose weights have no .t()) would run through it."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+    original = getattr(Init, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original

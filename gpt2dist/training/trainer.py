@@ -537,6 +537,7 @@ class Trainer:
             if skipped:
                 self.print(f"step {self.step}: update skipped: {skipped}")
                 if self.guard.exhausted():
+                    self.checkpointer.wait()  # the newest checkpoint named is the one a resume takes
                     raise TrainingDiverged(
                         f"{self.run_dir}: {self.guard.skips_in_a_row} bad steps in a row up to step {self.step} "
                         f"(last: {skipped}); stopped, newest checkpoint kept: {checkpoint.latest_tag(self.run_dir)}")
@@ -647,6 +648,7 @@ class Trainer:
             self.preemption.close()
         if self.metrics:
             self.metrics.close()
+        ds_engine.release()
         dist.close()
 
 
