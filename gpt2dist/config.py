@@ -29,7 +29,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2dist.errors import Gpt2distError, say
+from gpt2dist.errors import Gpt2distError, say, tell
 from gpt2dist.data.builtin_corpus import Builtin
 from gpt2dist.data.stream import streams_only
 from gpt2dist.training.metric_backends import BACKENDS, WandbMode
@@ -613,7 +613,7 @@ def one_line_errors(*expected: type[BaseException]):
     try:
         yield
     except (Gpt2distError, *expected) as e:
-        say(str(e))
+        tell(e)
         sys.exit(getattr(e, "exit_status", 2))  # bad input; an expected error may name its own status
     except (HydraException, OmegaConfBaseException) as e:
         if full_trace:

@@ -21,6 +21,7 @@ class Gpt2distError(Exception):
     """An error in what the user gave (the message says which and why); exit status 2 by default."""
 
     exit_status = 2
+    said = False  # its line is already out (see `tell`)
 
 
 class BadFile(Gpt2distError, ValueError):
@@ -43,6 +44,13 @@ def say(message: str) -> None:
         sys.stderr.write(f"error: {line}\n")
 
 
+def tell(e: BaseException) -> None:
+    """Say an error's line, unless it was said already: a rank that must be heard before the others exit (under
+    torchrun the first rank to exit ends the rest) says its error first and marks it `said`."""
+    if not getattr(e, "said", False):
+        say(str(e))
+
+
 @contextlib.contextmanager
 def one_line(*expected: type[BaseException]):
     """Around a command's work: a `Gpt2distError` (or one of the `expected` types, such as OSError for a
@@ -50,11 +58,11 @@ def one_line(*expected: type[BaseException]):
     try:
         yield
     except (Gpt2distError, *expected) as e:
-        say(str(e))
+        tell(e)
         sys.exit(getattr(e, "exit_status", 2))
 
 
 def report(e: BaseException) -> int:
     """Say the error in one line; returns the exit status a command's `main` ends with."""
-    say(str(e))
+    tell(e)
     return getattr(e, "exit_status", 2)

@@ -39,6 +39,7 @@ from gpt2dist.training.preemption import EXIT_REQUEUE, PreemptionWatch, mark_req
 from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read_manifest, require_kind
 from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
+from gpt2dist.errors import say
 from gpt2dist.training.validation import fitting_sequences, mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import Adapter, attach, check_base, find_adapter, find_checkpoint, load_into
 
@@ -401,7 +402,12 @@ class Trainer:
             error = error_line(e)
         failed, = self._sum_over_ranks(torch.tensor([float(error is not None)], device=self.device))
         if failed:
-            raise ShardUnavailable(error or "a shard was unavailable on another rank (see its error)")
+            unavailable = ShardUnavailable(error or "a shard was unavailable on another rank (see its error)")
+            if error:  # said before any rank exits: torchrun ends the others at the first exit
+                say(error)
+                unavailable.said = True
+            torch.distributed.barrier()
+            raise unavailable
         return batches
 
     def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
