@@ -33,6 +33,13 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def positive(text: str) -> int:
     """An integer >= 1."""
     value = _integer(text)
@@ -51,10 +58,7 @@ def non_negative(text: str) -> int:
 
 def positive_number(text: str) -> float:
     """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
@@ -62,10 +66,7 @@ def positive_number(text: str) -> float:
 
 def fraction(text: str) -> float:
     """A share in [0, 1) (NaN and infinity are not)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 <= value < 1:  # False for NaN
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
     return value
