@@ -159,6 +159,18 @@ def test_lora_with_gradient_checkpointing_trains_the_same_adapters(sft_corpus, h
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
 
 
+def test_lora_compiled_trains_as_eager_and_answers_eagerly(sft_corpus, hf_base, tmp_path, capsys):
+    """train.compile=true with LoRA on task=sft: the compiled training forward gives eager's losses, and the
+    SFT answers scored at validation (generated, a new shape per token) run eager: the same val_bleu."""
+    extra = ["peft=lora", "train.max_steps=2", "train.eval_interval=2"]
+    eager = adapter_run(sft_corpus, hf_base, tmp_path / "eager", *extra)
+    compiled = adapter_run(sft_corpus, hf_base, tmp_path / "compiled", *extra, "train.compile=true")
+    assert "train.compile=true: " not in capsys.readouterr().out  # compiled: no line saying it trained eager
+    for key in ("loss", "val_loss", "val_bleu"):
+        assert [m[key] for m in compiled if key in m] == pytest.approx([m[key] for m in eager if key in m], rel=1e-4)
+    assert any("val_bleu" in m for m in compiled)
+
+
 def test_resume_with_other_adapters_or_on_a_changed_base_is_refused(sft_corpus, hf_base, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(hf_base, base)
