@@ -32,17 +32,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import machine  # noqa: E402
-from gpt2dist.compress import main as compress_main  # noqa: E402
+from gpt2dist.commands.compress import main as compress_main  # noqa: E402
 from gpt2dist.config import CONF_DIR, load_model_preset, register  # noqa: E402
-from gpt2dist.export import export_checkpoint  # noqa: E402
+from gpt2dist.commands.export import export_checkpoint  # noqa: E402
 from gpt2dist.data.builtin_corpus import Builtin, builtin_corpus  # noqa: E402
-from gpt2dist.generate import generate  # noqa: E402
+from gpt2dist.models.sampling import generate  # noqa: E402
 from gpt2dist.models.gpt import GPT  # noqa: E402
 from gpt2dist.models.hf import export_hf  # noqa: E402
 from gpt2dist.models.quantize import METHODS, linear_weight_bytes  # noqa: E402
 from gpt2dist.models.weights import load_model  # noqa: E402
 from gpt2dist.training.trainer import run  # noqa: E402
-from gpt2dist.training.validation import corpus_loss  # noqa: E402
+from gpt2dist.evals.loss import corpus_loss  # noqa: E402
 
 register()
 

@@ -20,15 +20,15 @@ from gpt2dist.data.loader import open_split
 from gpt2dist.data.sft import ExampleError
 from gpt2dist.data.shards import CorpusError
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
-from gpt2dist.evaluate import main as evaluate_main
-from gpt2dist.export import main as export_main
-from gpt2dist.generate import main as generate_main
-from gpt2dist.lmeval import GPT2DistLM
+from gpt2dist.commands.evaluate import main as evaluate_main
+from gpt2dist.commands.export import main as export_main
+from gpt2dist.commands.generate import main as generate_main
+from gpt2dist.commands.lmeval import GPT2DistLM
 from gpt2dist.models.weights import WeightsError, load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
-from gpt2dist.training import classify_eval
-from gpt2dist.training.classify_eval import confusion_scores
-from gpt2dist.training.validation import rank_batches
+from gpt2dist.evals import classify as classify_eval
+from gpt2dist.evals.classify import confusion_scores
+from gpt2dist.evals.loss import rank_batches
 from tests.conftest import TINY, make_cfg, read_metrics, run_train, train_cfg
 from tests.test_finetune import hf_base, sft_corpus, sft_overrides  # noqa: F401 (fixtures)
 

@@ -8,13 +8,13 @@ import torch
 from lm_eval.api.instance import Instance
 from transformers import GPT2LMHeadModel
 
-from gpt2dist.compress import main as compress_main
-from gpt2dist.evaluate import main as evaluate_main
-from gpt2dist.export import main as export_main
+from gpt2dist.commands.compress import main as compress_main
+from gpt2dist.commands.evaluate import main as evaluate_main
+from gpt2dist.commands.export import main as export_main
 from gpt2dist.outputs import MARKER
 from gpt2dist.fileio import sha256_of
-from gpt2dist.generate import main as generate_main
-from gpt2dist.lmeval import GPT2DistLM
+from gpt2dist.commands.generate import main as generate_main
+from gpt2dist.commands.lmeval import GPT2DistLM
 from gpt2dist.models import compressed
 from gpt2dist.models.gpt import GPT, GPTConfig
 from gpt2dist.models.hf import export_hf

@@ -10,7 +10,7 @@ import pytest
 
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
 from gpt2dist.config import ConfigError
-from gpt2dist.export import main as export_main
+from gpt2dist.commands.export import main as export_main
 from gpt2dist.training.optim import lr_factor
 from gpt2dist.training.trainer import Trainer
 from tests.conftest import ROOT, clean_env, make_cfg, read_metrics, tiny_overrides, train

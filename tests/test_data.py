@@ -12,7 +12,7 @@ import webdataset as wds
 from gpt2dist.data.loader import MIX_PERIOD, Permutation, SampleStream, Windows, train_loader
 from gpt2dist.data.shards import MANIFEST, CorpusError, TokenBlocks
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
-from gpt2dist.training.validation import rank_batches, val_batches
+from gpt2dist.evals.loss import rank_batches, val_batches
 from tests.conftest import ROOT, clean_env
 
 DOCS = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i % 7) for i in range(60)]

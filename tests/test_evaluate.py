@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gpt2dist.evaluate import (EvalConfig, EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt,
+from gpt2dist.commands.evaluate import (EvalConfig, EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt,
                                main as evaluate_main, multiple_choice, read_choices, run_evals)
 from gpt2dist.errors import BadFile
 from gpt2dist.models.hf import export_hf

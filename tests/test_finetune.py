@@ -21,7 +21,7 @@ from gpt2dist.data.sft import IGNORE
 from gpt2dist.data.shards import CorpusError
 from gpt2dist.config import ConfigError
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
-from gpt2dist.export import main as export_main
+from gpt2dist.commands.export import main as export_main
 from gpt2dist.models.weights import load_model
 from gpt2dist.training.checkpoint import CHECKPOINTS, CheckpointError
 from tests.conftest import ROOT, TINY, read_metrics, run_train, train, train_cfg, without_timing
@@ -279,11 +279,11 @@ def test_a_peft_adapter_directory_is_read_by_generate_evaluate_lmeval_and_traini
     logits are peft's, every command takes it, and a base it does not fit is one line, exit 2."""
     import peft
 
-    from gpt2dist.evaluate import main as evaluate_main
-    from gpt2dist.generate import main as generate_main
-    from gpt2dist.lmeval import GPT2DistLM
+    from gpt2dist.commands.evaluate import main as evaluate_main
+    from gpt2dist.commands.generate import main as generate_main
+    from gpt2dist.commands.lmeval import GPT2DistLM
     from gpt2dist.models.weights import WeightsError
-    from gpt2dist.training.validation import mean_loss, rank_batches
+    from gpt2dist.evals.loss import mean_loss, rank_batches
 
     torch.manual_seed(0)
     # fan_in_fan_out: GPT-2's Conv1D stores its weight transposed (peft would set it, with a warning)
@@ -338,7 +338,7 @@ def test_adapter_config_takes_peft_defaults_for_missing_keys_only(tmp_path):
 
 
 def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys):
-    from gpt2dist.evaluate import main as evaluate_main
+    from gpt2dist.commands.evaluate import main as evaluate_main
 
     for shots in (0, 3):
         assert evaluate_main([str(hf_base), "--sft", str(sft_corpus), "--shots", str(shots), "--limit", "2",
@@ -350,7 +350,7 @@ def test_prompting_baseline_scores_zero_and_few_shot(sft_corpus, hf_base, capsys
 
 
 def test_bleu_and_chrf_are_sacrebleus():
-    from gpt2dist.training.sft_eval import bleu_chrf
+    from gpt2dist.evals.generation import bleu_chrf
 
     assert bleu_chrf(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx({"bleu": 100, "chrf": 100})
     partial = bleu_chrf(["the cat sat on a mat"], ["the cat sat on the mat"])
@@ -385,7 +385,7 @@ def test_builtin_task_pairs_docstrings_with_their_def_lines():
 
 
 def test_evaluate_corpus_of_examples_is_the_response_token_loss(sft_corpus, hf_base):
-    from gpt2dist.training.validation import corpus_loss, mean_loss, rank_batches
+    from gpt2dist.evals.loss import corpus_loss, mean_loss, rank_batches
 
     model = load_model(hf_base)
     examples = open_split(sft_corpus, "test", 16)

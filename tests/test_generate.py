@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from gpt2dist.generate import generate, main as generate_main, sample_next
+from gpt2dist.commands.generate import main as generate_main
+from gpt2dist.models.sampling import generate, sample_next
 from gpt2dist.models.hf import export_hf
 from gpt2dist.models.gpt import GPT, GPTConfig, KVCache
 from tests.conftest import ROOT, from_hf, run_python

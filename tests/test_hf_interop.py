@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
-from gpt2dist.export import main as export_main
+from gpt2dist.commands.export import main as export_main
 from gpt2dist.models.hf import config_from_hf
 from gpt2dist.models.gpt import GPT, GPTConfig
-from gpt2dist.training.validation import corpus_loss
+from gpt2dist.evals.loss import corpus_loss
 from gpt2dist.models.weights import WeightsError, checkpoint_weights, find_checkpoint, load_into, load_model
 from tests.conftest import read_metrics, run_train, tiny_overrides, train
 from tests.test_model import tiny_hf

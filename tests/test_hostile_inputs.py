@@ -106,7 +106,7 @@ class Valid:
     def pruned(self) -> Path:
         """`hf` compressed by `prune --sparsity 0.5` (compress.json names the weights it zeroed)."""
         def make(out: Path) -> None:
-            from gpt2dist.compress import main
+            from gpt2dist.commands.compress import main
 
             assert main(["prune", str(self.hf()), str(out), "--sparsity", "0.5"]) == 0
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from gpt2dist.evaluate import continuation_logprobs
-from gpt2dist.generate import generate
+from gpt2dist.commands.evaluate import continuation_logprobs
+from gpt2dist.models.sampling import generate
 from gpt2dist.models.hf import export_hf
-from gpt2dist.lmeval import GPT2DistLM, main as lmeval_main
+from gpt2dist.commands.lmeval import GPT2DistLM, main as lmeval_main
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from tests.test_evaluate import memorised_model, questions, write_choices
 

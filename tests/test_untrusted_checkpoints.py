@@ -14,10 +14,10 @@ import torch
 
 from gpt2dist import safe_load
 from gpt2dist.training.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError
-from gpt2dist.evaluate import main as evaluate_main
-from gpt2dist.export import main as export_main
-from gpt2dist.generate import main as generate_main
-from gpt2dist.lmeval import main as lmeval_main
+from gpt2dist.commands.evaluate import main as evaluate_main
+from gpt2dist.commands.export import main as export_main
+from gpt2dist.commands.generate import main as generate_main
+from gpt2dist.commands.lmeval import main as lmeval_main
 from gpt2dist.fileio import sha256_of
 from gpt2dist.models.weights import find_checkpoint
 from gpt2dist.training.trainer import Trainer

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gpt2dist.config import CONF_DIR, gpt_config, register
-from gpt2dist.generate import generate
+from gpt2dist.models.sampling import generate
 from gpt2dist.models.gpt import GPT
 from gpt2dist.training import dist
 from gpt2dist.training import engine as ds_engine

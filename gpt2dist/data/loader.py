@@ -1,5 +1,5 @@
 """Training batches from one or several prepared corpora (sources); validation takes its
-batches from the same `Windows` (`gpt2dist.training.validation`).
+batches from the same `Windows` (`gpt2dist.evals.loss`).
 
 Samples are windows of `seq_len + 1` tokens cut from the corpus blocks (`gpt2dist.data.shards`).
 All training samples form one global stream, independent of the number of ranks and workers:

@@ -26,10 +26,10 @@ from gpt2dist.config import (KEEP_BEST, ConfigError, DataMode, Precision, Resume
 from gpt2dist.data.loader import open_split
 from gpt2dist.models import adapters
 from gpt2dist.models.adapters import PeftMethod
-from gpt2dist.training import classify_eval, sft_eval
+from gpt2dist.evals import classify as classify_eval, generation as sft_eval
 from gpt2dist.training.engine import check_precision
-from gpt2dist.evaluate import run_evals
-from gpt2dist.generate import generate
+from gpt2dist.commands.evaluate import run_evals
+from gpt2dist.models.sampling import generate
 from gpt2dist.training.guard import LossGuard, TrainingDiverged
 from gpt2dist.data.loader import DevicePrefetch, SampleStream, train_loader, train_windows
 from gpt2dist.training.metrics import Metrics, device_peak_flops, flops_per_token, mfu, peak_gpu_memory_gib
@@ -40,7 +40,7 @@ from gpt2dist.data.shards import CorpusError, check_tokenizer, corpus_task, read
 from gpt2dist.data.stream import Rounds, ShardStore, ShardUnavailable, error_line, stream_loader
 from gpt2dist.data.tokenizer import get_tokenizer
 from gpt2dist.errors import say
-from gpt2dist.training.validation import fitting_sequences, mean_loss, rank_batches, validation_sets
+from gpt2dist.evals.loss import fitting_sequences, mean_loss, rank_batches, validation_sets
 from gpt2dist.models.weights import Adapter, attach, check_base, find_adapter, find_checkpoint, load_into
 
 

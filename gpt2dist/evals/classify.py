@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from gpt2dist.data.sft import IGNORE
-from gpt2dist.training.validation import Batch, model_device
+from gpt2dist.evals.loss import Batch, model_device
 
 
 def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
@@ -28,7 +28,7 @@ def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def scores(model: torch.nn.Module, batches: Iterable[Batch], num_labels: int, world_size: int = 1) -> dict[str, float]:
     """Mean loss, accuracy and macro-F1 of a classifier over every rank's `batches` ((inputs, labels) pairs,
-    this rank's share: `gpt2dist.training.validation.rank_batches`, which gives every rank as many, as
+    this rank's share: `gpt2dist.evals.loss.rank_batches`, which gives every rank as many, as
     ZeRO-3 needs; its padding batch's labels are all IGNORE and count for nothing here); with several
     ranks every rank calls this. `model` is a classifier GPT or a DeepSpeed engine; its mode (eval or
     train) is the caller's."""

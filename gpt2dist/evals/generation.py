@@ -7,7 +7,7 @@ final test evaluation, and the prompting baselines of `gpt2dist.evaluate`, all s
 import torch
 
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
-from gpt2dist.generate import generate
+from gpt2dist.models.sampling import generate
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Evaluation: loss over windows, generation scores, classifier scores, multiple choice, downstream evals."""
