@@ -242,7 +242,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Downstream evaluations during training (`gpt2dist.evaluate.run_evals`), logged with the metrics
+    """Downstream evaluations during training (`gpt2dist.evals.downstream.run_evals`), logged with the metrics
     beside the periodic validation loss (train.eval_interval)."""
 
     interval: int = 0  # optimizer steps between these evaluations (and at the last step); 0: never

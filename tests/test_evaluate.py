@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
-from gpt2dist.commands.evaluate import (EvalConfig, EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt,
-                               main as evaluate_main, multiple_choice, read_choices, run_evals)
+from gpt2dist.commands.evaluate import main as evaluate_main
+from gpt2dist.config import EvalConfig
+from gpt2dist.evals.choices import (EvalError, MultipleChoice, continuation_logprobs, fewshot_prompt, multiple_choice,
+                                    read_choices)
+from gpt2dist.evals.downstream import run_evals
 from gpt2dist.errors import BadFile
 from gpt2dist.models.hf import export_hf
 from gpt2dist.models.gpt import GPT, GPTConfig

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from gpt2dist.commands.evaluate import continuation_logprobs
+from gpt2dist.evals.choices import continuation_logprobs
 from gpt2dist.models.sampling import generate
 from gpt2dist.models.hf import export_hf
 from gpt2dist.commands.lmeval import GPT2DistLM, main as lmeval_main

@@ -13,24 +13,7 @@ import torch
 
 from gpt2dist.arguments import Parser, positive
 from gpt2dist.errors import Gpt2distError, report
-from gpt2dist.models.sampling import generate
-from gpt2dist.data.tokenizer import EOT, get_tokenizer
-
-
-def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_tokens: int, temperature: float,
-             top_k: int | None, top_p: float | None, generator: torch.Generator, device: torch.device | str,
-             use_cache: bool = True) -> list[str]:
-    """`num_samples` continuations of one prompt (text after the prompt, up to <|endoftext|>)."""
-    enc = get_tokenizer()
-    ids = enc.encode_ordinary(prompt) or [EOT]  # an empty prompt starts a new document
-    idx = torch.tensor([ids] * num_samples, device=device)
-    out = generate(model, idx, max_new_tokens, temperature, top_k, generator, top_p, EOT, use_cache)
-    texts = []
-    for row in out[:, len(ids):].tolist():
-        if EOT in row:
-            row = row[: row.index(EOT)]
-        texts.append(enc.decode(row))
-    return texts
+from gpt2dist.models.sampling import complete
 
 
 def main(argv: list[str] | None = None) -> int:

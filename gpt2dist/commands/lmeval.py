@@ -23,8 +23,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from gpt2dist.arguments import Parser, non_negative, positive
 from gpt2dist.errors import Gpt2distError, report
-from gpt2dist.commands.evaluate import continuation_logprobs
-from gpt2dist.models.sampling import generate
+from gpt2dist.evals.choices import continuation_logprobs
+from gpt2dist.models.sampling import continuations
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.models.weights import WeightsError, default_device, load_model
 
@@ -73,11 +73,8 @@ class GPT2DistLM(TemplateLM):
             max_new = kwargs.pop("max_gen_toks", 256)
             temperature = kwargs.pop("temperature", 0.0) if kwargs.pop("do_sample", False) else 0.0
             ids = self.tok_encode(context)[-self.block_size :] or [EOT]
-            out = generate(self.model, torch.tensor([ids], device=self.device_name), max_new, temperature,
-                           kwargs.pop("top_k", None), torch.Generator().manual_seed(1234), kwargs.pop("top_p", None),
-                           stop_token=EOT)
-            new = out[0, len(ids) :].tolist()
-            text = self.enc.decode(new[: new.index(EOT)] if EOT in new else new)
+            text, = continuations(self.model, ids, self.device_name, 1, max_new, temperature, kwargs.pop("top_k", None),
+                                  kwargs.pop("top_p", None), torch.Generator().manual_seed(1234))
             for stop in until:
                 text = text.split(stop)[0]
             results.append(text)

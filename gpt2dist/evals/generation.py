@@ -1,23 +1,20 @@
 """Scores of a fine-tuned model on a split of an SFT corpus (`gpt2dist.data.sft`): the response-token
 loss, and greedy answers to the first prompts scored against the reference responses with BLEU and
 chrF (sacrebleu's corpus scores, 0-100). The trainer's dev evaluation (val_bleu, val_chrf) and its
-final test evaluation, and the prompting baselines of `gpt2dist.evaluate`, all score here.
+final test evaluation, and the prompting baselines of `gpt2dist evaluate --sft`, all score here.
 """
 
 import torch
 
 from gpt2dist.data.tokenizer import EOT, get_tokenizer
-from gpt2dist.models.sampling import generate
+from gpt2dist.evals.loss import model_device
+from gpt2dist.models.sampling import continuations
 
 
-@torch.no_grad()
 def greedy_response(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> str:
     """The greedy continuation of `prompt` up to <|endoftext|>, as text. `model` is a GPT or a DeepSpeed
     engine (then every rank calls this: under ZeRO-3 each forward pass gathers from all ranks)."""
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    idx = torch.tensor([prompt], device=device)
-    out = generate(model, idx, max_new_tokens, temperature=0, stop_token=EOT)[0, len(prompt):].tolist()
-    return get_tokenizer().decode(out[: out.index(EOT)] if EOT in out else out)
+    return continuations(model, prompt, model_device(model), max_new_tokens=max_new_tokens, temperature=0)[0]
 
 
 def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:

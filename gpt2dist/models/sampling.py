@@ -1,8 +1,10 @@
 """Sampling from a GPT (or a DeepSpeed engine wrapping one): temperature, top-k, top-p, stop at a token,
-with a KV cache."""
+with a KV cache; and text continuations of a prompt, up to <|endoftext|>, as `gpt2dist generate`, the
+SFT answers of `gpt2dist.evals.generation` and `gpt2dist lmeval`'s adapter take them."""
 
 import torch
 
+from gpt2dist.data.tokenizer import EOT, get_tokenizer
 from gpt2dist.models.gpt import KVCache
 
 
@@ -73,3 +75,26 @@ def _all_stopped(finished: torch.Tensor, model: torch.nn.Module) -> bool:
         stopped = stopped.to(torch.int32)
         torch.distributed.all_reduce(stopped, op=torch.distributed.ReduceOp.MIN)
     return bool(stopped)
+
+
+def continuations(model: torch.nn.Module, ids: list[int], device: torch.device | str, num_samples: int = 1,
+                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None,
+                  use_cache: bool = True) -> list[str]:
+    """`num_samples` continuations of the token ids `ids` (non-empty), sampled as one batch on `device`, each
+    the text after `ids` up to <|endoftext|>. Temperature 0 is greedy."""
+    idx = torch.tensor([ids] * num_samples, device=device)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, generator, top_p, EOT, use_cache)
+    enc, texts = get_tokenizer(), []
+    for row in out[:, len(ids):].tolist():
+        texts.append(enc.decode(row[: row.index(EOT)] if EOT in row else row))
+    return texts
+
+
+def complete(model: torch.nn.Module, prompt: str, num_samples: int, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, generator: torch.Generator, device: torch.device | str,
+             use_cache: bool = True) -> list[str]:
+    """`num_samples` continuations of one prompt (text after the prompt, up to <|endoftext|>)."""
+    ids = get_tokenizer().encode_ordinary(prompt) or [EOT]  # an empty prompt starts a new document
+    return continuations(model, ids, device, num_samples, max_new_tokens, temperature, top_k, top_p, generator,
+                         use_cache)

@@ -28,7 +28,7 @@ from gpt2dist.models import adapters
 from gpt2dist.models.adapters import PeftMethod
 from gpt2dist.evals import classify as classify_eval, generation as sft_eval
 from gpt2dist.training.engine import check_precision
-from gpt2dist.commands.evaluate import run_evals
+from gpt2dist.evals.downstream import run_evals
 from gpt2dist.models.sampling import generate
 from gpt2dist.training.guard import LossGuard, TrainingDiverged
 from gpt2dist.data.loader import DevicePrefetch, SampleStream, train_loader, train_windows
