@@ -1,4 +1,4 @@
-"""Stream mode's loader, measured (README "Data from anywhere"; numbers in BENCHMARKS.md):
+"""Stream mode's loader, measured (docs/data.md "Data from anywhere"; numbers in BENCHMARKS.md):
 
 1. latency: tokens/s from a web server 10 ms away, stream mode against random access over the
    same server (one HTTP range request per window), alternating, in one run; random access from
